@@ -1,0 +1,345 @@
+"""Declarative feature configuration: typed dataclasses loaded from YAML and validated on construction.
+
+A config names every model input and how it is computed from the (derived) columns of the data:
+
+* ``categorical``: one id per row, from a vocabulary (values seen at least ``min_count`` times in the
+  training window; index 0 is the out-of-vocabulary and null bucket) or hashed into ``hash_buckets``
+  buckets (integer sources only; 0 is null).
+* ``numeric``: a float, with nulls and NaNs filled (``fill_null``), optionally divided by a fitted group
+  median (``relative_to``), then a chain of ``transforms`` (``log1p``, ``standardize``, ``bucketize``).
+  With ``bucketize`` last, the output is an id (bucket index) instead of a float.
+* ``multi_hot``: a list of ids (a bag), with its own vocabulary, hashing, or the vocabulary of another
+  categorical feature (``vocab_of``) so that both can share one embedding table.
+
+Labels are declared separately; a feature may never read a label column.
+
+Example:
+    >>> cfg = FeatureConfig.from_dict({
+    ...     "name": "tiny", "source": "flat",
+    ...     "labels": [{"name": "y", "column": "y"}],
+    ...     "features": [{"name": "city", "kind": "categorical"}],
+    ... })
+    >>> cfg.features[0].source
+    'city'
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+CATEGORICAL, NUMERIC, MULTI_HOT = "categorical", "numeric", "multi_hot"
+FEATURE_KINDS = (CATEGORICAL, NUMERIC, MULTI_HOT)
+TRANSFORMS = ("log1p", "standardize", "bucketize")
+SOURCES = ("ecommerce", "flat")
+
+
+def _fail(where: str, field_name: str, value: Any, expected: str) -> ValueError:
+    return ValueError(f"{where}.{field_name}: {expected}, got {value!r}")
+
+
+def _from_dict(cls: type, data: dict[str, Any], where: str) -> Any:
+    """Builds dataclass ``cls`` from ``data``, rejecting unknown keys by name."""
+    if not isinstance(data, dict):
+        raise ValueError(f"{where}: expected a mapping, got {data!r}")
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(f"{where}: unknown field(s) {unknown}; known fields are {sorted(known)}")
+    return cls(**data)
+
+
+@dataclass(frozen=True)
+class LabelConfig:
+    """One task label.
+
+    Attributes:
+        name: the label's name in the model-ready output (and the task's name).
+        column: the raw column it is computed from (defaults to ``name``).
+        kind: ``binary`` (0/1) or ``regression``.
+        positive_values: for binary labels from a raw categorical column: the values that mean 1.
+        positive_prefix: for binary labels: a raw string value starting with this prefix means 1.
+    """
+
+    name: str
+    column: str = ""
+    kind: str = "binary"
+    positive_values: tuple[Any, ...] = ()
+    positive_prefix: str = ""
+
+    def __post_init__(self) -> None:
+        where = f"labels[{self.name}]"
+        if not isinstance(self.name, str) or not self.name:
+            raise _fail("labels", "name", self.name, "expected a non-empty string")
+        if not self.column:
+            object.__setattr__(self, "column", self.name)
+        object.__setattr__(self, "positive_values", tuple(self.positive_values))
+        if self.kind not in ("binary", "regression"):
+            raise _fail(where, "kind", self.kind, "expected 'binary' or 'regression'")
+        if self.kind == "regression" and (self.positive_values or self.positive_prefix):
+            raise _fail(where, "kind", self.kind, "positive_values/positive_prefix need kind 'binary'")
+        if self.positive_values and self.positive_prefix:
+            raise _fail(where, "positive_prefix", self.positive_prefix, "give positive_values or it, not both")
+
+
+@dataclass(frozen=True)
+class FeatureDef:
+    """One model input.
+
+    Attributes:
+        name: the column name in the model-ready output.
+        kind: ``categorical``, ``numeric`` or ``multi_hot``.
+        source: the input column (defaults to ``name``); derived columns are listed in README.
+        min_count: vocabulary: keep values seen at least this often in the training window.
+        max_size: vocabulary: keep at most this many values (most frequent first); 0 means no limit.
+        hash_buckets: hash integer ids into this many buckets instead of fitting a vocabulary.
+        vocab_of: multi_hot only: map ids with the vocabulary of this categorical feature.
+        fill_null: numeric: ``mean``, ``median``, ``zero`` or a number; applied to nulls and NaNs.
+        relative_to: numeric: divide by the training-window median of ``source`` within this column's
+            groups (e.g. price relative to its category's median); unseen groups use the global median.
+        transforms: numeric: ``log1p`` (of max(x, 0)), ``standardize`` (fitted mean and std),
+            ``bucketize`` (last; turns the feature into an id).
+        boundaries: bucketize: fixed boundaries; if empty, ``num_buckets`` quantiles are fitted.
+        num_buckets: bucketize: number of fitted quantile buckets.
+        max_length: multi_hot: keep at most this many ids (the most recent, for history lists).
+    """
+
+    name: str
+    kind: str
+    source: str = ""
+    min_count: int = 1
+    max_size: int = 0
+    hash_buckets: int = 0
+    vocab_of: str = ""
+    fill_null: Any = "mean"
+    relative_to: str = ""
+    transforms: tuple[str, ...] = ()
+    boundaries: tuple[float, ...] = ()
+    num_buckets: int = 0
+    max_length: int = 0
+
+    def __post_init__(self) -> None:
+        where = f"features[{self.name}]"
+        if not isinstance(self.name, str) or not self.name:
+            raise _fail("features", "name", self.name, "expected a non-empty string")
+        if self.kind not in FEATURE_KINDS:
+            raise _fail(where, "kind", self.kind, f"expected one of {list(FEATURE_KINDS)}")
+        if not self.source:
+            object.__setattr__(self, "source", self.name)
+        object.__setattr__(self, "transforms", tuple(self.transforms))
+        object.__setattr__(self, "boundaries", tuple(float(b) for b in self.boundaries))
+        for name in ("min_count", "max_size", "hash_buckets", "num_buckets", "max_length"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise _fail(where, name, value, "expected a non-negative integer")
+        if self.min_count < 1:
+            raise _fail(where, "min_count", self.min_count, "expected an integer >= 1")
+        if self.kind == NUMERIC:
+            self._check_numeric(where)
+        else:
+            for name in ("transforms", "relative_to", "boundaries", "num_buckets"):
+                if getattr(self, name):
+                    raise _fail(where, name, getattr(self, name), f"only numeric features take {name}")
+            if self.hash_buckets and self.vocab_of:
+                raise _fail(where, "vocab_of", self.vocab_of, "give hash_buckets or vocab_of, not both")
+        if self.vocab_of and self.kind != MULTI_HOT:
+            raise _fail(where, "vocab_of", self.vocab_of, "only multi_hot features take vocab_of")
+        if self.max_length and self.kind != MULTI_HOT:
+            raise _fail(where, "max_length", self.max_length, "only multi_hot features take max_length")
+
+    def _check_numeric(self, where: str) -> None:
+        if self.hash_buckets or self.vocab_of:
+            raise _fail(where, "kind", self.kind, "numeric features take no hash_buckets/vocab_of")
+        bad = [t for t in self.transforms if t not in TRANSFORMS]
+        if bad:
+            raise _fail(where, "transforms", bad[0], f"expected each of {list(TRANSFORMS)}")
+        if "bucketize" in self.transforms[:-1]:
+            raise _fail(where, "transforms", list(self.transforms), "bucketize must be the last transform")
+        if "bucketize" in self.transforms:
+            if not self.boundaries and self.num_buckets < 2:
+                raise _fail(where, "num_buckets", self.num_buckets, "bucketize needs boundaries or >= 2")
+            if list(self.boundaries) != sorted(set(self.boundaries)):
+                raise _fail(where, "boundaries", list(self.boundaries), "expected strictly increasing")
+        elif self.boundaries or self.num_buckets:
+            raise _fail(where, "transforms", list(self.transforms), "boundaries need a bucketize transform")
+        fill = self.fill_null
+        if not (fill in ("mean", "median", "zero") or (isinstance(fill, int | float) and not isinstance(fill, bool))):
+            raise _fail(where, "fill_null", fill, "expected 'mean', 'median', 'zero' or a number")
+
+    @property
+    def is_bucketized(self) -> bool:
+        """True when the numeric feature ends in ``bucketize`` and so yields an id."""
+        return bool(self.transforms) and self.transforms[-1] == "bucketize"
+
+
+@dataclass(frozen=True)
+class SplitConfig:
+    """How rows are split into train, validation and test.
+
+    Attributes:
+        method: ``time`` (by the time column: the last ``test_days`` days are test, the
+            ``validation_days`` before them validation) or ``hash`` (by a stable hash of the row number,
+            for tables without time).
+        validation_days: time split: days of validation data.
+        test_days: time split: days of test data.
+        valid_start: time split: an explicit ISO start of validation (overrides the days).
+        test_start: time split: an explicit ISO start of test (overrides the days).
+        validation_fraction: hash split: the share of rows in validation.
+        test_fraction: hash split: the share of rows in test.
+        seed: hash split: the hash seed.
+    """
+
+    method: str = "time"
+    validation_days: int = 3
+    test_days: int = 3
+    valid_start: str = ""
+    test_start: str = ""
+    validation_fraction: float = 0.1
+    test_fraction: float = 0.1
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.method not in ("time", "hash"):
+            raise _fail("split", "method", self.method, "expected 'time' or 'hash'")
+        for name in ("validation_days", "test_days"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 0:
+                raise _fail("split", name, value, "expected a non-negative integer")
+        for name in ("valid_start", "test_start"):
+            value = getattr(self, name)
+            if value:
+                try:
+                    dt.datetime.fromisoformat(value)
+                except ValueError:
+                    raise _fail("split", name, value, "expected an ISO date or datetime") from None
+        if bool(self.valid_start) != bool(self.test_start):
+            raise _fail("split", "test_start", self.test_start, "give both valid_start and test_start")
+        if self.valid_start and self.valid_start > self.test_start:
+            raise _fail("split", "valid_start", self.valid_start, "expected valid_start <= test_start")
+        for name in ("validation_fraction", "test_fraction"):
+            value = getattr(self, name)
+            if not isinstance(value, int | float) or not 0 <= value < 1:
+                raise _fail("split", name, value, "expected a number in [0, 1)")
+        if self.validation_fraction + self.test_fraction >= 1:
+            raise _fail("split", "test_fraction", self.test_fraction, "validation + test must be < 1")
+
+
+@dataclass(frozen=True)
+class HistoryConfig:
+    """User click history, computed strictly from events before each row's time.
+
+    Attributes:
+        max_length: how many of the most recent clicked items and categories to keep.
+        windows_days: click-count windows, in days (``user_clicks_{d}d`` columns).
+    """
+
+    max_length: int = 20
+    windows_days: tuple[int, ...] = (1, 7)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "windows_days", tuple(self.windows_days))
+        if not isinstance(self.max_length, int) or self.max_length < 1:
+            raise _fail("history", "max_length", self.max_length, "expected an integer >= 1")
+        for d in self.windows_days:
+            if not isinstance(d, int) or d < 1:
+                raise _fail("history", "windows_days", list(self.windows_days), "expected integers >= 1")
+
+
+@dataclass(frozen=True)
+class FeatureConfig:
+    """The whole feature configuration of one data set.
+
+    Attributes:
+        name: a name for the config (recorded in the spec).
+        source: ``ecommerce`` (impressions joined with users and items, with derived features) or
+            ``flat`` (one table used as it is).
+        labels: the task labels.
+        features: the model inputs.
+        split: the train/validation/test split.
+        history: user-history settings (ecommerce only).
+        passthrough: raw columns copied to the output unchanged (keys for evaluation and scoring).
+        time_column: the event time column (ecommerce: ``ts``).
+        rows_per_file: rows per output Parquet file.
+    """
+
+    name: str
+    source: str
+    labels: tuple[LabelConfig, ...]
+    features: tuple[FeatureDef, ...]
+    split: SplitConfig = field(default_factory=SplitConfig)
+    history: HistoryConfig = field(default_factory=HistoryConfig)
+    passthrough: tuple[str, ...] = ()
+    time_column: str = "ts"
+    rows_per_file: int = 1_000_000
+
+    def __post_init__(self) -> None:
+        if self.source not in SOURCES:
+            raise _fail("config", "source", self.source, f"expected one of {list(SOURCES)}")
+        object.__setattr__(self, "passthrough", tuple(self.passthrough))
+        if not self.features:
+            raise _fail("config", "features", list(self.features), "expected at least one feature")
+        if not isinstance(self.rows_per_file, int) or self.rows_per_file < 1:
+            raise _fail("config", "rows_per_file", self.rows_per_file, "expected an integer >= 1")
+        names = [f.name for f in self.features] + [lab.name for lab in self.labels] + list(self.passthrough)
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise _fail("config", "features", dup[0], "output column names must be unique (features, "
+                        "labels and passthrough)")
+        label_columns = {lab.column for lab in self.labels} | {lab.name for lab in self.labels}
+        by_name = {f.name: f for f in self.features}
+        for f in self.features:
+            if f.source in label_columns:
+                raise _fail(f"features[{f.name}]", "source", f.source, "a feature may not read a label column")
+            if f.relative_to in label_columns:
+                raise _fail(f"features[{f.name}]", "relative_to", f.relative_to, "a label column")
+            if f.vocab_of:
+                other = by_name.get(f.vocab_of)
+                if other is None or other.kind != CATEGORICAL:
+                    raise _fail(f"features[{f.name}]", "vocab_of", f.vocab_of, "expected a categorical feature")
+        if self.source == "ecommerce" and self.split.method != "time":
+            raise _fail("split", "method", self.split.method, "ecommerce data is split by time")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> FeatureConfig:
+        """Builds a config from plain data (as loaded from YAML)."""
+        if not isinstance(data, dict):
+            raise ValueError(f"config: expected a mapping, got {data!r}")
+        data = dict(data)
+        for key in ("name", "source", "features"):
+            if key not in data:
+                raise ValueError(f"config.{key}: missing required field")
+        data["labels"] = tuple(
+            _from_dict(LabelConfig, lab, f"labels[{i}]") for i, lab in enumerate(data.get("labels") or ())
+        )
+        data["features"] = tuple(
+            _from_dict(FeatureDef, f, f"features[{i}]") for i, f in enumerate(data["features"] or ())
+        )
+        data["split"] = _from_dict(SplitConfig, data.get("split") or {}, "split")
+        data["history"] = _from_dict(HistoryConfig, data.get("history") or {}, "history")
+        return _from_dict(cls, data, "config")
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> FeatureConfig:
+        """Loads and validates a YAML config file."""
+        with open(path) as fh:
+            return cls.from_dict(yaml.safe_load(fh))
+
+    def feature(self, name: str) -> FeatureDef:
+        """Returns the feature called ``name``."""
+        return next(f for f in self.features if f.name == name)
+
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+
+
+def builtin_config(name: str) -> Path:
+    """Path of a config shipped with the package (``ecommerce``, ``census_group1``, ...)."""
+    path = CONFIG_DIR / f"{name}.yaml"
+    if not path.exists():
+        shipped = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+        raise ValueError(f"config: no shipped config {name!r}; shipped configs are {shipped}")
+    return path

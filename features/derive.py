@@ -1,0 +1,158 @@
+"""Derived e-commerce columns: pure ``LazyFrame -> LazyFrame`` steps, the same for training and scoring.
+
+:func:`derive_ecommerce` joins impressions with users and items and adds, for every impression:
+
+==========================  =========================================================================
+column                      meaning
+==========================  =========================================================================
+``hour``, ``weekday``       of ``ts`` (weekday 1 = Monday)
+``item_age_days``           days since the item's ``listing_ts`` (float, clipped at 0)
+``user_tenure_days``        days since the user's ``signup_ts`` (float, clipped at 0)
+``log_price``               ``log1p(price)``
+``hist_item_ids``           the user's last N clicked items, oldest first, strictly before ``ts``
+``hist_category_ids``       their leaf categories
+``user_clicks_{d}d``        the user's clicks in ``[ts - d days, ts)``
+==========================  =========================================================================
+
+History comes from click events strictly before each row's ``ts``: events at the same instant (the same
+page view) never leak into a row's features, and appending later events never changes earlier rows.
+For training data the history is the impressions table itself; for scoring data it is the event log the
+caller supplies.
+"""
+
+from __future__ import annotations
+
+import polars as pl
+
+from features.config import HistoryConfig
+
+HIST_ITEMS, HIST_CATEGORIES = "hist_item_ids", "hist_category_ids"
+_DAY_S = 86_400.0
+
+
+def clicks_column(days: int) -> str:
+    """Name of the click-count column over the last ``days`` days."""
+    return f"user_clicks_{days}d"
+
+
+def _days_between(later: str, earlier: str) -> pl.Expr:
+    return ((pl.col(later) - pl.col(earlier)).dt.total_microseconds() / (_DAY_S * 1e6)).clip(lower_bound=0.0)
+
+
+def add_time_features(lf: pl.LazyFrame) -> pl.LazyFrame:
+    """Adds hour, weekday, item age, user tenure and log price (rows joined with users and items)."""
+    return lf.with_columns(
+        pl.col("ts").dt.hour().cast(pl.Int64).alias("hour"),
+        pl.col("ts").dt.weekday().cast(pl.Int64).alias("weekday"),
+        _days_between("ts", "listing_ts").alias("item_age_days"),
+        _days_between("ts", "signup_ts").alias("user_tenure_days"),
+        pl.col("price").clip(lower_bound=0.0).log1p().alias("log_price"),
+    )
+
+
+def click_history(events: pl.LazyFrame, items: pl.LazyFrame, max_length: int) -> pl.LazyFrame:
+    """The state of each user's click history just after each instant at which they clicked.
+
+    Args:
+        events: impressions with at least ``user_id``, ``ts``, ``impression_id``, ``item_id``, ``click``.
+        items: the items table (for the clicked items' categories).
+        max_length: how many recent clicks the lists keep.
+
+    Returns:
+        One row per (user_id, ts) with a click, sorted by ``ts``: ``n_clicks`` (the user's clicks up to and
+        including ``ts``) and the last ``max_length`` clicked items and categories, oldest first.
+    """
+    clicks = (
+        events.filter(pl.col("click") == 1)
+        .select("user_id", "ts", "impression_id", "item_id")
+        .join(items.select("item_id", "category_id"), on="item_id", how="left", maintain_order="left")
+        # A user's clicks in time order; impression_id breaks ties within one page view.
+        .sort("user_id", "ts", "impression_id")
+        .with_row_index("_k")
+    )
+    state = clicks.rolling(index_column="_k", period=f"{max_length}i", group_by="user_id").agg(
+        pl.col("ts").last(),
+        pl.col("item_id").alias(HIST_ITEMS),
+        pl.col("category_id").fill_null(-1).alias(HIST_CATEGORIES),
+    )
+    return (
+        state.with_columns(n_clicks=pl.int_range(1, pl.len() + 1, dtype=pl.Int64).over("user_id"))
+        # Several clicks at one instant: the state after the last of them is what later rows see.
+        .unique(subset=["user_id", "ts"], keep="last", maintain_order=True)
+        .drop("_k")
+        .sort("ts")
+    )
+
+
+def add_history_features(
+    lf: pl.LazyFrame, history: pl.LazyFrame, items: pl.LazyFrame, cfg: HistoryConfig
+) -> pl.LazyFrame:
+    """Adds the user's recent clicked items and categories and windowed click counts, point in time.
+
+    Args:
+        lf: rows sorted by ``ts`` with ``user_id`` and ``ts``.
+        history: the click event log (impressions with labels).
+        items: the items table.
+        cfg: history settings.
+
+    Returns:
+        ``lf`` with ``hist_item_ids``, ``hist_category_ids`` (lists, empty without history) and one
+        ``user_clicks_{d}d`` column (Int64) per window.
+    """
+    state = click_history(history, items, cfg.max_length).cache()
+    out = lf.join_asof(
+        state, on="ts", by="user_id", strategy="backward", allow_exact_matches=False, check_sortedness=False
+    )
+    empty = pl.lit([], dtype=pl.List(pl.Int64))
+    out = out.with_columns(
+        pl.col(HIST_ITEMS).fill_null(empty),
+        pl.col(HIST_CATEGORIES).fill_null(empty),
+        pl.col("n_clicks").fill_null(0),
+    )
+    counts = state.select("user_id", "ts", "n_clicks")
+    for days in cfg.windows_days:
+        start = f"_start_{days}d"
+        out = (
+            out.with_columns((pl.col("ts") - pl.duration(days=days)).alias(start))
+            .join_asof(
+                counts.rename({"ts": start, "n_clicks": "_n_before"}),
+                on=start,
+                by="user_id",
+                strategy="backward",
+                allow_exact_matches=False,
+                check_sortedness=False,
+            )
+            .with_columns((pl.col("n_clicks") - pl.col("_n_before").fill_null(0)).alias(clicks_column(days)))
+            .drop(start, "_n_before")
+        )
+    return out.drop("n_clicks")
+
+
+def derive_ecommerce(
+    impressions: pl.LazyFrame,
+    users: pl.LazyFrame,
+    items: pl.LazyFrame,
+    cfg: HistoryConfig,
+    history: pl.LazyFrame | None = None,
+) -> pl.LazyFrame:
+    """Joins the three contract tables and adds every derived column, sorted by (ts, impression_id).
+
+    Args:
+        impressions: the rows to derive features for (training or scoring).
+        users: the users table; unknown users get nulls (and so out-of-vocabulary ids later).
+        items: the items table; unknown items likewise.
+        cfg: history settings.
+        history: the click log to take history from; ``None`` means ``impressions`` itself (training).
+
+    Returns:
+        One row per impression, every input column kept.
+    """
+    if history is None:
+        history = impressions
+    base = (
+        impressions.sort("ts", "impression_id")
+        .join(users, on="user_id", how="left", maintain_order="left")
+        .join(items, on="item_id", how="left", maintain_order="left")
+        .pipe(add_time_features)
+    )
+    return add_history_features(base, history, items, cfg)

@@ -1,0 +1,370 @@
+"""The feature pipeline from files to files: validate, derive, split, fit, transform, write.
+
+Two sources:
+
+* ``ecommerce``: a data folder with ``impressions.parquet``, ``users.parquet`` and ``items.parquet`` (each
+  may also be a folder or glob of Parquet parts), joined and derived by :mod:`features.derive`.
+* ``flat``: one table (Parquet or CSV, gzip allowed) used as it is, e.g. the census data.
+
+Output of :func:`transform` and :func:`build` (model-ready Parquet)::
+
+    OUT/spec.json                     the fitted spec (with its content hash)
+    OUT/manifest.json                 rows per split, label means, the spec hash
+    OUT/{train,valid,test}/part-*.parquet   (or OUT/all/ for data without a split)
+
+A whole output folder is written under a temporary name and renamed when complete.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import glob
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+from tqdm.auto import tqdm
+
+from features.config import FeatureConfig
+from features.contract import ContractError, validate
+from features.derive import derive_ecommerce
+from features.spec import _P, FeatureSpec, _stable_hash, fit, output_exprs
+
+SPLITS = ("train", "valid", "test")
+SPLIT_COLUMN = "__split"
+ALL = "all"
+
+
+@dataclass
+class Tables:
+    """The input tables of one run, lazily scanned.
+
+    Attributes:
+        impressions: the impressions (ecommerce) or the flat table.
+        users: the users table (ecommerce only).
+        items: the items table (ecommerce only).
+        history: an event log for history features (scoring); None means the impressions themselves.
+    """
+
+    impressions: pl.LazyFrame
+    users: pl.LazyFrame | None = None
+    items: pl.LazyFrame | None = None
+    history: pl.LazyFrame | None = None
+
+
+def _paths(path: str | Path) -> list[str]:
+    """Files behind a path: the file itself, a folder's Parquet parts, or a glob's matches."""
+    p = str(path)
+    if os.path.isdir(p):
+        files = sorted(glob.glob(os.path.join(p, "**", "*.parquet"), recursive=True))
+    elif any(ch in p for ch in "*?["):
+        files = sorted(glob.glob(p, recursive=True))
+    else:
+        files = [p] if os.path.exists(p) else []
+    if not files:
+        raise FileNotFoundError(f"no input files at {p!r}")
+    return files
+
+
+def scan_table(path: str | Path) -> pl.LazyFrame:
+    """Scans a Parquet file, folder or glob, or reads a (gzipped) CSV file."""
+    files = _paths(path)
+    if files[0].endswith((".csv", ".csv.gz")):
+        return pl.concat([pl.read_csv(f, infer_schema_length=100_000) for f in files]).lazy()
+    return pl.scan_parquet(files)
+
+
+def load_tables(
+    data: str | Path | None = None,
+    *,
+    impressions: str | Path | None = None,
+    users: str | Path | None = None,
+    items: str | Path | None = None,
+    history: str | Path | None = None,
+) -> Tables:
+    """Scans the ecommerce tables from a data folder, or from explicit paths (which win)."""
+    def pick(explicit: str | Path | None, name: str) -> pl.LazyFrame:
+        if explicit is not None:
+            return scan_table(explicit)
+        if data is None:
+            raise ValueError(f"{name}: give a data folder or an explicit --{name} path")
+        return scan_table(Path(data) / f"{name}.parquet")
+
+    return Tables(
+        impressions=pick(impressions, "impressions"),
+        users=pick(users, "users"),
+        items=pick(items, "items"),
+        history=scan_table(history) if history is not None else None,
+    )
+
+
+# ------------------------------------------------------------------------------------- validation
+
+
+def validate_tables(config: FeatureConfig, tables: Tables, *, labels: bool) -> None:
+    """Runs the data contract (ecommerce) or checks the flat table's columns, before any work."""
+    if config.source == "ecommerce":
+        validate(tables.impressions, "impressions", labels=labels)
+        validate(tables.users, "users")
+        validate(tables.items, "items")
+        if tables.history is not None:
+            validate(tables.history, "impressions")
+        return
+    schema = tables.impressions.collect_schema()
+    needed = {c: "passthrough" for c in config.passthrough}
+    for f in config.features:
+        needed[f.source] = f"features[{f.name}]"
+        if f.relative_to:
+            needed[f.relative_to] = f"features[{f.name}].relative_to"
+    if labels:
+        needed.update({lab.column: f"labels[{lab.name}]" for lab in config.labels})
+    missing = {c: who for c, who in needed.items() if c not in schema}
+    if missing:
+        col, who = next(iter(missing.items()))
+        raise ContractError(f"flat table: missing column(s) {sorted(missing)} (e.g. {col!r}, needed by "
+                            f"{who}); the table has columns {list(schema.names())}")
+    if labels:
+        for lab in config.labels:
+            n_null = tables.impressions.select(pl.col(lab.column).is_null().sum()).collect().item()
+            if n_null:
+                raise ContractError(f"flat table.{lab.column}: {n_null} null label(s) (labels[{lab.name}])")
+            if lab.kind == "binary" and not (lab.positive_values or lab.positive_prefix):
+                bad = (tables.impressions.filter(~pl.col(lab.column).is_in([0, 1]))
+                       .select(lab.column).head(1).collect())
+                if bad.height:
+                    raise ContractError(f"flat table.{lab.column}: binary label must be 0 or 1, e.g. "
+                                        f"{lab.column}={bad.item()!r} (labels[{lab.name}])")
+
+
+# ------------------------------------------------------------------------------------------ split
+
+
+def resolve_split(config: FeatureConfig, tables: Tables) -> dict[str, Any]:
+    """Turns the split config into concrete boundaries (time) or fractions (hash)."""
+    s = config.split
+    if s.method == "hash":
+        return {"method": "hash", "validation_fraction": s.validation_fraction,
+                "test_fraction": s.test_fraction, "seed": s.seed}
+    if s.valid_start:
+        valid_start, test_start = (dt.datetime.fromisoformat(v) for v in (s.valid_start, s.test_start))
+    else:
+        last = tables.impressions.select(pl.col(config.time_column).max()).collect().item()
+        if last is None:
+            raise ValueError("split: the impressions are empty, so there is no time range to split")
+        # Whole days: the test split is the last `test_days` calendar days that have data.
+        end = dt.datetime.combine(last.date(), dt.time()) + dt.timedelta(days=1)
+        test_start = end - dt.timedelta(days=s.test_days)
+        valid_start = test_start - dt.timedelta(days=s.validation_days)
+    return {"method": "time", "column": config.time_column,
+            "valid_start": valid_start.isoformat(), "test_start": test_start.isoformat()}
+
+
+def split_expr(split: dict[str, Any]) -> pl.Expr:
+    """The split name (``train``/``valid``/``test``) of each row, from a resolved split."""
+    if split["method"] == "time":
+        ts = pl.col(split["column"])
+        valid_start = dt.datetime.fromisoformat(split["valid_start"])
+        test_start = dt.datetime.fromisoformat(split["test_start"])
+        return (pl.when(ts >= test_start).then(pl.lit("test"))
+                .when(ts >= valid_start).then(pl.lit("valid")).otherwise(pl.lit("train")))
+    u = _stable_hash(pl.col("__row").cast(pl.Int64), seed=split["seed"]) / _P  # uniform in [0, 1)
+    test, valid = split["test_fraction"], split["validation_fraction"]
+    return (pl.when(u < test).then(pl.lit("test"))
+            .when(u < test + valid).then(pl.lit("valid")).otherwise(pl.lit("train")))
+
+
+# ---------------------------------------------------------------------------------------- derive
+
+
+def derived(config: FeatureConfig, tables: Tables) -> pl.LazyFrame:
+    """All rows with every derived column (ecommerce) or a row number (flat), lazily."""
+    if config.source == "flat":
+        return tables.impressions.with_row_index("__row")
+    return derive_ecommerce(tables.impressions, tables.users, tables.items, config.history, tables.history)
+
+
+def _has_labels(config: FeatureConfig, lf: pl.LazyFrame) -> bool:
+    names = set(lf.collect_schema().names())
+    return all(lab.column in names for lab in config.labels)
+
+
+# ----------------------------------------------------------------------------------------- write
+
+
+@dataclass
+class DatasetResult:
+    """What a transform wrote.
+
+    Attributes:
+        out_dir: the output folder.
+        rows: rows written per split (or under ``all``).
+        spec_hash: the content hash of the spec used.
+        seconds: wall time of the run.
+        label_means: per split, the mean of each label.
+    """
+
+    out_dir: Path
+    rows: dict[str, int]
+    spec_hash: str
+    seconds: float
+    label_means: dict[str, dict[str, float]] = field(default_factory=dict)
+
+
+def _write_part(df: pl.DataFrame, directory: Path, index: int) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    # lz4: much faster to write and to read than zstd, for files that training reads a few times.
+    df.write_parquet(directory / f"part-{index:05d}.parquet", compression="lz4")
+
+
+def write_dataset(
+    spec: FeatureSpec,
+    rows: pl.DataFrame,
+    out_dir: str | Path,
+    *,
+    split: bool,
+    labels: bool,
+    overwrite: bool = False,
+    progress: bool = True,
+    started: float | None = None,
+) -> DatasetResult:
+    """Applies ``spec`` to derived ``rows`` chunk by chunk and writes the dataset atomically.
+
+    Args:
+        spec: the fitted spec.
+        rows: derived rows (in memory).
+        out_dir: the output folder; it must not exist unless ``overwrite``.
+        split: write ``train``/``valid``/``test`` folders (else one ``all`` folder).
+        labels: include label columns.
+        overwrite: replace an existing output folder.
+        progress: show a progress bar.
+        started: when the run started (for the reported wall time).
+    """
+    started = time.perf_counter() if started is None else started
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not overwrite:
+        raise FileExistsError(f"output folder {out_dir} exists; pass overwrite=True (--overwrite) to replace it")
+    cfg = spec.feature_config
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-"))
+    try:
+        counts: dict[str, int] = {}
+        sums: dict[str, dict[str, float]] = {}
+        names = list(SPLITS) if split else [ALL]
+        split_col = split_expr(spec.split) if split else pl.lit(ALL)
+        chunk = cfg.rows_per_file
+        n_parts = {name: 0 for name in names}
+        bar = tqdm(total=rows.height, unit="row", unit_scale=True, desc="transform", disable=not progress)
+        for start in range(0, rows.height, chunk):
+            part = rows.slice(start, chunk).lazy()
+            out = part.select(*output_exprs(spec, labels=labels), split_col.alias(SPLIT_COLUMN)).collect()
+            for (name,), group in out.partition_by(SPLIT_COLUMN, as_dict=True, include_key=False).items():
+                _write_part(group, tmp / name, n_parts[name])
+                n_parts[name] += 1
+                counts[name] = counts.get(name, 0) + group.height
+                if labels:
+                    label_sums = group.select(spec.label_names()).sum().row(0, named=True)
+                    acc = sums.setdefault(name, {})
+                    for k, v in label_sums.items():
+                        acc[k] = acc.get(k, 0.0) + float(v)
+            bar.update(min(chunk, rows.height - start))
+        bar.close()
+        for name in names:  # every split folder exists, with an empty part if it has no rows
+            if name not in counts:
+                _write_part(rows.head(0).lazy().select(output_exprs(spec, labels=labels)).collect(), tmp / name, 0)
+                counts[name] = 0
+        label_means = {name: {k: v / counts[name] for k, v in acc.items()} for name, acc in sums.items()}
+        spec.save(tmp / "spec.json")
+        result = DatasetResult(out_dir, {n: counts[n] for n in names}, spec.content_hash,
+                               time.perf_counter() - started, label_means)
+        manifest = {"rows": result.rows, "label_means": label_means, "spec_hash": spec.content_hash,
+                    "split": spec.split, "seconds": round(result.seconds, 3)}
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True))
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return result
+
+
+# ------------------------------------------------------------------------------------ entry points
+
+
+def fit_spec(config: FeatureConfig, tables: Tables) -> FeatureSpec:
+    """Validates the tables and fits a spec on the training window only."""
+    validate_tables(config, tables, labels=True)
+    split = resolve_split(config, tables)
+    rows = derived(config, tables)
+    if split["method"] == "time":
+        # Training rows only need events before them, so the training window derives on its own.
+        cutoff = dt.datetime.fromisoformat(split["valid_start"])
+        train_tables = Tables(tables.impressions.filter(pl.col(config.time_column) < cutoff),
+                              tables.users, tables.items, tables.history)
+        train = derived(config, train_tables).collect()
+    else:
+        train = rows.filter(split_expr(split) == "train").collect()
+    if train.height == 0:
+        raise ValueError(f"split: the training window is empty ({split})")
+    return fit(config, train, split)
+
+
+def transform(
+    spec: FeatureSpec,
+    tables: Tables,
+    out_dir: str | Path,
+    *,
+    split: bool | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> DatasetResult:
+    """Applies a fitted spec to training or scoring data and writes model-ready Parquet.
+
+    Args:
+        spec: the fitted spec.
+        tables: the input tables; scoring data has no label columns.
+        out_dir: the output folder.
+        split: split into train/valid/test; by default when the data has labels.
+        overwrite: replace an existing output folder.
+        progress: show a progress bar.
+    """
+    started = time.perf_counter()
+    cfg = spec.feature_config
+    labels = _has_labels(cfg, tables.impressions)
+    validate_tables(cfg, tables, labels=labels)
+    rows = derived(cfg, tables).collect()
+    return write_dataset(spec, rows, out_dir, split=labels if split is None else split, labels=labels,
+                         overwrite=overwrite, progress=progress, started=started)
+
+
+def build(
+    config: FeatureConfig,
+    tables: Tables,
+    out_dir: str | Path,
+    *,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> tuple[FeatureSpec, DatasetResult]:
+    """Fit and transform in one pass over the data: derives once, fits on the train split, writes all.
+
+    Gives the same spec and output as :func:`fit_spec` followed by :func:`transform`, because a training
+    row's derived columns only depend on events before it.
+    """
+    started = time.perf_counter()
+    validate_tables(config, tables, labels=True)
+    split = resolve_split(config, tables)
+    rows = derived(config, tables).collect()
+    train = rows.filter(split_expr(split) == "train")
+    if train.height == 0:
+        raise ValueError(f"split: the training window is empty ({split})")
+    spec = fit(config, train, split)
+    del train
+    result = write_dataset(spec, rows, out_dir, split=True, labels=True, overwrite=overwrite,
+                           progress=progress, started=started)
+    return spec, result
