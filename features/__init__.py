@@ -1,0 +1,1 @@
+"""Feature pipeline: data contract, synthetic data, polars features (no torch)."""

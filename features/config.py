@@ -83,7 +83,9 @@ class LabelConfig:
         if self.kind == "regression" and (self.positive_values or self.positive_prefix):
             raise _fail(where, "kind", self.kind, "positive_values/positive_prefix need kind 'binary'")
         if self.positive_values and self.positive_prefix:
-            raise _fail(where, "positive_prefix", self.positive_prefix, "give positive_values or it, not both")
+            raise _fail(
+                where, "positive_prefix", self.positive_prefix, "give positive_values or it, not both"
+            )
 
 
 @dataclass(frozen=True)
@@ -167,7 +169,10 @@ class FeatureDef:
         elif self.boundaries or self.num_buckets:
             raise _fail(where, "transforms", list(self.transforms), "boundaries need a bucketize transform")
         fill = self.fill_null
-        if not (fill in ("mean", "median", "zero") or (isinstance(fill, int | float) and not isinstance(fill, bool))):
+        if not (
+            fill in ("mean", "median", "zero")
+            or (isinstance(fill, int | float) and not isinstance(fill, bool))
+        ):
             raise _fail(where, "fill_null", fill, "expected 'mean', 'median', 'zero' or a number")
 
     @property
@@ -287,19 +292,27 @@ class FeatureConfig:
         names = [f.name for f in self.features] + [lab.name for lab in self.labels] + list(self.passthrough)
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
-            raise _fail("config", "features", dup[0], "output column names must be unique (features, "
-                        "labels and passthrough)")
+            raise _fail(
+                "config",
+                "features",
+                dup[0],
+                "output column names must be unique (features, labels and passthrough)",
+            )
         label_columns = {lab.column for lab in self.labels} | {lab.name for lab in self.labels}
         by_name = {f.name: f for f in self.features}
         for f in self.features:
             if f.source in label_columns:
-                raise _fail(f"features[{f.name}]", "source", f.source, "a feature may not read a label column")
+                raise _fail(
+                    f"features[{f.name}]", "source", f.source, "a feature may not read a label column"
+                )
             if f.relative_to in label_columns:
                 raise _fail(f"features[{f.name}]", "relative_to", f.relative_to, "a label column")
             if f.vocab_of:
                 other = by_name.get(f.vocab_of)
                 if other is None or other.kind != CATEGORICAL:
-                    raise _fail(f"features[{f.name}]", "vocab_of", f.vocab_of, "expected a categorical feature")
+                    raise _fail(
+                        f"features[{f.name}]", "vocab_of", f.vocab_of, "expected a categorical feature"
+                    )
         if self.source == "ecommerce" and self.split.method != "time":
             raise _fail("split", "method", self.split.method, "ecommerce data is split by time")
 

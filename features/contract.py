@@ -164,7 +164,11 @@ def validate(
     rules: dict[str, tuple[str, pl.Expr, str]] = {}
     for col in contract.columns:
         if not col.nullable:
-            rules[f"null_{col.name}"] = (col.name, pl.col(col.name).is_null(), "null in a non-nullable column")
+            rules[f"null_{col.name}"] = (
+                col.name,
+                pl.col(col.name).is_null(),
+                "null in a non-nullable column",
+            )
     if table == "impressions":
         rules["position"] = ("position", pl.col("position") < 1, "position must be >= 1")
         if labels:

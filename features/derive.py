@@ -27,6 +27,7 @@ import polars as pl
 from features.config import HistoryConfig
 
 HIST_ITEMS, HIST_CATEGORIES = "hist_item_ids", "hist_category_ids"
+HIST_STATE = "__hist_state"
 _DAY_S = 86_400.0
 
 
@@ -84,10 +85,13 @@ def click_history(events: pl.LazyFrame, items: pl.LazyFrame, max_length: int) ->
     )
 
 
-def add_history_features(
+def add_history_index(
     lf: pl.LazyFrame, history: pl.LazyFrame, items: pl.LazyFrame, cfg: HistoryConfig
-) -> pl.LazyFrame:
-    """Adds the user's recent clicked items and categories and windowed click counts, point in time.
+) -> tuple[pl.LazyFrame, pl.DataFrame]:
+    """Adds, point in time, an index into the user's click-history states and windowed click counts.
+
+    The history lists are kept once per state (one per user and click instant) instead of once per row:
+    many impressions share a state, and gathering lists late, after their ids are mapped, is much cheaper.
 
     Args:
         lf: rows sorted by ``ts`` with ``user_id`` and ``ts``.
@@ -96,36 +100,61 @@ def add_history_features(
         cfg: history settings.
 
     Returns:
-        ``lf`` with ``hist_item_ids``, ``hist_category_ids`` (lists, empty without history) and one
-        ``user_clicks_{d}d`` column (Int64) per window.
+        ``lf`` with ``__hist_state`` (row of the returned table, null without earlier clicks) and one
+        ``user_clicks_{d}d`` column (Int64) per window; and the table of states with the list columns
+        ``hist_item_ids`` and ``hist_category_ids``.
     """
-    state = click_history(history, items, cfg.max_length).cache()
-    out = lf.join_asof(
-        state, on="ts", by="user_id", strategy="backward", allow_exact_matches=False, check_sortedness=False
+    state = click_history(history, items, cfg.max_length).collect().with_row_index(HIST_STATE)
+    asof = {"by": "user_id", "strategy": "backward", "allow_exact_matches": False, "check_sortedness": False}
+    # The joins run on a narrow frame of keys: joining the wide rows would copy every column each time.
+    keys = lf.select("user_id", "ts").join_asof(
+        state.lazy().select("user_id", "ts", HIST_STATE, "n_clicks"), on="ts", **asof
     )
-    empty = pl.lit([], dtype=pl.List(pl.Int64))
-    out = out.with_columns(
-        pl.col(HIST_ITEMS).fill_null(empty),
-        pl.col(HIST_CATEGORIES).fill_null(empty),
-        pl.col("n_clicks").fill_null(0),
-    )
-    counts = state.select("user_id", "ts", "n_clicks")
+    counts = state.lazy().select("user_id", "ts", "n_clicks")
     for days in cfg.windows_days:
         start = f"_start_{days}d"
-        out = (
-            out.with_columns((pl.col("ts") - pl.duration(days=days)).alias(start))
-            .join_asof(
-                counts.rename({"ts": start, "n_clicks": "_n_before"}),
-                on=start,
-                by="user_id",
-                strategy="backward",
-                allow_exact_matches=False,
-                check_sortedness=False,
+        keys = (
+            keys.with_columns((pl.col("ts") - pl.duration(days=days)).alias(start))
+            .join_asof(counts.rename({"ts": start, "n_clicks": "_n_before"}), on=start, **asof)
+            .with_columns(
+                (pl.col("n_clicks").fill_null(0) - pl.col("_n_before").fill_null(0)).alias(
+                    clicks_column(days)
+                )
             )
-            .with_columns((pl.col("n_clicks") - pl.col("_n_before").fill_null(0)).alias(clicks_column(days)))
             .drop(start, "_n_before")
         )
-    return out.drop("n_clicks")
+    added = keys.select(HIST_STATE, *[clicks_column(d) for d in cfg.windows_days])
+    return pl.concat([lf, added], how="horizontal"), state.select(HIST_ITEMS, HIST_CATEGORIES)
+
+
+def gather_lists(lf: pl.LazyFrame, lists: pl.DataFrame) -> pl.LazyFrame:
+    """Replaces ``__hist_state`` by the list columns it points to (empty lists where it is null)."""
+    empty = pl.lit([], dtype=pl.List(pl.Int64))
+    return lf.with_columns(
+        pl.lit(lists[name]).gather(pl.col(HIST_STATE)).fill_null(empty).alias(name) for name in lists.columns
+    ).drop(HIST_STATE)
+
+
+def derive_ecommerce_indexed(
+    impressions: pl.LazyFrame,
+    users: pl.LazyFrame,
+    items: pl.LazyFrame,
+    cfg: HistoryConfig,
+    history: pl.LazyFrame | None = None,
+) -> tuple[pl.LazyFrame, pl.DataFrame]:
+    """:func:`derive_ecommerce` with the history lists kept in their own table.
+
+    See :func:`add_history_index`; ``features.spec.apply`` takes both parts and gives the same output.
+    """
+    if history is None:
+        history = impressions
+    base = (
+        impressions.sort("ts", "impression_id")
+        .join(users, on="user_id", how="left", maintain_order="left")
+        .join(items, on="item_id", how="left", maintain_order="left")
+        .pipe(add_time_features)
+    )
+    return add_history_index(base, history, items, cfg)
 
 
 def derive_ecommerce(
@@ -147,12 +176,5 @@ def derive_ecommerce(
     Returns:
         One row per impression, every input column kept.
     """
-    if history is None:
-        history = impressions
-    base = (
-        impressions.sort("ts", "impression_id")
-        .join(users, on="user_id", how="left", maintain_order="left")
-        .join(items, on="item_id", how="left", maintain_order="left")
-        .pipe(add_time_features)
-    )
-    return add_history_features(base, history, items, cfg)
+    rows, lists = derive_ecommerce_indexed(impressions, users, items, cfg, history)
+    return gather_lists(rows, lists)

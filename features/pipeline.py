@@ -18,25 +18,46 @@ A whole output folder is written under a temporary name and renamed when complet
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import glob
 import json
 import os
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 import polars as pl
 from tqdm.auto import tqdm
 
 from features.config import FeatureConfig
 from features.contract import ContractError, validate
-from features.derive import derive_ecommerce
+from features.derive import derive_ecommerce_indexed
 from features.spec import _P, FeatureSpec, _stable_hash, fit, output_exprs
 
+P = ParamSpec("P")
+R = TypeVar("R")
 SPLITS = ("train", "valid", "test")
+
+
+def _in_memory(func: Callable[P, R]) -> Callable[P, R]:
+    """Runs ``func`` with polars' in-memory engine.
+
+    On 2 cores it sorts and joins the whole table 2-3x faster than the streaming engine, and the pipeline
+    holds the derived rows in memory anyway.
+    """
+
+    @functools.wraps(func)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        with pl.Config(engine_affinity="in-memory"):
+            return func(*args, **kwargs)
+
+    return wrapper
+
+
 SPLIT_COLUMN = "__split"
 ALL = "all"
 
@@ -89,6 +110,7 @@ def load_tables(
     history: str | Path | None = None,
 ) -> Tables:
     """Scans the ecommerce tables from a data folder, or from explicit paths (which win)."""
+
     def pick(explicit: str | Path | None, name: str) -> pl.LazyFrame:
         if explicit is not None:
             return scan_table(explicit)
@@ -127,19 +149,27 @@ def validate_tables(config: FeatureConfig, tables: Tables, *, labels: bool) -> N
     missing = {c: who for c, who in needed.items() if c not in schema}
     if missing:
         col, who = next(iter(missing.items()))
-        raise ContractError(f"flat table: missing column(s) {sorted(missing)} (e.g. {col!r}, needed by "
-                            f"{who}); the table has columns {list(schema.names())}")
+        raise ContractError(
+            f"flat table: missing column(s) {sorted(missing)} (e.g. {col!r}, needed by "
+            f"{who}); the table has columns {list(schema.names())}"
+        )
     if labels:
         for lab in config.labels:
             n_null = tables.impressions.select(pl.col(lab.column).is_null().sum()).collect().item()
             if n_null:
                 raise ContractError(f"flat table.{lab.column}: {n_null} null label(s) (labels[{lab.name}])")
             if lab.kind == "binary" and not (lab.positive_values or lab.positive_prefix):
-                bad = (tables.impressions.filter(~pl.col(lab.column).is_in([0, 1]))
-                       .select(lab.column).head(1).collect())
+                bad = (
+                    tables.impressions.filter(~pl.col(lab.column).is_in([0, 1]))
+                    .select(lab.column)
+                    .head(1)
+                    .collect()
+                )
                 if bad.height:
-                    raise ContractError(f"flat table.{lab.column}: binary label must be 0 or 1, e.g. "
-                                        f"{lab.column}={bad.item()!r} (labels[{lab.name}])")
+                    raise ContractError(
+                        f"flat table.{lab.column}: binary label must be 0 or 1, e.g. "
+                        f"{lab.column}={bad.item()!r} (labels[{lab.name}])"
+                    )
 
 
 # ------------------------------------------------------------------------------------------ split
@@ -149,8 +179,12 @@ def resolve_split(config: FeatureConfig, tables: Tables) -> dict[str, Any]:
     """Turns the split config into concrete boundaries (time) or fractions (hash)."""
     s = config.split
     if s.method == "hash":
-        return {"method": "hash", "validation_fraction": s.validation_fraction,
-                "test_fraction": s.test_fraction, "seed": s.seed}
+        return {
+            "method": "hash",
+            "validation_fraction": s.validation_fraction,
+            "test_fraction": s.test_fraction,
+            "seed": s.seed,
+        }
     if s.valid_start:
         valid_start, test_start = (dt.datetime.fromisoformat(v) for v in (s.valid_start, s.test_start))
     else:
@@ -161,8 +195,12 @@ def resolve_split(config: FeatureConfig, tables: Tables) -> dict[str, Any]:
         end = dt.datetime.combine(last.date(), dt.time()) + dt.timedelta(days=1)
         test_start = end - dt.timedelta(days=s.test_days)
         valid_start = test_start - dt.timedelta(days=s.validation_days)
-    return {"method": "time", "column": config.time_column,
-            "valid_start": valid_start.isoformat(), "test_start": test_start.isoformat()}
+    return {
+        "method": "time",
+        "column": config.time_column,
+        "valid_start": valid_start.isoformat(),
+        "test_start": test_start.isoformat(),
+    }
 
 
 def split_expr(split: dict[str, Any]) -> pl.Expr:
@@ -171,22 +209,37 @@ def split_expr(split: dict[str, Any]) -> pl.Expr:
         ts = pl.col(split["column"])
         valid_start = dt.datetime.fromisoformat(split["valid_start"])
         test_start = dt.datetime.fromisoformat(split["test_start"])
-        return (pl.when(ts >= test_start).then(pl.lit("test"))
-                .when(ts >= valid_start).then(pl.lit("valid")).otherwise(pl.lit("train")))
+        return (
+            pl.when(ts >= test_start)
+            .then(pl.lit("test"))
+            .when(ts >= valid_start)
+            .then(pl.lit("valid"))
+            .otherwise(pl.lit("train"))
+        )
     u = _stable_hash(pl.col("__row").cast(pl.Int64), seed=split["seed"]) / _P  # uniform in [0, 1)
     test, valid = split["test_fraction"], split["validation_fraction"]
-    return (pl.when(u < test).then(pl.lit("test"))
-            .when(u < test + valid).then(pl.lit("valid")).otherwise(pl.lit("train")))
+    return (
+        pl.when(u < test)
+        .then(pl.lit("test"))
+        .when(u < test + valid)
+        .then(pl.lit("valid"))
+        .otherwise(pl.lit("train"))
+    )
 
 
 # ---------------------------------------------------------------------------------------- derive
 
 
-def derived(config: FeatureConfig, tables: Tables) -> pl.LazyFrame:
-    """All rows with every derived column (ecommerce) or a row number (flat), lazily."""
+def derived(config: FeatureConfig, tables: Tables) -> tuple[pl.LazyFrame, pl.DataFrame | None]:
+    """All rows with every derived column (lazily) and the history lists they index.
+
+    Flat tables get a row number (for the hash split) and no lists.
+    """
     if config.source == "flat":
-        return tables.impressions.with_row_index("__row")
-    return derive_ecommerce(tables.impressions, tables.users, tables.items, config.history, tables.history)
+        return tables.impressions.with_row_index("__row"), None
+    return derive_ecommerce_indexed(
+        tables.impressions, tables.users, tables.items, config.history, tables.history
+    )
 
 
 def _has_labels(config: FeatureConfig, lf: pl.LazyFrame) -> bool:
@@ -216,10 +269,10 @@ class DatasetResult:
     label_means: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
-def _write_part(df: pl.DataFrame, directory: Path, index: int) -> None:
+def _part_path(directory: Path, index: int) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
-    # lz4: much faster to write and to read than zstd, for files that training reads a few times.
-    df.write_parquet(directory / f"part-{index:05d}.parquet", compression="lz4")
+    # Written with lz4: much faster to write and to read than zstd, for files training reads many times.
+    return directory / f"part-{index:05d}.parquet"
 
 
 def write_dataset(
@@ -229,6 +282,7 @@ def write_dataset(
     *,
     split: bool,
     labels: bool,
+    lists: pl.DataFrame | None = None,
     overwrite: bool = False,
     progress: bool = True,
     started: float | None = None,
@@ -241,6 +295,7 @@ def write_dataset(
         out_dir: the output folder; it must not exist unless ``overwrite``.
         split: write ``train``/``valid``/``test`` folders (else one ``all`` folder).
         labels: include label columns.
+        lists: the history lists that ``rows`` index (ecommerce).
         overwrite: replace an existing output folder.
         progress: show a progress bar.
         started: when the run started (for the reported wall time).
@@ -248,42 +303,41 @@ def write_dataset(
     started = time.perf_counter() if started is None else started
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
-        raise FileExistsError(f"output folder {out_dir} exists; pass overwrite=True (--overwrite) to replace it")
-    cfg = spec.feature_config
+        raise FileExistsError(
+            f"output folder {out_dir} exists; pass overwrite=True (--overwrite) to replace it"
+        )
+    chunk = spec.feature_config.rows_per_file
+    exprs = output_exprs(spec, labels=labels, lists=lists)  # built once: it maps the history lists
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-"))
     try:
         counts: dict[str, int] = {}
-        sums: dict[str, dict[str, float]] = {}
-        names = list(SPLITS) if split else [ALL]
-        split_col = split_expr(spec.split) if split else pl.lit(ALL)
-        chunk = cfg.rows_per_file
-        n_parts = {name: 0 for name in names}
+        label_means: dict[str, dict[str, float]] = {}
         bar = tqdm(total=rows.height, unit="row", unit_scale=True, desc="transform", disable=not progress)
-        for start in range(0, rows.height, chunk):
-            part = rows.slice(start, chunk).lazy()
-            out = part.select(*output_exprs(spec, labels=labels), split_col.alias(SPLIT_COLUMN)).collect()
-            for (name,), group in out.partition_by(SPLIT_COLUMN, as_dict=True, include_key=False).items():
-                _write_part(group, tmp / name, n_parts[name])
-                n_parts[name] += 1
-                counts[name] = counts.get(name, 0) + group.height
-                if labels:
-                    label_sums = group.select(spec.label_names()).sum().row(0, named=True)
-                    acc = sums.setdefault(name, {})
-                    for k, v in label_sums.items():
-                        acc[k] = acc.get(k, 0.0) + float(v)
-            bar.update(min(chunk, rows.height - start))
+        for name in SPLITS if split else (ALL,):
+            subset = rows.filter(split_expr(spec.split) == name) if split else rows
+            sums = dict.fromkeys(spec.label_names(), 0.0)
+            # Every split folder gets at least one part, empty if the split has no rows.
+            for i, begin in enumerate(range(0, max(subset.height, 1), chunk)):
+                out = subset.slice(begin, chunk).lazy().select(exprs).collect()
+                out.write_parquet(_part_path(tmp / name, i), compression="lz4")
+                if labels and out.height:
+                    for k, v in out.select(spec.label_names()).sum().row(0, named=True).items():
+                        sums[k] += float(v)
+                bar.update(out.height)
+            counts[name] = subset.height
+            if labels and subset.height:
+                label_means[name] = {k: v / subset.height for k, v in sums.items()}
         bar.close()
-        for name in names:  # every split folder exists, with an empty part if it has no rows
-            if name not in counts:
-                _write_part(rows.head(0).lazy().select(output_exprs(spec, labels=labels)).collect(), tmp / name, 0)
-                counts[name] = 0
-        label_means = {name: {k: v / counts[name] for k, v in acc.items()} for name, acc in sums.items()}
         spec.save(tmp / "spec.json")
-        result = DatasetResult(out_dir, {n: counts[n] for n in names}, spec.content_hash,
-                               time.perf_counter() - started, label_means)
-        manifest = {"rows": result.rows, "label_means": label_means, "spec_hash": spec.content_hash,
-                    "split": spec.split, "seconds": round(result.seconds, 3)}
+        result = DatasetResult(out_dir, counts, spec.content_hash, time.perf_counter() - started, label_means)
+        manifest = {
+            "rows": result.rows,
+            "label_means": label_means,
+            "spec_hash": spec.content_hash,
+            "split": spec.split,
+            "seconds": round(result.seconds, 3),
+        }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True))
         if out_dir.exists():
             shutil.rmtree(out_dir)
@@ -297,24 +351,28 @@ def write_dataset(
 # ------------------------------------------------------------------------------------ entry points
 
 
+@_in_memory
 def fit_spec(config: FeatureConfig, tables: Tables) -> FeatureSpec:
     """Validates the tables and fits a spec on the training window only."""
     validate_tables(config, tables, labels=True)
     split = resolve_split(config, tables)
-    rows = derived(config, tables)
     if split["method"] == "time":
         # Training rows only need events before them, so the training window derives on its own.
         cutoff = dt.datetime.fromisoformat(split["valid_start"])
-        train_tables = Tables(tables.impressions.filter(pl.col(config.time_column) < cutoff),
-                              tables.users, tables.items, tables.history)
-        train = derived(config, train_tables).collect()
-    else:
-        train = rows.filter(split_expr(split) == "train").collect()
+        tables = Tables(
+            tables.impressions.filter(pl.col(config.time_column) < cutoff),
+            tables.users,
+            tables.items,
+            tables.history,
+        )
+    rows, lists = derived(config, tables)
+    train = rows.filter(split_expr(split) == "train").collect()
     if train.height == 0:
         raise ValueError(f"split: the training window is empty ({split})")
-    return fit(config, train, split)
+    return fit(config, train, split, lists)
 
 
+@_in_memory
 def transform(
     spec: FeatureSpec,
     tables: Tables,
@@ -338,11 +396,21 @@ def transform(
     cfg = spec.feature_config
     labels = _has_labels(cfg, tables.impressions)
     validate_tables(cfg, tables, labels=labels)
-    rows = derived(cfg, tables).collect()
-    return write_dataset(spec, rows, out_dir, split=labels if split is None else split, labels=labels,
-                         overwrite=overwrite, progress=progress, started=started)
+    rows, lists = derived(cfg, tables)
+    return write_dataset(
+        spec,
+        rows.collect(),
+        out_dir,
+        split=labels if split is None else split,
+        labels=labels,
+        lists=lists,
+        overwrite=overwrite,
+        progress=progress,
+        started=started,
+    )
 
 
+@_in_memory
 def build(
     config: FeatureConfig,
     tables: Tables,
@@ -359,12 +427,22 @@ def build(
     started = time.perf_counter()
     validate_tables(config, tables, labels=True)
     split = resolve_split(config, tables)
-    rows = derived(config, tables).collect()
+    lazy_rows, lists = derived(config, tables)
+    rows = lazy_rows.collect()
     train = rows.filter(split_expr(split) == "train")
     if train.height == 0:
         raise ValueError(f"split: the training window is empty ({split})")
-    spec = fit(config, train, split)
+    spec = fit(config, train, split, lists)
     del train
-    result = write_dataset(spec, rows, out_dir, split=True, labels=True, overwrite=overwrite,
-                           progress=progress, started=started)
+    result = write_dataset(
+        spec,
+        rows,
+        out_dir,
+        split=True,
+        labels=True,
+        lists=lists,
+        overwrite=overwrite,
+        progress=progress,
+        started=started,
+    )
     return spec, result

@@ -25,6 +25,7 @@ from typing import Any
 import polars as pl
 
 from features.config import CATEGORICAL, MULTI_HOT, NUMERIC, FeatureConfig, FeatureDef, LabelConfig
+from features.derive import HIST_STATE, gather_lists
 
 FORMAT_VERSION = 1
 # Stable integer hash: ((x mod P) * A + C) mod P, with P the Mersenne prime 2^31 - 1. Every intermediate
@@ -36,8 +37,10 @@ DENSE, ID, ID_LIST = "dense", "id", "id_list"
 
 
 def _stat(value: float) -> float:
-    """A fitted statistic rounded to 12 significant digits: parallel float sums differ in the last bits
-    with the data's chunk layout, and the spec's content hash must not."""
+    """A fitted statistic, rounded to 12 significant digits.
+
+    Parallel float sums differ in the last bits with the data's chunk layout; the content hash must not.
+    """
     return float(f"{value:.12g}")
 
 
@@ -79,8 +82,12 @@ class FeatureSpec:
         return hashlib.sha256(self._canonical().encode()).hexdigest()
 
     def _canonical(self) -> str:
-        body = {"format_version": self.format_version, "config": self.config, "fitted": self.fitted,
-                "split": self.split}
+        body = {
+            "format_version": self.format_version,
+            "config": self.config,
+            "fitted": self.fitted,
+            "split": self.split,
+        }
         return json.dumps(body, sort_keys=True, separators=(",", ":"), default=str)
 
     # The model reads these three to size its inputs.
@@ -121,11 +128,15 @@ class FeatureSpec:
         """Reads a spec and checks its format version and content hash."""
         body = json.loads(Path(path).read_text())
         if body.get("format_version") != FORMAT_VERSION:
-            raise ValueError(f"{path}: format_version {body.get('format_version')!r}, expected {FORMAT_VERSION}")
+            raise ValueError(
+                f"{path}: format_version {body.get('format_version')!r}, expected {FORMAT_VERSION}"
+            )
         spec = cls(config=body["config"], fitted=body["fitted"], split=body["split"])
         if body.get("content_hash") != spec.content_hash:
-            raise ValueError(f"{path}: content_hash {body.get('content_hash')!r} does not match the content "
-                             f"({spec.content_hash}); the file was edited or damaged")
+            raise ValueError(
+                f"{path}: content_hash {body.get('content_hash')!r} does not match the content "
+                f"({spec.content_hash}); the file was edited or damaged"
+            )
         return spec
 
 
@@ -138,7 +149,9 @@ def _vocab_expr(x: pl.Expr, state: dict[str, Any]) -> pl.Expr:
     vocab = state["vocab"]
     keyed = x.cast(pl.Int64) if state["dtype"] == "int" else x.cast(pl.String)
     # Ids 1..V by the vocabulary's order; anything else (and null) is 0, the out-of-vocabulary bucket.
-    return keyed.replace_strict(vocab, range(1, len(vocab) + 1), default=0, return_dtype=pl.Int64).fill_null(0)
+    return keyed.replace_strict(vocab, range(1, len(vocab) + 1), default=0, return_dtype=pl.Int64).fill_null(
+        0
+    )
 
 
 def _numeric_expr(f: FeatureDef, state: dict[str, Any], steps: int | None = None) -> pl.Expr:
@@ -148,8 +161,9 @@ def _numeric_expr(f: FeatureDef, state: dict[str, Any], steps: int | None = None
     if f.relative_to:
         med = state["group_median"]
         group = pl.col(f.relative_to).cast(pl.Int64 if med["dtype"] == "int" else pl.String)
-        median = group.replace_strict(med["keys"], med["values"], default=med["default"],
-                                      return_dtype=pl.Float64).fill_null(med["default"])
+        median = group.replace_strict(
+            med["keys"], med["values"], default=med["default"], return_dtype=pl.Float64
+        ).fill_null(med["default"])
         x = x / median
     for step in state["steps"][:steps]:
         if step["op"] == "log1p":
@@ -162,17 +176,34 @@ def _numeric_expr(f: FeatureDef, state: dict[str, Any], steps: int | None = None
     return x
 
 
-def feature_expr(f: FeatureDef, fitted: dict[str, dict[str, Any]]) -> pl.Expr:
-    """The model-ready column of feature ``f`` under the fitted spec state."""
+def _list_expr(f: FeatureDef, fitted: dict[str, dict[str, Any]], lst: pl.Expr) -> pl.Expr:
+    vocab_state = fitted[f.vocab_of] if f.vocab_of else fitted[f.name]
+    lst = lst.fill_null(pl.lit([], dtype=pl.List(pl.Int64)))
+    if f.max_length:
+        lst = lst.list.tail(f.max_length)
+    return lst.list.eval(_vocab_expr(pl.element(), vocab_state)).cast(pl.List(pl.Int64))
+
+
+def feature_expr(
+    f: FeatureDef, fitted: dict[str, dict[str, Any]], lists: pl.DataFrame | None = None
+) -> pl.Expr:
+    """The model-ready column of feature ``f`` under the fitted spec state.
+
+    Args:
+        f: the feature.
+        fitted: the spec's fitted state.
+        lists: list columns kept apart from the rows and indexed by their ``__hist_state`` column (see
+            ``features.derive.add_history_index``); a multi-hot feature reading one of them maps the
+            distinct lists once, then gathers them per row.
+    """
     state = fitted[f.name]
     if f.kind == CATEGORICAL:
         expr = _vocab_expr(pl.col(f.source), state)
+    elif f.kind == MULTI_HOT and lists is not None and f.source in lists.columns:
+        mapped = lists.lazy().select(_list_expr(f, fitted, pl.col(f.source))).collect().to_series()
+        expr = pl.lit(mapped).gather(pl.col(HIST_STATE)).fill_null(pl.lit([], dtype=pl.List(pl.Int64)))
     elif f.kind == MULTI_HOT:
-        vocab_state = fitted[f.vocab_of] if f.vocab_of else state
-        lst = pl.col(f.source).fill_null(pl.lit([], dtype=pl.List(pl.Int64)))
-        if f.max_length:
-            lst = lst.list.tail(f.max_length)
-        expr = lst.list.eval(_vocab_expr(pl.element(), vocab_state)).cast(pl.List(pl.Int64))
+        expr = _list_expr(f, fitted, pl.col(f.source))
     else:
         expr = _numeric_expr(f, state)
         expr = expr.cast(pl.Int64) if state["output"] == ID else expr.cast(pl.Float32)
@@ -191,25 +222,30 @@ def label_expr(label: LabelConfig) -> pl.Expr:
     return expr.cast(pl.Float32).alias(label.name)
 
 
-def output_exprs(spec: FeatureSpec, *, labels: bool = True) -> list[pl.Expr]:
+def output_exprs(
+    spec: FeatureSpec, *, labels: bool = True, lists: pl.DataFrame | None = None
+) -> list[pl.Expr]:
     """The model-ready columns: passthrough columns, features, then labels (when ``labels``)."""
     cfg = spec.feature_config
     exprs = [pl.col(c) for c in cfg.passthrough]
-    exprs += [feature_expr(f, spec.fitted) for f in cfg.features]
+    exprs += [feature_expr(f, spec.fitted, lists) for f in cfg.features]
     if labels:
         exprs += [label_expr(lab) for lab in cfg.labels]
     return exprs
 
 
-def apply(spec: FeatureSpec, lf: pl.LazyFrame, *, labels: bool = True) -> pl.LazyFrame:
+def apply(
+    spec: FeatureSpec, lf: pl.LazyFrame, *, labels: bool = True, lists: pl.DataFrame | None = None
+) -> pl.LazyFrame:
     """Model-ready columns for every row of ``lf``; no row is dropped or reordered.
 
     Args:
         spec: the fitted spec.
         lf: derived rows (training or scoring).
         labels: include the label columns (False for scoring data, which has none).
+        lists: the history lists when ``lf`` holds ``__hist_state`` instead of them.
     """
-    return lf.select(output_exprs(spec, labels=labels))
+    return lf.select(output_exprs(spec, labels=labels, lists=lists))
 
 
 # ------------------------------------------------------------------------------------------------ fit
@@ -224,8 +260,10 @@ def _fit_vocab(f: FeatureDef, train: pl.LazyFrame, schema: pl.Schema) -> pl.Lazy
     if f.hash_buckets:
         src_dtype = schema[f.source].inner if f.kind == MULTI_HOT else schema[f.source]
         if not src_dtype.is_integer():
-            raise ValueError(f"features[{f.name}].hash_buckets: hashing needs an integer column, "
-                             f"{f.source!r} is {src_dtype}")
+            raise ValueError(
+                f"features[{f.name}].hash_buckets: hashing needs an integer column, "
+                f"{f.source!r} is {src_dtype}"
+            )
         return {"hash_buckets": f.hash_buckets, "num_embeddings": f.hash_buckets + 1}
     col = pl.col(f.source)
     values = train.select(col.explode() if f.kind == MULTI_HOT else col)
@@ -244,8 +282,10 @@ def _fit_vocab(f: FeatureDef, train: pl.LazyFrame, schema: pl.Schema) -> pl.Lazy
 
 def _fit_numeric(f: FeatureDef, train: pl.LazyFrame, schema: pl.Schema) -> dict[str, Any]:
     if not schema[f.source].is_numeric():
-        raise ValueError(f"features[{f.name}].source: numeric features need a numeric column, "
-                         f"{f.source!r} is {schema[f.source]}")
+        raise ValueError(
+            f"features[{f.name}].source: numeric features need a numeric column, "
+            f"{f.source!r} is {schema[f.source]}"
+        )
     raw = pl.col(f.source).cast(pl.Float64).fill_nan(None)
     fill = f.fill_null
     if fill in ("mean", "median"):
@@ -281,21 +321,35 @@ def _fit_numeric(f: FeatureDef, train: pl.LazyFrame, schema: pl.Schema) -> dict[
             state["steps"].append({"op": "log1p"})
         elif op == "standardize":
             mean, std = train.select(x.mean().alias("mean"), x.std().alias("std")).collect().row(0)
-            state["steps"].append({"op": "standardize", "mean": _stat(mean or 0.0),
-                                   "std": _stat(std) if std and std > _MIN_STD else 1.0})
+            state["steps"].append(
+                {
+                    "op": "standardize",
+                    "mean": _stat(mean or 0.0),
+                    "std": _stat(std) if std and std > _MIN_STD else 1.0,
+                }
+            )
         else:
             boundaries = list(f.boundaries)
             if not boundaries:
-                qs = [i / f.num_buckets for i in range(1, f.num_buckets)]
-                row = train.select([x.quantile(q).alias(str(i)) for i, q in enumerate(qs)]).collect().row(0)
-                boundaries = sorted({float(v) for v in row if v is not None})
+                # Quantiles by nearest rank over one sort (polars sorts once per quantile expression).
+                values = train.select(x.drop_nulls().sort().alias("v")).collect().to_series()
+                last = len(values) - 1
+                ranks = (
+                    [round(last * i / f.num_buckets) for i in range(1, f.num_buckets)] if last >= 0 else []
+                )
+                boundaries = sorted({float(values[r]) for r in ranks})
             state["steps"].append({"op": "bucketize", "boundaries": boundaries})
             state["output"] = ID
             state["num_embeddings"] = len(boundaries) + 2  # buckets 1..len+1, and 0 unused
     return state
 
 
-def fit(config: FeatureConfig, train: pl.LazyFrame | pl.DataFrame, split: dict[str, Any]) -> FeatureSpec:
+def fit(
+    config: FeatureConfig,
+    train: pl.LazyFrame | pl.DataFrame,
+    split: dict[str, Any],
+    lists: pl.DataFrame | None = None,
+) -> FeatureSpec:
     """Learns every vocabulary and statistic from ``train`` (training-window rows only).
 
     Args:
@@ -303,20 +357,31 @@ def fit(config: FeatureConfig, train: pl.LazyFrame | pl.DataFrame, split: dict[s
         train: derived training rows. Collect it first if it is expensive: it is read once per fitted
             statistic.
         split: the resolved split, recorded in the spec.
+        lists: the history lists when ``train`` holds ``__hist_state`` instead of them.
 
     Returns:
         The fitted spec.
     """
     train = train.lazy()
+    if lists is not None:
+        own_vocab = {f.source for f in config.features if f.kind == MULTI_HOT and not f.vocab_of}
+        if own_vocab & set(lists.columns):  # only a list's own vocabulary needs the per-row lists
+            train = gather_lists(train, lists)
+        else:
+            train = train.with_columns(
+                pl.lit(None, dtype=dtype).alias(name) for name, dtype in lists.schema.items()
+            )
     schema = train.collect_schema()
     for f in config.features:
         for column in (f.source, f.relative_to):
             if column and column not in schema:
-                raise ValueError(f"features[{f.name}]: column {column!r} not found; the data has "
-                                 f"{list(schema.names())}")
+                raise ValueError(
+                    f"features[{f.name}]: column {column!r} not found; the data has {list(schema.names())}"
+                )
         if f.kind == MULTI_HOT and not isinstance(schema[f.source], pl.List):
-            raise ValueError(f"features[{f.name}].kind: multi_hot needs a list column, {f.source!r} is "
-                             f"{schema[f.source]}")
+            raise ValueError(
+                f"features[{f.name}].kind: multi_hot needs a list column, {f.source!r} is {schema[f.source]}"
+            )
     fitted: dict[str, dict[str, Any]] = {}
     pending: dict[str, pl.LazyFrame] = {}
     for f in config.features:
@@ -344,8 +409,9 @@ def fit(config: FeatureConfig, train: pl.LazyFrame | pl.DataFrame, split: dict[s
         if f.vocab_of:
             fitted[f.name]["num_embeddings"] = fitted[f.vocab_of]["num_embeddings"]
     config_dict = _config_to_dict(config)
-    return FeatureSpec(config=config_dict, fitted={f.name: fitted[f.name] for f in config.features},
-                       split=split)
+    return FeatureSpec(
+        config=config_dict, fitted={f.name: fitted[f.name] for f in config.features}, split=split
+    )
 
 
 def _config_to_dict(config: FeatureConfig) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""Feature pipeline command line: fit a spec, apply it, or both in one pass.
+r"""Feature pipeline command line: fit a spec, apply it, or both in one pass.
 
 Examples::
 
@@ -33,8 +33,9 @@ def _tables(args: argparse.Namespace, source: str) -> Tables:
         if not args.table:
             raise ValueError("--table: a flat config needs the table's path (Parquet or CSV)")
         return Tables(impressions=scan_table(args.table))
-    return load_tables(args.data, impressions=args.impressions, users=args.users, items=args.items,
-                       history=args.history)
+    return load_tables(
+        args.data, impressions=args.impressions, users=args.users, items=args.items, history=args.history
+    )
 
 
 def _add_inputs(p: argparse.ArgumentParser) -> None:
@@ -49,8 +50,11 @@ def _add_inputs(p: argparse.ArgumentParser) -> None:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Parses the command line."""
-    parser = argparse.ArgumentParser(prog="python -m pipelines.features", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m pipelines.features",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("fit", help="fit a spec (vocabularies, statistics) on the training window")
@@ -88,19 +92,32 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "transform":
             spec = FeatureSpec.load(args.spec)
-            result = transform(spec, _tables(args, spec.feature_config.source), args.out,
-                               split=False if args.no_split else None, overwrite=args.overwrite,
-                               progress=not args.no_progress)
+            result = transform(
+                spec,
+                _tables(args, spec.feature_config.source),
+                args.out,
+                split=False if args.no_split else None,
+                overwrite=args.overwrite,
+                progress=not args.no_progress,
+            )
         else:
             config = _config(args.config)
-            spec, result = build(config, _tables(args, config.source), args.out, overwrite=args.overwrite,
-                                 progress=not args.no_progress)
+            spec, result = build(
+                config,
+                _tables(args, config.source),
+                args.out,
+                overwrite=args.overwrite,
+                progress=not args.no_progress,
+            )
     except (ContractError, ValueError, FileNotFoundError, FileExistsError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     total = sum(result.rows.values())
-    print(f"features: {result.out_dir} ({total:,} rows in {result.seconds:.1f} s; "
-          + ", ".join(f"{k}={v:,}" for k, v in result.rows.items()) + ")")
+    print(
+        f"features: {result.out_dir} ({total:,} rows in {result.seconds:.1f} s; "
+        + ", ".join(f"{k}={v:,}" for k, v in result.rows.items())
+        + ")"
+    )
     return 0
 
 

@@ -1,0 +1,1 @@
+"""Multi-task MoE ranking models over TorchRec embeddings."""

@@ -18,7 +18,9 @@ from features.spec import FeatureSpec, apply, fit
 
 from .conftest import at, impressions_frame
 
-CENSUS = Path(__file__).resolve().parents[2] / "shared" / "data" / "census-income" / "census-income.dev.csv.gz"
+CENSUS = (
+    Path(__file__).resolve().parents[2] / "shared" / "data" / "census-income" / "census-income.dev.csv.gz"
+)
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -54,15 +56,48 @@ def tables(impressions, users, items, history=None) -> Tables:
 
 
 def test_history_is_strictly_before_each_impression(impressions, users, items):
-    out = derive_ecommerce(impressions.lazy(), users.lazy(), items.lazy(), HistoryConfig(max_length=2)).collect()
-    got = out.select("impression_id", "hist_item_ids", "hist_category_ids", "user_clicks_1d", "user_clicks_7d")
+    out = derive_ecommerce(
+        impressions.lazy(), users.lazy(), items.lazy(), HistoryConfig(max_length=2)
+    ).collect()
+    got = out.select(
+        "impression_id", "hist_item_ids", "hist_category_ids", "user_clicks_1d", "user_clicks_7d"
+    )
     expected = pl.DataFrame(
         {
             "impression_id": list(range(1, 15)),
             # Impressions 1-3 are the first page view: its own clicks (items 100, 101) are not history.
-            "hist_item_ids": [[], [], [], [100, 101], [100, 101], [], [], [101, 103], [], [102], [103, 104], [102],
-                              [104, 102], []],
-            "hist_category_ids": [[], [], [], [1, 1], [1, 1], [], [], [1, 2], [], [2], [2, 3], [2], [3, 2], []],
+            "hist_item_ids": [
+                [],
+                [],
+                [],
+                [100, 101],
+                [100, 101],
+                [],
+                [],
+                [101, 103],
+                [],
+                [102],
+                [103, 104],
+                [102],
+                [104, 102],
+                [],
+            ],
+            "hist_category_ids": [
+                [],
+                [],
+                [],
+                [1, 1],
+                [1, 1],
+                [],
+                [],
+                [1, 2],
+                [],
+                [2],
+                [2, 3],
+                [2],
+                [3, 2],
+                [],
+            ],
             # Impression 4 (day 1, 12:00) sees the clicks of day 0, 09:00, which are 27 h old: not in 1 day.
             "user_clicks_1d": [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
             "user_clicks_7d": [0, 0, 0, 2, 2, 0, 0, 3, 0, 1, 4, 1, 3, 0],
@@ -89,7 +124,9 @@ def test_appending_later_events_leaves_earlier_features_unchanged(impressions, u
         [(100 + i, 100 + i, at(9, 11 + i), 10, 100 + i % 4, 1, 1, i % 2) for i in range(6)]
         + [(200, 200, at(12), 20, 101, 1, 1, 0)]
     )
-    before = apply(spec, derive_ecommerce(impressions.lazy(), users.lazy(), items.lazy(), cfg.history)).collect()
+    before = apply(
+        spec, derive_ecommerce(impressions.lazy(), users.lazy(), items.lazy(), cfg.history)
+    ).collect()
     appended = pl.concat([impressions, later])
     after = apply(spec, derive_ecommerce(appended.lazy(), users.lazy(), items.lazy(), cfg.history)).collect()
     after = after.filter(pl.col("impression_id").is_in(impressions["impression_id"].implode()))
@@ -100,8 +137,9 @@ def test_training_and_scoring_paths_give_identical_features(impressions, users, 
     cfg = tiny_config()
     spec, train = build(cfg, tables(impressions, users, items), tmp_path / "train", progress=False)
     scoring_rows = impressions.filter(pl.col("impression_id") >= 9).drop("click", "purchase")
-    scored = transform(spec, tables(scoring_rows, users, items, history=impressions), tmp_path / "score",
-                       progress=False)
+    scored = transform(
+        spec, tables(scoring_rows, users, items, history=impressions), tmp_path / "score", progress=False
+    )
     assert scored.rows == {"all": 6}
     as_scoring = pl.read_parquet(tmp_path / "score" / "all").sort("impression_id")
     as_training = (
@@ -125,10 +163,18 @@ def test_vocabulary_hashing_and_out_of_vocabulary(impressions, users, items, tmp
     assert spec.fitted["hist_items"]["num_embeddings"] == 6
     assert spec.fitted["city_id"]["vocab"] == ["paris", "lyon"]
     frame = pl.DataFrame(
-        {"item_id": [100, 103, 999, None], "user_id": [10, 10, 20, None], "category_id": [1, 3, 9, None],
-         "city": ["lyon", "paris", "rome", None], "hist_item_ids": [[100, 999], [], None, [103]],
-         "hist_category_ids": [[1], [2, 3], [], None], "price": [10.0, None, float("nan"), 1.0],
-         "rating": [4.5, None, 3.0, 5.0], "user_clicks_7d": [0, 1, 2, 3], "impression_id": [1, 2, 3, 4]},
+        {
+            "item_id": [100, 103, 999, None],
+            "user_id": [10, 10, 20, None],
+            "category_id": [1, 3, 9, None],
+            "city": ["lyon", "paris", "rome", None],
+            "hist_item_ids": [[100, 999], [], None, [103]],
+            "hist_category_ids": [[1], [2, 3], [], None],
+            "price": [10.0, None, float("nan"), 1.0],
+            "rating": [4.5, None, 3.0, 5.0],
+            "user_clicks_7d": [0, 1, 2, 3],
+            "impression_id": [1, 2, 3, 4],
+        },
         schema_overrides={"rating": pl.Float32},
     )
     out = apply(spec, frame.lazy(), labels=False).collect()
@@ -141,8 +187,9 @@ def test_vocabulary_hashing_and_out_of_vocabulary(impressions, users, items, tmp
     # Nulls and NaNs are filled with the training mean, which standardizes to ~0.
     price = spec.fitted["price_z"]
     assert price["fill_value"] == pytest.approx(items.join(impressions.head(8), on="item_id")["price"].mean())
-    assert out["price_z"][1] == pytest.approx((math.log1p(price["fill_value"]) - price["steps"][1]["mean"])
-                                              / price["steps"][1]["std"], rel=1e-5)
+    assert out["price_z"][1] == pytest.approx(
+        (math.log1p(price["fill_value"]) - price["steps"][1]["mean"]) / price["steps"][1]["std"], rel=1e-5
+    )
     assert out["price_z"][1] == out["price_z"][2]
     assert out["clicks_7d"].to_list() == pytest.approx([math.log1p(v) for v in (0, 1, 2, 3)])
     assert out.schema["item"] == pl.Int64 and out.schema["price_z"] == pl.Float32
@@ -150,17 +197,42 @@ def test_vocabulary_hashing_and_out_of_vocabulary(impressions, users, items, tmp
 
 
 def test_numeric_transforms_golden_values():
-    train = pl.DataFrame({"x": [1.0, 2.0, 3.0, 4.0, None], "g": ["a", "a", "b", "b", "b"], "y": [0, 1, 0, 1, 0]})
-    cfg = FeatureConfig.from_dict({
-        "name": "num", "source": "flat", "split": {"method": "hash"}, "labels": [{"name": "y"}],
-        "features": [
-            {"name": "z", "source": "x", "kind": "numeric", "fill_null": "zero", "transforms": ["standardize"]},
-            {"name": "b", "source": "x", "kind": "numeric", "transforms": ["bucketize"], "boundaries": [2, 3.5]},
-            {"name": "q", "source": "x", "kind": "numeric", "fill_null": "median", "transforms": ["bucketize"],
-             "num_buckets": 2},
-            {"name": "r", "source": "x", "kind": "numeric", "relative_to": "g"},
-        ],
-    })
+    train = pl.DataFrame(
+        {"x": [1.0, 2.0, 3.0, 4.0, None], "g": ["a", "a", "b", "b", "b"], "y": [0, 1, 0, 1, 0]}
+    )
+    cfg = FeatureConfig.from_dict(
+        {
+            "name": "num",
+            "source": "flat",
+            "split": {"method": "hash"},
+            "labels": [{"name": "y"}],
+            "features": [
+                {
+                    "name": "z",
+                    "source": "x",
+                    "kind": "numeric",
+                    "fill_null": "zero",
+                    "transforms": ["standardize"],
+                },
+                {
+                    "name": "b",
+                    "source": "x",
+                    "kind": "numeric",
+                    "transforms": ["bucketize"],
+                    "boundaries": [2, 3.5],
+                },
+                {
+                    "name": "q",
+                    "source": "x",
+                    "kind": "numeric",
+                    "fill_null": "median",
+                    "transforms": ["bucketize"],
+                    "num_buckets": 2,
+                },
+                {"name": "r", "source": "x", "kind": "numeric", "relative_to": "g"},
+            ],
+        }
+    )
     spec = fit(cfg, train, {"method": "hash"})
     out = apply(spec, train.lazy()).collect()
     filled = [1.0, 2.0, 3.0, 4.0, 0.0]
@@ -182,8 +254,14 @@ def test_spec_round_trip_hash_and_tamper_detection(impressions, users, items, tm
     path = spec.save(tmp_path / "spec.json")
     loaded = FeatureSpec.load(path)
     assert loaded.content_hash == spec.content_hash
-    assert loaded.sparse_features() == {"item": 6, "user": 51, "category": 4, "city_id": 3, "hist_items": 6,
-                                        "hist_cats": 3}
+    assert loaded.sparse_features() == {
+        "item": 6,
+        "user": 51,
+        "category": 4,
+        "city_id": 3,
+        "hist_items": 6,
+        "hist_cats": 3,
+    }
     assert loaded.dense_features() == ["price_z", "rating_z", "clicks_7d"]
     body = json.loads(path.read_text())
     body["fitted"]["item"]["vocab"][0] = 12345
@@ -230,14 +308,22 @@ def test_bad_input_fails_before_any_output(impressions, users, items, tmp_path):
     [
         ({"source": "sql"}, r"config\.source: expected one of \['ecommerce', 'flat'\], got 'sql'"),
         ({"features": [{"name": "a", "kind": "embedding"}]}, r"features\[a\]\.kind: .* got 'embedding'"),
-        ({"features": [{"name": "a", "kind": "numeric", "transforms": ["sqrt"]}]},
-         r"features\[a\]\.transforms: .* got 'sqrt'"),
-        ({"features": [{"name": "a", "kind": "categorical", "min_count": 0}]},
-         r"features\[a\]\.min_count: expected an integer >= 1, got 0"),
-        ({"features": [{"name": "a", "kind": "numeric", "transforms": ["bucketize", "log1p"]}]},
-         r"features\[a\]\.transforms: bucketize must be the last"),
-        ({"features": [{"name": "a", "source": "click", "kind": "categorical"}]},
-         r"features\[a\]\.source: a feature may not read a label column, got 'click'"),
+        (
+            {"features": [{"name": "a", "kind": "numeric", "transforms": ["sqrt"]}]},
+            r"features\[a\]\.transforms: .* got 'sqrt'",
+        ),
+        (
+            {"features": [{"name": "a", "kind": "categorical", "min_count": 0}]},
+            r"features\[a\]\.min_count: expected an integer >= 1, got 0",
+        ),
+        (
+            {"features": [{"name": "a", "kind": "numeric", "transforms": ["bucketize", "log1p"]}]},
+            r"features\[a\]\.transforms: bucketize must be the last",
+        ),
+        (
+            {"features": [{"name": "a", "source": "click", "kind": "categorical"}]},
+            r"features\[a\]\.source: a feature may not read a label column, got 'click'",
+        ),
         ({"features": [{"name": "a", "kind": "categorical", "colour": 1}]}, r"features\[0\]: unknown field"),
         ({"split": {"method": "hash"}}, r"split\.method: ecommerce data is split by time, got 'hash'"),
         ({"split": {"validation_fraction": 1.5}}, r"split\.validation_fraction: .* got 1\.5"),
@@ -281,10 +367,28 @@ def test_flat_table_missing_column_is_named(tmp_path):
 
 
 def test_cli_help_and_errors(tmp_path):
-    run = subprocess.run([sys.executable, "-m", "pipelines.features", "build", "--help"], cwd=ROOT,
-                         capture_output=True, text=True)
+    run = subprocess.run(
+        [sys.executable, "-m", "pipelines.features", "build", "--help"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     assert run.returncode == 0 and "--config" in run.stdout
-    run = subprocess.run([sys.executable, "-m", "pipelines.features", "build", "--config", "census_group1",
-                          "--table", str(tmp_path / "missing.csv"), "--out", str(tmp_path / "o")], cwd=ROOT,
-                         capture_output=True, text=True)
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pipelines.features",
+            "build",
+            "--config",
+            "census_group1",
+            "--table",
+            str(tmp_path / "missing.csv"),
+            "--out",
+            str(tmp_path / "o"),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     assert run.returncode == 2 and "no input files" in run.stderr
