@@ -12,7 +12,7 @@ from polars.testing import assert_frame_equal
 
 from features.config import FeatureConfig, HistoryConfig, builtin_config
 from features.contract import ContractError
-from features.derive import derive_ecommerce
+from features.derive import derive_ecommerce, derive_ecommerce_indexed
 from features.pipeline import Tables, build, fit_spec, scan_table, transform
 from features.spec import FeatureSpec, apply, fit
 
@@ -131,6 +131,15 @@ def test_appending_later_events_leaves_earlier_features_unchanged(impressions, u
     after = apply(spec, derive_ecommerce(appended.lazy(), users.lazy(), items.lazy(), cfg.history)).collect()
     after = after.filter(pl.col("impression_id").is_in(impressions["impression_id"].implode()))
     assert_frame_equal(before, after)
+
+
+def test_history_kept_per_state_gives_the_same_output_as_per_row_lists(impressions, users, items):
+    cfg = tiny_config()
+    spec = fit_spec(cfg, tables(impressions, users, items))
+    per_row = apply(spec, derive_ecommerce(impressions.lazy(), users.lazy(), items.lazy(), cfg.history))
+    rows, lists = derive_ecommerce_indexed(impressions.lazy(), users.lazy(), items.lazy(), cfg.history)
+    assert "hist_item_ids" not in rows.collect_schema().names()
+    assert_frame_equal(per_row.collect(), apply(spec, rows, lists=lists).collect())
 
 
 def test_training_and_scoring_paths_give_identical_features(impressions, users, items, tmp_path):
