@@ -1,0 +1,331 @@
+"""Model configuration: typed dataclasses loaded from YAML and validated on construction.
+
+A model config says how the inputs of a :class:`~features.spec.FeatureSpec` are embedded, which
+multi-task architecture mixes them, how its gates route, and which tasks it predicts:
+
+* ``embedding``: the embedding dimension, the pooling of multi-hot bags and which features share tables;
+* ``arch``: ``mmoe``, ``ple`` (``num_levels: 1`` is CGC), ``shared_bottom`` or ``single_task``;
+* ``gate``: ``softmax`` (dense, as in MMoE) or ``noisy_topk`` (Shazeer et al. 2017), with the
+  load-balancing loss weight and the capacity-limited dispatch mode;
+* ``tasks``: ``binary`` or ``regression`` heads with loss weights; ``given: other_task`` makes a binary
+  task entire-space (ESMM): its tower models p(task | other) and the model outputs p(other and task).
+
+A bad value raises ``ValueError`` whose message names the field and the value.
+
+Example:
+    >>> cfg = ModelConfig.from_dict({
+    ...     "tasks": [{"name": "click"}, {"name": "purchase", "given": "click"}],
+    ...     "arch": {"type": "mmoe", "num_experts": 4, "expert_hidden": [32]},
+    ... })
+    >>> cfg.arch.num_experts, cfg.tasks[1].label
+    (4, 'purchase')
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+POOLINGS = ("sum", "mean")
+ARCHS = ("mmoe", "ple", "shared_bottom", "single_task")
+GATES = ("softmax", "noisy_topk")
+OVERFLOWS = ("fallback", "drop")
+TASK_KINDS = ("binary", "regression")
+
+
+def _fail(where: str, field_name: str, value: Any, expected: str) -> ValueError:
+    return ValueError(f"{where}.{field_name}: {expected}, got {value!r}")
+
+
+def _from_dict(cls: type, data: Any, where: str) -> Any:
+    """Builds dataclass ``cls`` from ``data``, rejecting unknown keys by name."""
+    if not isinstance(data, dict):
+        raise ValueError(f"{where}: expected a mapping, got {data!r}")
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(f"{where}: unknown field(s) {unknown}; known fields are {sorted(known)}")
+    return cls(**data)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_int(where: str, name: str, value: Any, minimum: int) -> None:
+    if not _is_int(value) or value < minimum:
+        raise _fail(where, name, value, f"expected an integer >= {minimum}")
+
+
+def _check_sizes(where: str, name: str, value: Any, allow_empty: bool) -> tuple[int, ...]:
+    if not isinstance(value, list | tuple) or (not value and not allow_empty):
+        raise _fail(
+            where, name, value, "expected a list of layer sizes" + ("" if allow_empty else " (non-empty)")
+        )
+    if not all(_is_int(v) and v >= 1 for v in value):
+        raise _fail(where, name, list(value), "expected layer sizes that are integers >= 1")
+    return tuple(value)
+
+
+@dataclass(frozen=True)
+class EmbeddingConfig:
+    """How sparse features are embedded.
+
+    Attributes:
+        dim: embedding dimension of every table.
+        pooling: ``sum`` or ``mean`` over the ids of a bag (a single id pools to itself either way; an
+            empty bag pools to zeros).
+        share_vocab_tables: a multi-hot feature with ``vocab_of: other`` looks up ``other``'s table
+            (history items share the item embeddings).
+        shared_tables: further groups of features that share one table; each group's features must have
+            the same number of embeddings.
+    """
+
+    dim: int = 16
+    pooling: str = "mean"
+    share_vocab_tables: bool = True
+    shared_tables: tuple[tuple[str, ...], ...] = ()
+
+    def __post_init__(self) -> None:
+        where = "model.embedding"
+        _check_int(where, "dim", self.dim, 1)
+        if self.pooling not in POOLINGS:
+            raise _fail(where, "pooling", self.pooling, f"expected one of {list(POOLINGS)}")
+        if not isinstance(self.share_vocab_tables, bool):
+            raise _fail(where, "share_vocab_tables", self.share_vocab_tables, "expected true or false")
+        groups = self.shared_tables
+        if not isinstance(groups, list | tuple) or not all(
+            isinstance(g, list | tuple) and len(g) >= 2 and all(isinstance(n, str) for n in g) for g in groups
+        ):
+            raise _fail(where, "shared_tables", groups, "expected a list of lists of >= 2 feature names")
+        object.__setattr__(self, "shared_tables", tuple(tuple(g) for g in groups))
+        seen = [n for g in self.shared_tables for n in g]
+        if len(seen) != len(set(seen)):
+            raise _fail(
+                where, "shared_tables", [list(g) for g in groups], "a feature may be in one group only"
+            )
+
+
+@dataclass(frozen=True)
+class TaskConfig:
+    """One prediction task.
+
+    Attributes:
+        name: the task's name: the key of its logit and of its loss.
+        kind: ``binary`` (BCE on the logit) or ``regression`` (MSE on the output).
+        label: the label column (defaults to ``name``).
+        weight: the task's weight in the total loss.
+        given: entire-space (ESMM) conditioning on another binary task: this task's tower models
+            p(task | given), the model's logit for the task is that of p(given) * p(task | given), and
+            its training label is label * given's label, on all rows (no sample-selection bias).
+    """
+
+    name: str
+    kind: str = "binary"
+    label: str = ""
+    weight: float = 1.0
+    given: str = ""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name:
+            raise _fail("model.tasks", "name", self.name, "expected a non-empty string")
+        where = f"model.tasks[{self.name}]"
+        if self.kind not in TASK_KINDS:
+            raise _fail(where, "kind", self.kind, f"expected one of {list(TASK_KINDS)}")
+        if not self.label:
+            object.__setattr__(self, "label", self.name)
+        if not _is_number(self.weight) or self.weight < 0:
+            raise _fail(where, "weight", self.weight, "expected a number >= 0")
+        if not isinstance(self.given, str):
+            raise _fail(where, "given", self.given, "expected a task name")
+        if self.given and self.kind != "binary":
+            raise _fail(where, "given", self.given, "entire-space conditioning needs kind 'binary'")
+        if self.given == self.name:
+            raise _fail(where, "given", self.given, "a task cannot be conditioned on itself")
+
+
+@dataclass(frozen=True)
+class GateConfig:
+    """How gates mix experts (MMoE and PLE only).
+
+    Attributes:
+        type: ``softmax`` (dense: every expert, softmax weights) or ``noisy_topk`` (Shazeer et al. 2017:
+            trainable Gaussian noise while training, the k best experts, weights renormalized over them).
+        k: noisy_topk: experts per row.
+        temperature: logits are divided by it before softmax and top-k (< 1 sharpens, > 1 flattens).
+        noise: noisy_topk: add the trainable noise while training.
+        load_balance_weight: weight of the auxiliary load-balancing loss (Switch Transformer form,
+            E * sum_e fraction_routed_e * mean_gate_prob_e, averaged over gates); 0 turns it off.
+        dispatch: noisy_topk: compute only the selected experts, each on at most
+            ``capacity_factor * B * k / E`` rows per gate, instead of every expert on every row.
+        capacity_factor: dispatch: the capacity's slack over a perfectly balanced load.
+        overflow: dispatch: a row over an expert's capacity goes to its next-best expert with room
+            (``fallback``) or goes on without that expert (``drop``, as Switch Transformer).
+    """
+
+    type: str = "softmax"
+    k: int = 2
+    temperature: float = 1.0
+    noise: bool = True
+    load_balance_weight: float = 0.0
+    dispatch: bool = False
+    capacity_factor: float = 1.25
+    overflow: str = "fallback"
+
+    def __post_init__(self) -> None:
+        where = "model.gate"
+        if self.type not in GATES:
+            raise _fail(where, "type", self.type, f"expected one of {list(GATES)}")
+        _check_int(where, "k", self.k, 1)
+        if not _is_number(self.temperature) or self.temperature <= 0:
+            raise _fail(where, "temperature", self.temperature, "expected a number > 0")
+        for name in ("noise", "dispatch"):
+            if not isinstance(getattr(self, name), bool):
+                raise _fail(where, name, getattr(self, name), "expected true or false")
+        if not _is_number(self.load_balance_weight) or self.load_balance_weight < 0:
+            raise _fail(where, "load_balance_weight", self.load_balance_weight, "expected a number >= 0")
+        if not _is_number(self.capacity_factor) or self.capacity_factor <= 0:
+            raise _fail(where, "capacity_factor", self.capacity_factor, "expected a number > 0")
+        if self.overflow not in OVERFLOWS:
+            raise _fail(where, "overflow", self.overflow, f"expected one of {list(OVERFLOWS)}")
+        if self.dispatch and self.type != "noisy_topk":
+            raise _fail(where, "dispatch", self.dispatch, "dispatch needs type 'noisy_topk'")
+
+
+@dataclass(frozen=True)
+class ArchConfig:
+    """The multi-task architecture between the embeddings and the task towers.
+
+    Attributes:
+        type: ``mmoe`` (shared experts, one gate per task), ``ple`` (shared and task-specific experts in
+            ``num_levels`` extraction levels; 1 level is CGC), ``shared_bottom`` (one MLP for all tasks)
+            or ``single_task`` (one MLP per task; the tasks share only the embeddings).
+        num_experts: mmoe: number of shared experts.
+        num_shared_experts: ple: shared experts per level.
+        num_task_experts: ple: experts per task per level.
+        num_levels: ple: extraction levels.
+        expert_hidden: layer sizes of each expert (of the bottom MLP for shared_bottom and single_task).
+        tower_hidden: hidden layer sizes of each task tower (a final linear layer gives the logit).
+        dropout: dropout after every hidden activation while training.
+    """
+
+    type: str = "mmoe"
+    num_experts: int = 8
+    num_shared_experts: int = 2
+    num_task_experts: int = 2
+    num_levels: int = 1
+    expert_hidden: tuple[int, ...] = (256, 128)
+    tower_hidden: tuple[int, ...] = (64,)
+    dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        where = "model.arch"
+        if self.type not in ARCHS:
+            raise _fail(where, "type", self.type, f"expected one of {list(ARCHS)}")
+        _check_int(where, "num_experts", self.num_experts, 1)
+        _check_int(where, "num_shared_experts", self.num_shared_experts, 0)
+        _check_int(where, "num_task_experts", self.num_task_experts, 0)
+        _check_int(where, "num_levels", self.num_levels, 1)
+        if self.type == "ple" and self.num_shared_experts + self.num_task_experts == 0:
+            raise _fail(
+                where, "num_task_experts", self.num_task_experts, "ple needs at least one expert per gate"
+            )
+        object.__setattr__(
+            self, "expert_hidden", _check_sizes(where, "expert_hidden", self.expert_hidden, False)
+        )
+        object.__setattr__(self, "tower_hidden", _check_sizes(where, "tower_hidden", self.tower_hidden, True))
+        if not _is_number(self.dropout) or not 0 <= self.dropout < 1:
+            raise _fail(where, "dropout", self.dropout, "expected a number in [0, 1)")
+
+    def experts_per_gate(self) -> int:
+        """The fewest experts any gate mixes (the bound on top-k's k)."""
+        if self.type == "ple":
+            return self.num_shared_experts + self.num_task_experts
+        return self.num_experts
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """A ranking model: embeddings, multi-task architecture, gates and tasks.
+
+    Attributes:
+        tasks: the tasks, in output order.
+        embedding: the sparse embedding config.
+        arch: the multi-task architecture.
+        gate: the gates (MMoE and PLE).
+    """
+
+    tasks: tuple[TaskConfig, ...]
+    embedding: EmbeddingConfig = field(default_factory=EmbeddingConfig)
+    arch: ArchConfig = field(default_factory=ArchConfig)
+    gate: GateConfig = field(default_factory=GateConfig)
+
+    def __post_init__(self) -> None:
+        where = "model"
+        if not self.tasks:
+            raise _fail(where, "tasks", self.tasks, "expected at least one task")
+        names = [t.name for t in self.tasks]
+        if len(names) != len(set(names)):
+            raise _fail(where, "tasks", names, "task names must be unique")
+        by_name = {t.name: t for t in self.tasks}
+        for t in self.tasks:
+            if not t.given:
+                continue
+            parent = by_name.get(t.given)
+            if parent is None:
+                raise _fail(f"model.tasks[{t.name}]", "given", t.given, f"expected one of the tasks {names}")
+            if parent.kind != "binary" or parent.given:
+                raise _fail(
+                    f"model.tasks[{t.name}]",
+                    "given",
+                    t.given,
+                    "the conditioning task must be binary and not conditioned itself",
+                )
+        if self.arch.type in ("mmoe", "ple") and self.gate.type == "noisy_topk":
+            n = self.arch.experts_per_gate()
+            if self.gate.k > n:
+                raise _fail("model.gate", "k", self.gate.k, f"expected at most the {n} experts of a gate")
+
+    @classmethod
+    def from_dict(cls, data: Any) -> ModelConfig:
+        """Builds a config from plain data (as loaded from YAML)."""
+        if not isinstance(data, dict):
+            raise ValueError(f"model: expected a mapping, got {data!r}")
+        data = dict(data)
+        if "tasks" not in data:
+            raise ValueError("model.tasks: missing required field")
+        if not isinstance(data["tasks"], list | tuple):
+            raise _fail("model", "tasks", data["tasks"], "expected a list of tasks")
+        data["tasks"] = tuple(
+            _from_dict(TaskConfig, t, f"model.tasks[{i}]") for i, t in enumerate(data["tasks"])
+        )
+        data["embedding"] = _from_dict(EmbeddingConfig, data.get("embedding") or {}, "model.embedding")
+        data["arch"] = _from_dict(ArchConfig, data.get("arch") or {}, "model.arch")
+        data["gate"] = _from_dict(GateConfig, data.get("gate") or {}, "model.gate")
+        return _from_dict(cls, data, "model")
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> ModelConfig:
+        """Loads and validates a YAML model config."""
+        with open(path) as fh:
+            return cls.from_dict(yaml.safe_load(fh))
+
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+
+
+def builtin_config(name: str) -> Path:
+    """Path of a model config shipped with the package (``ecommerce_mmoe``, ``benchmark_mmoe``, ...)."""
+    path = CONFIG_DIR / f"{name}.yaml"
+    if not path.exists():
+        shipped = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+        raise ValueError(f"model config: no shipped config {name!r}; shipped configs are {shipped}")
+    return path

@@ -1,0 +1,114 @@
+"""The sparse part of the model: TorchRec embedding tables pooled per feature.
+
+Example:
+    >>> from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+    >>> from recsys.data import FeatureLayout, SparseFeature
+    >>> layout = FeatureLayout(sparse=(SparseFeature("item", 10),
+    ...                                SparseFeature("hist", 10, multi_hot=True, table="item")))
+    >>> arch = SparseArch(embedding_bag_collection(layout, dim=4, pooling="mean"), layout.keys)
+    >>> kjt = KeyedJaggedTensor(keys=["item", "hist"], values=torch.tensor([3, 4, 1, 2]),
+    ...                         lengths=torch.tensor([1, 1, 2, 0]))
+    >>> arch(kjt).shape  # (B, F, D)
+    torch.Size([2, 2, 4])
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
+from torchrec.modules.embedding_modules import EmbeddingBagCollection
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from recsys.data import FeatureLayout
+
+_POOLING = {"sum": PoolingType.SUM, "mean": PoolingType.MEAN}
+
+
+def embedding_bag_collection(
+    layout: FeatureLayout, dim: int, pooling: str = "mean", device: torch.device | None = None
+) -> EmbeddingBagCollection:
+    """One TorchRec table per table of the layout (shared tables are looked up by several features).
+
+    Args:
+        layout: the feature layout; its ``tables`` give each table's size and features.
+        dim: the embedding dimension of every table.
+        pooling: ``sum`` or ``mean`` over a bag's ids.
+        device: where to allocate the tables (``meta`` to defer, for sharding).
+    """
+    if pooling not in _POOLING:
+        raise ValueError(f"model.embedding.pooling: expected one of {list(_POOLING)}, got {pooling!r}")
+    tables = [
+        EmbeddingBagConfig(
+            name=f"t_{table}",
+            embedding_dim=dim,
+            num_embeddings=size,
+            feature_names=list(features),
+            pooling=_POOLING[pooling],
+        )
+        for table, (size, features) in layout.tables.items()
+    ]
+    return EmbeddingBagCollection(tables=tables, device=device)
+
+
+class SparseArch(nn.Module):
+    """Pools the embeddings of every sparse feature and stacks them in layout key order.
+
+    Args:
+        embedding_bag_collection: the tables; all of one embedding dimension.
+        keys: the feature order of the output (the layout's keys).
+    """
+
+    def __init__(self, embedding_bag_collection: EmbeddingBagCollection, keys: list[str]) -> None:
+        super().__init__()
+        self.embedding_bag_collection = embedding_bag_collection
+        configs = embedding_bag_collection.embedding_bag_configs()
+        dims = {c.embedding_dim for c in configs}
+        if len(dims) != 1:
+            raise ValueError(f"model.embedding.dim: every table needs one dimension, got {sorted(dims)}")
+        self.dim = dims.pop()
+        self.keys = list(keys)
+        # The collection outputs features grouped by table; a fixed permutation restores the layout order.
+        produced = [name for c in configs for name in c.feature_names]
+        if sorted(produced) != sorted(self.keys):
+            raise ValueError(
+                f"model.embedding: the tables' features {produced} differ from the keys {self.keys}"
+            )
+        order = [produced.index(k) for k in self.keys]
+        self.identity_order = order == list(range(len(order)))
+        self.register_buffer("order", torch.tensor(order, dtype=torch.int64), persistent=False)
+
+    @property
+    def num_features(self) -> int:
+        """F, the number of pooled features."""
+        return len(self.keys)
+
+    def forward(self, features: KeyedJaggedTensor) -> torch.Tensor:
+        """Pooled embeddings.
+
+        Args:
+            features: ids of every key, ``B`` bags per key.
+
+        Returns:
+            ``(B, F, D)`` pooled embeddings, features in key order.
+        """
+        pooled = self.embedding_bag_collection(features).values()  # (B, F * D), table order
+        pooled = pooled.view(pooled.size(0), self.num_features, self.dim)  # (B, F, D)
+        if self.identity_order:
+            return pooled
+        return pooled.index_select(1, self.order)
+
+
+def enable_sparse_gradients(embedding_bag_collection: EmbeddingBagCollection) -> list[nn.Parameter]:
+    """Makes the tables produce sparse gradients (rows touched by the batch only) and returns their weights.
+
+    Use with an optimizer for sparse gradients (``torch.optim.SparseAdam``, ``Adagrad``) on these
+    parameters, and a dense optimizer on the rest: a dense Adam step on a 200k-row table costs more
+    than the whole forward pass. Sharded training (DistributedModelParallel) uses TorchRec's fused
+    optimizers instead.
+    """
+    params = []
+    for bag in embedding_bag_collection.embedding_bags.values():
+        bag.sparse = True
+        params.append(bag.weight)
+    return params

@@ -1,0 +1,246 @@
+"""The ranking model: sparse arch, multi-task arch and task towers, returning per-task logits.
+
+:class:`RankingModel` is pure: it returns ``(logits, stats)`` and computes no loss (the training wrapper
+is :class:`recsys.losses.RankingTrain`, as TorchRec's ``DLRM`` / ``DLRMTrain``). :func:`build_model` is the
+adapter from a :class:`~recsys.config.ModelConfig` and a :class:`~recsys.data.FeatureLayout` to modules.
+
+For batch scoring, :func:`export_model` gives a ``torch.export`` program of the whole unsharded model,
+embedding lookups included, taking ``(dense, values, lengths)``: plain tensors with a dynamic batch size,
+that can be saved with ``torch.export.save`` and run without this package's Python classes.
+``torch.export`` rather than ``torch.jit.script``: TorchScript is deprecated in PyTorch and would restrict
+this code to its Python subset, whereas non-strict export traces the eager code as written, including
+TorchRec's ``EmbeddingBagCollection`` on CPU.
+
+Example:
+    >>> from recsys.config import ModelConfig
+    >>> from recsys.data import FeatureLayout, SparseFeature
+    >>> from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+    >>> layout = FeatureLayout(sparse=(SparseFeature("item", 10),), dense=("price",), labels=("click",))
+    >>> cfg = ModelConfig.from_dict({"tasks": [{"name": "click"}], "embedding": {"dim": 4},
+    ...                              "arch": {"num_experts": 2, "expert_hidden": [8], "tower_hidden": []}})
+    >>> model = build_model(cfg, layout)
+    >>> kjt = KeyedJaggedTensor(keys=["item"], values=torch.tensor([1, 2]), lengths=torch.tensor([1, 1]))
+    >>> logits, stats = model(torch.zeros(2, 1), kjt)
+    >>> logits["click"].shape
+    torch.Size([2])
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from recsys.config import ModelConfig
+from recsys.data import Batch, FeatureLayout
+from recsys.embedding import SparseArch, embedding_bag_collection
+from recsys.experts import MLP
+from recsys.gates import NoisyTopKGate, SoftmaxGate
+from recsys.multitask import PLE, GatedExperts, MMoE, SharedBottom, SingleTask
+
+_LN2 = math.log(2.0)
+
+
+def entire_space_logit(parent: torch.Tensor, conditional: torch.Tensor) -> torch.Tensor:
+    """The logit of ``sigmoid(parent) * sigmoid(conditional)``, computed in log space (ESMM).
+
+    Args:
+        parent: ``(B,)`` logits of p(parent), e.g. p(click).
+        conditional: ``(B,)`` logits of p(task | parent), e.g. p(purchase | click).
+
+    Returns:
+        ``(B,)`` logits of p(parent and task); its sigmoid never exceeds ``sigmoid(parent)``.
+    """
+    # log p < 0 strictly, so that log(1 - p) stays finite even when both probabilities round to 1.
+    log_p = (F.logsigmoid(parent) + F.logsigmoid(conditional)).clamp(max=-1e-30)
+    # log(1 - exp(x)) by the stable branch for each range (Maechler 2012); both branches get safe inputs so
+    # that the unused one cannot put NaN into the gradient.
+    near_zero = torch.log(-torch.expm1(log_p.clamp(min=-_LN2)))
+    far = torch.log1p(-torch.exp(log_p.clamp(max=-_LN2)))
+    return log_p - torch.where(log_p > -_LN2, near_zero, far)
+
+
+class Tower(nn.Module):
+    """A task head: an MLP and a final linear layer to one output.
+
+    Args:
+        in_dim: the representation size.
+        hidden: hidden layer sizes (may be empty).
+        dropout: dropout after each hidden activation.
+    """
+
+    def __init__(self, in_dim: int, hidden: Sequence[int], dropout: float = 0.0) -> None:
+        super().__init__()
+        self.mlp = MLP(in_dim, hidden, dropout)
+        self.out = nn.Linear(self.mlp.out_dim, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, H)`` -> ``(B,)`` logit (or regression output)."""
+        return self.out(self.mlp(x)).squeeze(-1)
+
+
+class RankingModel(nn.Module):
+    """Embeddings, a multi-task architecture and one tower per task.
+
+    The multi-task architecture reads the pooled embeddings of every sparse feature and the dense
+    features, concatenated: ``(B, F * D + n_dense)``.
+
+    Args:
+        sparse_arch: pools the sparse features to ``(B, F, D)``.
+        multitask: maps ``(B, F * D + n_dense)`` to one representation per task and statistics.
+        towers: one tower per task, in task order.
+        given: entire-space (ESMM) tasks: task -> the binary task it is conditioned on.
+
+    Returns of ``forward``: ``(logits, stats)``. ``logits[task]`` is ``(B,)``; for an entire-space task it is
+    the logit of p(given and task), and ``logits[f"{task}_given_{given}"]`` is the conditional tower's.
+    ``stats`` holds the routing statistics (``moe/...``; empty without gates), ``moe/aux_loss`` with gradient.
+    """
+
+    def __init__(
+        self, sparse_arch: SparseArch, multitask: nn.Module, towers: nn.ModuleDict, given: Mapping[str, str]
+    ) -> None:
+        super().__init__()
+        self.sparse_arch = sparse_arch
+        self.multitask = multitask
+        self.towers = towers
+        self.task_names = list(towers.keys())
+        self.given = dict(given)
+
+    def forward(
+        self, dense: torch.Tensor, sparse: KeyedJaggedTensor
+    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """Scores a batch.
+
+        Args:
+            dense: ``(B, n_dense)`` float features.
+            sparse: the id features, keys in layout order.
+
+        Returns:
+            ``(logits, stats)``, see the class docstring.
+        """
+        embedded = self.sparse_arch(sparse)  # (B, F, D)
+        x = torch.cat([embedded.flatten(1), dense], dim=1)  # (B, F * D + n_dense)
+        representations, stats = self.multitask(x)  # T x (B, H)
+        logits = {
+            name: tower(h) for (name, tower), h in zip(self.towers.items(), representations, strict=True)
+        }
+        for task, parent in self.given.items():
+            logits[f"{task}_given_{parent}"] = logits[task]
+            logits[task] = entire_space_logit(logits[parent], logits[task])
+        return logits, stats
+
+
+def build_model(config: ModelConfig, layout: FeatureLayout) -> RankingModel:
+    """Builds the model a config describes for the inputs of a layout.
+
+    Args:
+        config: the model config.
+        layout: the feature layout (its table sharing must come from ``config.embedding``).
+
+    Raises:
+        ValueError: a task's label is not among the layout's labels, or the layout has no sparse feature.
+    """
+    for task in config.tasks:
+        if layout.labels and task.label not in layout.labels:
+            raise ValueError(
+                f"model.tasks[{task.name}].label: expected one of the spec's labels "
+                f"{list(layout.labels)}, got {task.label!r}"
+            )
+    if not layout.sparse:
+        raise ValueError("layout.sparse: the model needs at least one sparse feature, got none")
+    emb, arch, gate = config.embedding, config.arch, config.gate
+    sparse_arch = SparseArch(embedding_bag_collection(layout, emb.dim, emb.pooling), layout.keys)
+    in_dim = len(layout.sparse) * emb.dim + len(layout.dense)
+    names = [t.name for t in config.tasks]
+
+    def make_gate(gate_in: int, num_experts: int) -> nn.Module:
+        if gate.type == "softmax":
+            return SoftmaxGate(gate_in, num_experts, gate.temperature)
+        return NoisyTopKGate(gate_in, num_experts, gate.k, gate.temperature, gate.noise)
+
+    # Dispatch settings; None computes every expert on every row.
+    routing = {"capacity_factor": gate.capacity_factor if gate.dispatch else None, "overflow": gate.overflow}
+    experts = {"expert_hidden": arch.expert_hidden, "make_gate": make_gate, "dropout": arch.dropout}
+    if arch.type == "mmoe":
+        multitask: nn.Module = MMoE(in_dim, names, num_experts=arch.num_experts, **experts, **routing)
+    elif arch.type == "ple":
+        multitask = PLE(
+            in_dim,
+            names,
+            num_shared_experts=arch.num_shared_experts,
+            num_task_experts=arch.num_task_experts,
+            num_levels=arch.num_levels,
+            **experts,
+            **routing,
+        )
+    elif arch.type == "shared_bottom":
+        multitask = SharedBottom(in_dim, len(names), arch.expert_hidden, arch.dropout)
+    else:
+        multitask = SingleTask(in_dim, len(names), arch.expert_hidden, arch.dropout)
+    towers = nn.ModuleDict({n: Tower(multitask.out_dim, arch.tower_hidden, arch.dropout) for n in names})
+    return RankingModel(sparse_arch, multitask, towers, {t.name: t.given for t in config.tasks if t.given})
+
+
+class FlatInputs(nn.Module):
+    """The model with its ``KeyedJaggedTensor`` input taken apart into plain tensors, for export.
+
+    Args:
+        model: the ranking model.
+        keys: the sparse keys, in layout order.
+    """
+
+    def __init__(self, model: RankingModel, keys: Sequence[str]) -> None:
+        super().__init__()
+        self.model = model
+        self.keys = list(keys)
+
+    def forward(
+        self, dense: torch.Tensor, values: torch.Tensor, lengths: torch.Tensor
+    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """Runs the model on a KJT rebuilt from its parts.
+
+        Args:
+            dense: ``(B, n_dense)``.
+            values: ``(N,)`` the ids of every key, key-major.
+            lengths: ``(F * B,)`` ids per (key, row).
+        """
+        return self.model(dense, KeyedJaggedTensor(keys=self.keys, values=values, lengths=lengths))
+
+
+def export_model(model: RankingModel, example: Batch) -> torch.export.ExportedProgram:
+    """Exports the model in eval mode for batch scoring, with a dynamic batch size.
+
+    The program takes ``(dense, values, lengths)`` = ``(batch.dense, batch.sparse.values(),
+    batch.sparse.lengths())`` and returns ``(logits, stats)`` as the eager model in eval mode. Save it
+    with ``torch.export.save`` and run ``torch.export.load(path).module()(dense, values, lengths)``.
+
+    Args:
+        model: the model (its training mode is restored afterwards).
+        example: a batch of at least 2 rows with the model's layout.
+
+    Raises:
+        ValueError: the model uses top-k dispatch (data-dependent routing that export cannot trace); export
+            a copy built with ``gate.dispatch: false``, which has the same parameters.
+    """
+    if any(isinstance(m, GatedExperts) and m.capacity_factor is not None for m in model.modules()):
+        raise ValueError("model.gate.dispatch: export traces the dense path only, got dispatch true")
+    keys = model.sparse_arch.keys
+    if example.sparse.keys() != keys:
+        raise ValueError(f"batch.sparse: expected keys {keys}, got {example.sparse.keys()}")
+    batch = torch.export.Dim("batch", min=1)
+    ids = torch.export.Dim("ids", min=1)
+    dynamic = {"dense": {0: batch}, "values": {0: ids}, "lengths": {0: len(keys) * batch}}
+    was_training = model.training
+    model.eval()
+    args = (example.dense, example.sparse.values(), example.sparse.lengths())
+    try:
+        # Size-oblivious reasoning for the batch size: without it, a view in TorchRec's KJT.to_dict makes
+        # export specialise on B != 1 and the program would refuse one-row batches.
+        with torch.fx.experimental._config.patch(backed_size_oblivious=True):
+            return torch.export.export(FlatInputs(model, keys), args, dynamic_shapes=dynamic, strict=False)
+    finally:
+        model.train(was_training)
