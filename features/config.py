@@ -38,11 +38,12 @@ TRANSFORMS = ("log1p", "standardize", "bucketize")
 SOURCES = ("ecommerce", "flat")
 
 
-def _fail(where: str, field_name: str, value: Any, expected: str) -> ValueError:
+def invalid(where: str, field_name: str, value: Any, expected: str) -> ValueError:
+    """The ValueError for a bad config value: ``where.field: expected ..., got value``."""
     return ValueError(f"{where}.{field_name}: {expected}, got {value!r}")
 
 
-def _from_dict(cls: type, data: dict[str, Any], where: str) -> Any:
+def from_mapping(cls: type, data: Any, where: str) -> Any:
     """Builds dataclass ``cls`` from ``data``, rejecting unknown keys by name."""
     if not isinstance(data, dict):
         raise ValueError(f"{where}: expected a mapping, got {data!r}")
@@ -74,16 +75,16 @@ class LabelConfig:
     def __post_init__(self) -> None:
         where = f"labels[{self.name}]"
         if not isinstance(self.name, str) or not self.name:
-            raise _fail("labels", "name", self.name, "expected a non-empty string")
+            raise invalid("labels", "name", self.name, "expected a non-empty string")
         if not self.column:
             object.__setattr__(self, "column", self.name)
         object.__setattr__(self, "positive_values", tuple(self.positive_values))
         if self.kind not in ("binary", "regression"):
-            raise _fail(where, "kind", self.kind, "expected 'binary' or 'regression'")
+            raise invalid(where, "kind", self.kind, "expected 'binary' or 'regression'")
         if self.kind == "regression" and (self.positive_values or self.positive_prefix):
-            raise _fail(where, "kind", self.kind, "positive_values/positive_prefix need kind 'binary'")
+            raise invalid(where, "kind", self.kind, "positive_values/positive_prefix need kind 'binary'")
         if self.positive_values and self.positive_prefix:
-            raise _fail(
+            raise invalid(
                 where, "positive_prefix", self.positive_prefix, "give positive_values or it, not both"
             )
 
@@ -127,9 +128,9 @@ class FeatureDef:
     def __post_init__(self) -> None:
         where = f"features[{self.name}]"
         if not isinstance(self.name, str) or not self.name:
-            raise _fail("features", "name", self.name, "expected a non-empty string")
+            raise invalid("features", "name", self.name, "expected a non-empty string")
         if self.kind not in FEATURE_KINDS:
-            raise _fail(where, "kind", self.kind, f"expected one of {list(FEATURE_KINDS)}")
+            raise invalid(where, "kind", self.kind, f"expected one of {list(FEATURE_KINDS)}")
         if not self.source:
             object.__setattr__(self, "source", self.name)
         object.__setattr__(self, "transforms", tuple(self.transforms))
@@ -137,43 +138,43 @@ class FeatureDef:
         for name in ("min_count", "max_size", "hash_buckets", "num_buckets", "max_length"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise _fail(where, name, value, "expected a non-negative integer")
+                raise invalid(where, name, value, "expected a non-negative integer")
         if self.min_count < 1:
-            raise _fail(where, "min_count", self.min_count, "expected an integer >= 1")
+            raise invalid(where, "min_count", self.min_count, "expected an integer >= 1")
         if self.kind == NUMERIC:
             self._check_numeric(where)
         else:
             for name in ("transforms", "relative_to", "boundaries", "num_buckets"):
                 if getattr(self, name):
-                    raise _fail(where, name, getattr(self, name), f"only numeric features take {name}")
+                    raise invalid(where, name, getattr(self, name), f"only numeric features take {name}")
             if self.hash_buckets and self.vocab_of:
-                raise _fail(where, "vocab_of", self.vocab_of, "give hash_buckets or vocab_of, not both")
+                raise invalid(where, "vocab_of", self.vocab_of, "give hash_buckets or vocab_of, not both")
         if self.vocab_of and self.kind != MULTI_HOT:
-            raise _fail(where, "vocab_of", self.vocab_of, "only multi_hot features take vocab_of")
+            raise invalid(where, "vocab_of", self.vocab_of, "only multi_hot features take vocab_of")
         if self.max_length and self.kind != MULTI_HOT:
-            raise _fail(where, "max_length", self.max_length, "only multi_hot features take max_length")
+            raise invalid(where, "max_length", self.max_length, "only multi_hot features take max_length")
 
     def _check_numeric(self, where: str) -> None:
         if self.hash_buckets or self.vocab_of:
-            raise _fail(where, "kind", self.kind, "numeric features take no hash_buckets/vocab_of")
+            raise invalid(where, "kind", self.kind, "numeric features take no hash_buckets/vocab_of")
         bad = [t for t in self.transforms if t not in TRANSFORMS]
         if bad:
-            raise _fail(where, "transforms", bad[0], f"expected each of {list(TRANSFORMS)}")
+            raise invalid(where, "transforms", bad[0], f"expected each of {list(TRANSFORMS)}")
         if "bucketize" in self.transforms[:-1]:
-            raise _fail(where, "transforms", list(self.transforms), "bucketize must be the last transform")
+            raise invalid(where, "transforms", list(self.transforms), "bucketize must be the last transform")
         if "bucketize" in self.transforms:
             if not self.boundaries and self.num_buckets < 2:
-                raise _fail(where, "num_buckets", self.num_buckets, "bucketize needs boundaries or >= 2")
+                raise invalid(where, "num_buckets", self.num_buckets, "bucketize needs boundaries or >= 2")
             if list(self.boundaries) != sorted(set(self.boundaries)):
-                raise _fail(where, "boundaries", list(self.boundaries), "expected strictly increasing")
+                raise invalid(where, "boundaries", list(self.boundaries), "expected strictly increasing")
         elif self.boundaries or self.num_buckets:
-            raise _fail(where, "transforms", list(self.transforms), "boundaries need a bucketize transform")
+            raise invalid(where, "transforms", list(self.transforms), "boundaries need a bucketize transform")
         fill = self.fill_null
         if not (
             fill in ("mean", "median", "zero")
             or (isinstance(fill, int | float) and not isinstance(fill, bool))
         ):
-            raise _fail(where, "fill_null", fill, "expected 'mean', 'median', 'zero' or a number")
+            raise invalid(where, "fill_null", fill, "expected 'mean', 'median', 'zero' or a number")
 
     @property
     def is_bucketized(self) -> bool:
@@ -209,28 +210,28 @@ class SplitConfig:
 
     def __post_init__(self) -> None:
         if self.method not in ("time", "hash"):
-            raise _fail("split", "method", self.method, "expected 'time' or 'hash'")
+            raise invalid("split", "method", self.method, "expected 'time' or 'hash'")
         for name in ("validation_days", "test_days"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 0:
-                raise _fail("split", name, value, "expected a non-negative integer")
+                raise invalid("split", name, value, "expected a non-negative integer")
         for name in ("valid_start", "test_start"):
             value = getattr(self, name)
             if value:
                 try:
                     dt.datetime.fromisoformat(value)
                 except ValueError:
-                    raise _fail("split", name, value, "expected an ISO date or datetime") from None
+                    raise invalid("split", name, value, "expected an ISO date or datetime") from None
         if bool(self.valid_start) != bool(self.test_start):
-            raise _fail("split", "test_start", self.test_start, "give both valid_start and test_start")
+            raise invalid("split", "test_start", self.test_start, "give both valid_start and test_start")
         if self.valid_start and self.valid_start > self.test_start:
-            raise _fail("split", "valid_start", self.valid_start, "expected valid_start <= test_start")
+            raise invalid("split", "valid_start", self.valid_start, "expected valid_start <= test_start")
         for name in ("validation_fraction", "test_fraction"):
             value = getattr(self, name)
             if not isinstance(value, int | float) or not 0 <= value < 1:
-                raise _fail("split", name, value, "expected a number in [0, 1)")
+                raise invalid("split", name, value, "expected a number in [0, 1)")
         if self.validation_fraction + self.test_fraction >= 1:
-            raise _fail("split", "test_fraction", self.test_fraction, "validation + test must be < 1")
+            raise invalid("split", "test_fraction", self.test_fraction, "validation + test must be < 1")
 
 
 @dataclass(frozen=True)
@@ -248,10 +249,10 @@ class HistoryConfig:
     def __post_init__(self) -> None:
         object.__setattr__(self, "windows_days", tuple(self.windows_days))
         if not isinstance(self.max_length, int) or self.max_length < 1:
-            raise _fail("history", "max_length", self.max_length, "expected an integer >= 1")
+            raise invalid("history", "max_length", self.max_length, "expected an integer >= 1")
         for d in self.windows_days:
             if not isinstance(d, int) or d < 1:
-                raise _fail("history", "windows_days", list(self.windows_days), "expected integers >= 1")
+                raise invalid("history", "windows_days", list(self.windows_days), "expected integers >= 1")
 
 
 @dataclass(frozen=True)
@@ -283,16 +284,16 @@ class FeatureConfig:
 
     def __post_init__(self) -> None:
         if self.source not in SOURCES:
-            raise _fail("config", "source", self.source, f"expected one of {list(SOURCES)}")
+            raise invalid("config", "source", self.source, f"expected one of {list(SOURCES)}")
         object.__setattr__(self, "passthrough", tuple(self.passthrough))
         if not self.features:
-            raise _fail("config", "features", list(self.features), "expected at least one feature")
+            raise invalid("config", "features", list(self.features), "expected at least one feature")
         if not isinstance(self.rows_per_file, int) or self.rows_per_file < 1:
-            raise _fail("config", "rows_per_file", self.rows_per_file, "expected an integer >= 1")
+            raise invalid("config", "rows_per_file", self.rows_per_file, "expected an integer >= 1")
         names = [f.name for f in self.features] + [lab.name for lab in self.labels] + list(self.passthrough)
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
-            raise _fail(
+            raise invalid(
                 "config",
                 "features",
                 dup[0],
@@ -302,19 +303,19 @@ class FeatureConfig:
         by_name = {f.name: f for f in self.features}
         for f in self.features:
             if f.source in label_columns:
-                raise _fail(
+                raise invalid(
                     f"features[{f.name}]", "source", f.source, "a feature may not read a label column"
                 )
             if f.relative_to in label_columns:
-                raise _fail(f"features[{f.name}]", "relative_to", f.relative_to, "a label column")
+                raise invalid(f"features[{f.name}]", "relative_to", f.relative_to, "a label column")
             if f.vocab_of:
                 other = by_name.get(f.vocab_of)
                 if other is None or other.kind != CATEGORICAL:
-                    raise _fail(
+                    raise invalid(
                         f"features[{f.name}]", "vocab_of", f.vocab_of, "expected a categorical feature"
                     )
         if self.source == "ecommerce" and self.split.method != "time":
-            raise _fail("split", "method", self.split.method, "ecommerce data is split by time")
+            raise invalid("split", "method", self.split.method, "ecommerce data is split by time")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> FeatureConfig:
@@ -326,14 +327,14 @@ class FeatureConfig:
             if key not in data:
                 raise ValueError(f"config.{key}: missing required field")
         data["labels"] = tuple(
-            _from_dict(LabelConfig, lab, f"labels[{i}]") for i, lab in enumerate(data.get("labels") or ())
+            from_mapping(LabelConfig, lab, f"labels[{i}]") for i, lab in enumerate(data.get("labels") or ())
         )
         data["features"] = tuple(
-            _from_dict(FeatureDef, f, f"features[{i}]") for i, f in enumerate(data["features"] or ())
+            from_mapping(FeatureDef, f, f"features[{i}]") for i, f in enumerate(data["features"] or ())
         )
-        data["split"] = _from_dict(SplitConfig, data.get("split") or {}, "split")
-        data["history"] = _from_dict(HistoryConfig, data.get("history") or {}, "history")
-        return _from_dict(cls, data, "config")
+        data["split"] = from_mapping(SplitConfig, data.get("split") or {}, "split")
+        data["history"] = from_mapping(HistoryConfig, data.get("history") or {}, "history")
+        return from_mapping(cls, data, "config")
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> FeatureConfig:
@@ -349,10 +350,15 @@ class FeatureConfig:
 CONFIG_DIR = Path(__file__).parent / "configs"
 
 
-def builtin_config(name: str) -> Path:
-    """Path of a config shipped with the package (``ecommerce``, ``census_group1``, ...)."""
-    path = CONFIG_DIR / f"{name}.yaml"
+def shipped_config(directory: Path, name: str, what: str = "config") -> Path:
+    """Path of the YAML config ``name`` shipped in ``directory``; the error lists the shipped names."""
+    path = directory / f"{name}.yaml"
     if not path.exists():
-        shipped = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
-        raise ValueError(f"config: no shipped config {name!r}; shipped configs are {shipped}")
+        shipped = sorted(p.stem for p in directory.glob("*.yaml"))
+        raise ValueError(f"{what}: no shipped config {name!r}; shipped configs are {shipped}")
     return path
+
+
+def builtin_config(name: str) -> Path:
+    """Path of a feature config shipped with the package (``ecommerce``, ``census_group1``, ...)."""
+    return shipped_config(CONFIG_DIR, name)

@@ -24,32 +24,19 @@ Example:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+from features.config import from_mapping, invalid, shipped_config
 
 POOLINGS = ("sum", "mean")
 ARCHS = ("mmoe", "ple", "shared_bottom", "single_task")
 GATES = ("softmax", "noisy_topk")
 OVERFLOWS = ("fallback", "drop")
 TASK_KINDS = ("binary", "regression")
-
-
-def _fail(where: str, field_name: str, value: Any, expected: str) -> ValueError:
-    return ValueError(f"{where}.{field_name}: {expected}, got {value!r}")
-
-
-def _from_dict(cls: type, data: Any, where: str) -> Any:
-    """Builds dataclass ``cls`` from ``data``, rejecting unknown keys by name."""
-    if not isinstance(data, dict):
-        raise ValueError(f"{where}: expected a mapping, got {data!r}")
-    known = {f.name for f in fields(cls)}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise ValueError(f"{where}: unknown field(s) {unknown}; known fields are {sorted(known)}")
-    return cls(**data)
 
 
 def _is_int(value: Any) -> bool:
@@ -62,16 +49,16 @@ def _is_number(value: Any) -> bool:
 
 def _check_int(where: str, name: str, value: Any, minimum: int) -> None:
     if not _is_int(value) or value < minimum:
-        raise _fail(where, name, value, f"expected an integer >= {minimum}")
+        raise invalid(where, name, value, f"expected an integer >= {minimum}")
 
 
 def _check_sizes(where: str, name: str, value: Any, allow_empty: bool) -> tuple[int, ...]:
     if not isinstance(value, list | tuple) or (not value and not allow_empty):
-        raise _fail(
+        raise invalid(
             where, name, value, "expected a list of layer sizes" + ("" if allow_empty else " (non-empty)")
         )
     if not all(_is_int(v) and v >= 1 for v in value):
-        raise _fail(where, name, list(value), "expected layer sizes that are integers >= 1")
+        raise invalid(where, name, list(value), "expected layer sizes that are integers >= 1")
     return tuple(value)
 
 
@@ -98,18 +85,18 @@ class EmbeddingConfig:
         where = "model.embedding"
         _check_int(where, "dim", self.dim, 1)
         if self.pooling not in POOLINGS:
-            raise _fail(where, "pooling", self.pooling, f"expected one of {list(POOLINGS)}")
+            raise invalid(where, "pooling", self.pooling, f"expected one of {list(POOLINGS)}")
         if not isinstance(self.share_vocab_tables, bool):
-            raise _fail(where, "share_vocab_tables", self.share_vocab_tables, "expected true or false")
+            raise invalid(where, "share_vocab_tables", self.share_vocab_tables, "expected true or false")
         groups = self.shared_tables
         if not isinstance(groups, list | tuple) or not all(
             isinstance(g, list | tuple) and len(g) >= 2 and all(isinstance(n, str) for n in g) for g in groups
         ):
-            raise _fail(where, "shared_tables", groups, "expected a list of lists of >= 2 feature names")
+            raise invalid(where, "shared_tables", groups, "expected a list of lists of >= 2 feature names")
         object.__setattr__(self, "shared_tables", tuple(tuple(g) for g in groups))
         seen = [n for g in self.shared_tables for n in g]
         if len(seen) != len(set(seen)):
-            raise _fail(
+            raise invalid(
                 where, "shared_tables", [list(g) for g in groups], "a feature may be in one group only"
             )
 
@@ -136,20 +123,20 @@ class TaskConfig:
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
-            raise _fail("model.tasks", "name", self.name, "expected a non-empty string")
+            raise invalid("model.tasks", "name", self.name, "expected a non-empty string")
         where = f"model.tasks[{self.name}]"
         if self.kind not in TASK_KINDS:
-            raise _fail(where, "kind", self.kind, f"expected one of {list(TASK_KINDS)}")
+            raise invalid(where, "kind", self.kind, f"expected one of {list(TASK_KINDS)}")
         if not self.label:
             object.__setattr__(self, "label", self.name)
         if not _is_number(self.weight) or self.weight < 0:
-            raise _fail(where, "weight", self.weight, "expected a number >= 0")
+            raise invalid(where, "weight", self.weight, "expected a number >= 0")
         if not isinstance(self.given, str):
-            raise _fail(where, "given", self.given, "expected a task name")
+            raise invalid(where, "given", self.given, "expected a task name")
         if self.given and self.kind != "binary":
-            raise _fail(where, "given", self.given, "entire-space conditioning needs kind 'binary'")
+            raise invalid(where, "given", self.given, "entire-space conditioning needs kind 'binary'")
         if self.given == self.name:
-            raise _fail(where, "given", self.given, "a task cannot be conditioned on itself")
+            raise invalid(where, "given", self.given, "a task cannot be conditioned on itself")
 
 
 @dataclass(frozen=True)
@@ -183,21 +170,21 @@ class GateConfig:
     def __post_init__(self) -> None:
         where = "model.gate"
         if self.type not in GATES:
-            raise _fail(where, "type", self.type, f"expected one of {list(GATES)}")
+            raise invalid(where, "type", self.type, f"expected one of {list(GATES)}")
         _check_int(where, "k", self.k, 1)
         if not _is_number(self.temperature) or self.temperature <= 0:
-            raise _fail(where, "temperature", self.temperature, "expected a number > 0")
+            raise invalid(where, "temperature", self.temperature, "expected a number > 0")
         for name in ("noise", "dispatch"):
             if not isinstance(getattr(self, name), bool):
-                raise _fail(where, name, getattr(self, name), "expected true or false")
+                raise invalid(where, name, getattr(self, name), "expected true or false")
         if not _is_number(self.load_balance_weight) or self.load_balance_weight < 0:
-            raise _fail(where, "load_balance_weight", self.load_balance_weight, "expected a number >= 0")
+            raise invalid(where, "load_balance_weight", self.load_balance_weight, "expected a number >= 0")
         if not _is_number(self.capacity_factor) or self.capacity_factor <= 0:
-            raise _fail(where, "capacity_factor", self.capacity_factor, "expected a number > 0")
+            raise invalid(where, "capacity_factor", self.capacity_factor, "expected a number > 0")
         if self.overflow not in OVERFLOWS:
-            raise _fail(where, "overflow", self.overflow, f"expected one of {list(OVERFLOWS)}")
+            raise invalid(where, "overflow", self.overflow, f"expected one of {list(OVERFLOWS)}")
         if self.dispatch and self.type != "noisy_topk":
-            raise _fail(where, "dispatch", self.dispatch, "dispatch needs type 'noisy_topk'")
+            raise invalid(where, "dispatch", self.dispatch, "dispatch needs type 'noisy_topk'")
 
 
 @dataclass(frozen=True)
@@ -229,13 +216,13 @@ class ArchConfig:
     def __post_init__(self) -> None:
         where = "model.arch"
         if self.type not in ARCHS:
-            raise _fail(where, "type", self.type, f"expected one of {list(ARCHS)}")
+            raise invalid(where, "type", self.type, f"expected one of {list(ARCHS)}")
         _check_int(where, "num_experts", self.num_experts, 1)
         _check_int(where, "num_shared_experts", self.num_shared_experts, 0)
         _check_int(where, "num_task_experts", self.num_task_experts, 0)
         _check_int(where, "num_levels", self.num_levels, 1)
         if self.type == "ple" and self.num_shared_experts + self.num_task_experts == 0:
-            raise _fail(
+            raise invalid(
                 where, "num_task_experts", self.num_task_experts, "ple needs at least one expert per gate"
             )
         object.__setattr__(
@@ -243,7 +230,7 @@ class ArchConfig:
         )
         object.__setattr__(self, "tower_hidden", _check_sizes(where, "tower_hidden", self.tower_hidden, True))
         if not _is_number(self.dropout) or not 0 <= self.dropout < 1:
-            raise _fail(where, "dropout", self.dropout, "expected a number in [0, 1)")
+            raise invalid(where, "dropout", self.dropout, "expected a number in [0, 1)")
 
     def experts_per_gate(self) -> int:
         """The fewest experts any gate mixes (the bound on top-k's k)."""
@@ -271,19 +258,20 @@ class ModelConfig:
     def __post_init__(self) -> None:
         where = "model"
         if not self.tasks:
-            raise _fail(where, "tasks", self.tasks, "expected at least one task")
+            raise invalid(where, "tasks", self.tasks, "expected at least one task")
         names = [t.name for t in self.tasks]
         if len(names) != len(set(names)):
-            raise _fail(where, "tasks", names, "task names must be unique")
+            raise invalid(where, "tasks", names, "task names must be unique")
         by_name = {t.name: t for t in self.tasks}
         for t in self.tasks:
             if not t.given:
                 continue
             parent = by_name.get(t.given)
             if parent is None:
-                raise _fail(f"model.tasks[{t.name}]", "given", t.given, f"expected one of the tasks {names}")
+                where = f"model.tasks[{t.name}]"
+                raise invalid(where, "given", t.given, f"expected one of the tasks {names}")
             if parent.kind != "binary" or parent.given:
-                raise _fail(
+                raise invalid(
                     f"model.tasks[{t.name}]",
                     "given",
                     t.given,
@@ -292,7 +280,7 @@ class ModelConfig:
         if self.arch.type in ("mmoe", "ple") and self.gate.type == "noisy_topk":
             n = self.arch.experts_per_gate()
             if self.gate.k > n:
-                raise _fail("model.gate", "k", self.gate.k, f"expected at most the {n} experts of a gate")
+                raise invalid("model.gate", "k", self.gate.k, f"expected at most the {n} experts of a gate")
 
     @classmethod
     def from_dict(cls, data: Any) -> ModelConfig:
@@ -303,14 +291,14 @@ class ModelConfig:
         if "tasks" not in data:
             raise ValueError("model.tasks: missing required field")
         if not isinstance(data["tasks"], list | tuple):
-            raise _fail("model", "tasks", data["tasks"], "expected a list of tasks")
+            raise invalid("model", "tasks", data["tasks"], "expected a list of tasks")
         data["tasks"] = tuple(
-            _from_dict(TaskConfig, t, f"model.tasks[{i}]") for i, t in enumerate(data["tasks"])
+            from_mapping(TaskConfig, t, f"model.tasks[{i}]") for i, t in enumerate(data["tasks"])
         )
-        data["embedding"] = _from_dict(EmbeddingConfig, data.get("embedding") or {}, "model.embedding")
-        data["arch"] = _from_dict(ArchConfig, data.get("arch") or {}, "model.arch")
-        data["gate"] = _from_dict(GateConfig, data.get("gate") or {}, "model.gate")
-        return _from_dict(cls, data, "model")
+        data["embedding"] = from_mapping(EmbeddingConfig, data.get("embedding") or {}, "model.embedding")
+        data["arch"] = from_mapping(ArchConfig, data.get("arch") or {}, "model.arch")
+        data["gate"] = from_mapping(GateConfig, data.get("gate") or {}, "model.gate")
+        return from_mapping(cls, data, "model")
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> ModelConfig:
@@ -324,8 +312,4 @@ CONFIG_DIR = Path(__file__).parent / "configs"
 
 def builtin_config(name: str) -> Path:
     """Path of a model config shipped with the package (``ecommerce_mmoe``, ``benchmark_mmoe``, ...)."""
-    path = CONFIG_DIR / f"{name}.yaml"
-    if not path.exists():
-        shipped = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
-        raise ValueError(f"model config: no shipped config {name!r}; shipped configs are {shipped}")
-    return path
+    return shipped_config(CONFIG_DIR, name, "model config")
