@@ -5,9 +5,9 @@ Examples::
     python -m pipelines.features build --config ecommerce --data data/demo/raw --out data/demo/features
     python -m pipelines.features fit --config ecommerce --data data/demo/raw --spec spec.json
     python -m pipelines.features transform --spec spec.json --data data/demo/raw --out features/
-    python -m pipelines.features transform --spec spec.json --impressions candidates.parquet \\
+    python -m pipelines.features transform --spec spec.json --impressions candidates.parquet \
         --users users.parquet --items items.parquet --history events.parquet --out scoring_features/
-    python -m pipelines.features build --config census_group1 \\
+    python -m pipelines.features build --config census_group1 \
         --table ../shared/data/census-income/census-income.dev.csv.gz --out data/census
 """
 

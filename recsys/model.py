@@ -134,12 +134,16 @@ class RankingModel(nn.Module):
         return logits, stats
 
 
-def build_model(config: ModelConfig, layout: FeatureLayout) -> RankingModel:
+def build_model(
+    config: ModelConfig, layout: FeatureLayout, embedding_device: torch.device | str | None = None
+) -> RankingModel:
     """Builds the model a config describes for the inputs of a layout.
 
     Args:
         config: the model config.
         layout: the feature layout (its table sharing must come from ``config.embedding``).
+        embedding_device: where to allocate the embedding tables; ``"meta"`` defers them, for sharding
+            with TorchRec's ``DistributedModelParallel``.
 
     Raises:
         ValueError: a task's label is not among the layout's labels, or the layout has no sparse feature.
@@ -153,7 +157,10 @@ def build_model(config: ModelConfig, layout: FeatureLayout) -> RankingModel:
     if not layout.sparse:
         raise ValueError("layout.sparse: the model needs at least one sparse feature, got none")
     emb, arch, gate = config.embedding, config.arch, config.gate
-    sparse_arch = SparseArch(embedding_bag_collection(layout, emb.dim, emb.pooling), layout.keys)
+    tables = embedding_bag_collection(
+        layout, emb.dim, emb.pooling, torch.device(embedding_device) if embedding_device else None
+    )
+    sparse_arch = SparseArch(tables, layout.keys)
     in_dim = len(layout.sparse) * emb.dim + len(layout.dense)
     names = [t.name for t in config.tasks]
 

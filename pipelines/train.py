@@ -1,0 +1,86 @@
+r"""Train a multi-task ranking model with Ray Train over TorchRec-sharded embeddings, tracked in MLflow.
+
+Examples::
+
+    # embedded local Ray, local MLflow store (./mlflow.db):
+    python -m pipelines.train --config recsys/configs/train_demo.yaml
+    # against `mlflow server --host 127.0.0.1 --port 5000`, 2 workers, continuing the last run:
+    python -m pipelines.train --config train.yaml --tracking-uri http://127.0.0.1:5000 \
+        --num-workers 2 --resume
+    # the same command as a job on a cluster started with `ray start --head` (see README):
+    ray job submit --address http://127.0.0.1:8265 --working-dir . -- \
+        python -m pipelines.train --config recsys/configs/train_demo.yaml
+
+The config is YAML (recsys/train_config.py) or a shipped name (train_demo, train_census).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from recsys.train_config import TrainConfig, builtin_train_config
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parses the command line."""
+    parser = argparse.ArgumentParser(
+        prog="python -m pipelines.train",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--config", required=True, help="train config: a YAML path or a shipped name")
+    parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite:///./mlflow.db)")
+    parser.add_argument("--num-workers", type=int, help="Ray Train workers (overrides run.num_workers)")
+    parser.add_argument("--use-gpu", action="store_true", help="one GPU per worker, NCCL")
+    parser.add_argument("--resume", action="store_true", help="continue the latest run from its checkpoint")
+    parser.add_argument(
+        "--require-tracking",
+        action="store_true",
+        help="fail if MLflow is unreachable (default: train on and say so once)",
+    )
+    parser.add_argument("--epochs", type=int, help="override training.epochs")
+    parser.add_argument("--features", help="override the features folder")
+    return parser.parse_args(argv)
+
+
+def load_config(args: argparse.Namespace) -> TrainConfig:
+    """The config file with the command line's overrides."""
+    path = Path(args.config)
+    config = TrainConfig.from_yaml(
+        path if path.suffix in (".yaml", ".yml") else builtin_train_config(args.config)
+    )
+    run, training, top = {}, {}, {}
+    if args.num_workers is not None:
+        run["num_workers"] = args.num_workers
+    if args.use_gpu:
+        run["use_gpu"] = True
+    if args.epochs is not None:
+        training["epochs"] = args.epochs
+    if args.features:
+        top["features"] = args.features
+    return config.replace(run=run, training=training, **top) if run or training or top else config
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Trains; bad input exits with status 2 and a one-line reason."""
+    args = parse_args(argv)
+    from recsys.train import run_training
+
+    try:
+        config = load_config(args)
+        result = run_training(
+            config, tracking_uri=args.tracking_uri, require_tracking=args.require_tracking, resume=args.resume
+        )
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"\nrun: {result.run_name} (checkpoints in {result.storage})")
+    print(json.dumps(result.summary, indent=1, sort_keys=True, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,523 @@
+"""Distributed training: Ray Train workers over TorchRec-sharded embedding tables.
+
+Read top to bottom: :func:`run_training` (the driver) builds a Ray Train ``TorchTrainer``; each worker runs
+:func:`train_loop_per_worker`, which
+
+1. builds the model with its embedding tables on the ``meta`` device, asks TorchRec's planner for a plan
+   over all workers (table-wise by default: whole tables live on one worker each), and wraps it in
+   ``DistributedModelParallel``; tables train with a fused sparse optimizer (only the rows a batch touches
+   are updated), dense parameters with Adam;
+2. streams its shard of the model-ready Parquet through Ray Data (never the whole data set in memory);
+3. evaluates on the validation split every epoch and on the test split at the end, on predictions
+   gathered from all workers (rank 0 computes the metrics);
+4. checkpoints its shard of the state every epoch (and every N steps), so that a killed worker is
+   restarted from the last checkpoint (``FailureConfig``);
+5. at the end gathers the sharded tables into one unsharded model on rank 0, which saves it as a model
+   package, logs it to MLflow and registers it.
+
+MLflow is only called by rank 0, through :mod:`recsys.tracking`.
+
+Lockstep: every forward pass of a sharded model exchanges embeddings between all workers, so every worker
+must run the same number of steps. Training steps go on while every worker still has a full batch; an
+evaluation pass goes on while any worker has rows, the others feeding a padding batch whose predictions
+are dropped, so no evaluation row is lost.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import torch
+import torch.distributed as dist
+
+from features.spec import FeatureSpec
+from recsys.data import FeatureLayout, batch_from_arrow
+from recsys.losses import RankingTrain
+from recsys.model import RankingModel, build_model
+from recsys.train_config import TrainConfig
+
+SPLIT_DIRS = ("train", "valid", "test")
+CHECKPOINT_FILE = "rank{rank}.pt"
+TRACKING_FILE = "tracking.json"
+
+
+# ----------------------------------------------------------------------------------- sharded model
+
+
+@dataclass
+class ShardedModel:
+    """A worker's share of the model and everything that trains it."""
+
+    dmp: torch.nn.Module  # DistributedModelParallel(RankingTrain)
+    optimizer: Any  # CombinedOptimizer(fused sparse, Adam dense)
+    plan: Any
+    layout: FeatureLayout
+    device: torch.device
+
+
+def _fused_optimizer(name: str) -> type:
+    from torchrec.optim import RowWiseAdagrad
+
+    return {"rowwise_adagrad": RowWiseAdagrad, "adam": torch.optim.Adam, "sgd": torch.optim.SGD}[name]
+
+
+def build_sharded_model(config: TrainConfig, spec: FeatureSpec, device: torch.device) -> ShardedModel:
+    """Builds the model on the meta device, plans its tables over all workers and shards it.
+
+    Must run in every worker of an initialised process group, with the same seed: dense parameters are
+    created identically everywhere (DDP also broadcasts them), tables are materialised by their owners.
+    """
+    from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
+    from torchrec.distributed.model_parallel import DistributedModelParallel
+    from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
+    from torchrec.distributed.planner.types import ParameterConstraints
+    from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
+    from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
+    from torchrec.optim.optimizers import in_backward_optimizer_filter
+
+    t = config.training
+    layout = FeatureLayout.from_spec(spec, config.model.embedding)
+    torch.manual_seed(t.seed)
+    model = build_model(config.model, layout, embedding_device="meta")
+    train_module = RankingTrain.from_config(model, config.model)
+    apply_optimizer_in_backward(
+        _fused_optimizer(t.embedding_optimizer), model.sparse_arch.parameters(), {"lr": t.embedding_lr}
+    )
+    world = dist.get_world_size()
+    constraints = None
+    if t.sharding != "auto":
+        tables = [f"t_{name}" for name in layout.tables]
+        constraints = {name: ParameterConstraints(sharding_types=[t.sharding]) for name in tables}
+    topology = Topology(world_size=world, compute_device=device.type)
+    planner = EmbeddingShardingPlanner(topology=topology, constraints=constraints)
+    sharders = [EmbeddingBagCollectionSharder()]
+    plan = planner.collective_plan(train_module, sharders, dist.GroupMember.WORLD)
+    dmp = DistributedModelParallel(train_module, device=device, plan=plan, sharders=sharders)
+    dense = KeyedOptimizerWrapper(
+        dict(in_backward_optimizer_filter(dmp.named_parameters())),
+        lambda params: torch.optim.Adam(params, lr=t.dense_lr),
+    )
+    optimizer = CombinedOptimizer([dmp.fused_optimizer, dense])
+    return ShardedModel(dmp, optimizer, plan, layout, device)
+
+
+def gather_unsharded(sharded: ShardedModel, config: TrainConfig) -> RankingModel | None:
+    """Gathers every table shard to rank 0 and returns the unsharded model there (None elsewhere).
+
+    Every worker must call it: the shards travel by collective ``gather``.
+    """
+    from torch.distributed._shard.sharded_tensor import ShardedTensor
+
+    rank = dist.get_rank()
+    state = sharded.dmp.state_dict()
+    full: dict[str, torch.Tensor] = {}
+    for key in sorted(state):  # the same order on every worker: each gather is a collective
+        value = state[key]
+        if isinstance(value, ShardedTensor):
+            out = torch.empty(value.size(), dtype=value.dtype) if rank == 0 else None
+            value.gather(dst=0, out=out)
+            if rank == 0:
+                full[key] = out
+        elif rank == 0:
+            full[key] = value.detach().cpu()
+    if rank != 0:
+        return None
+    model = build_model(config.model, sharded.layout)
+    wrapper = RankingTrain.from_config(model, config.model)
+    wrapper.load_state_dict(full)
+    return model.eval()
+
+
+# ------------------------------------------------------------------------------------------- data
+
+
+def _pad(table: pa.Table, size: int) -> pa.Table:
+    """``table`` with its first row repeated up to ``size`` rows (padding rows are dropped later)."""
+    index = np.concatenate([np.arange(table.num_rows), np.zeros(size - table.num_rows, dtype=np.int64)])
+    return table.take(pa.array(index))
+
+
+def _any_rank(flag: bool, op: dist.ReduceOp) -> bool:
+    value = torch.tensor([1 if flag else 0])
+    dist.all_reduce(value, op=op)
+    return bool(value.item())
+
+
+def lockstep_batches(
+    shard: Any, batch_size: int, *, complete: bool, max_steps: int = 0
+) -> Iterator[tuple[pa.Table, int]]:
+    """Arrow batches of exactly ``batch_size`` rows, the same number on every worker.
+
+    Args:
+        shard: this worker's Ray Data iterator.
+        batch_size: rows per batch.
+        complete: evaluation mode: go on while any worker has rows (others yield padding, and partial
+            batches are padded); else stop when any worker runs out of full batches (training).
+        max_steps: stop after this many batches (0: no cap).
+
+    Yields:
+        ``(table, n_real)``: the batch and how many of its first rows are real.
+    """
+    batches = shard.iter_batches(
+        batch_size=batch_size, batch_format="pyarrow", drop_last=not complete, prefetch_batches=2
+    )
+    it = iter(batches)
+    template: pa.Table | None = None
+    steps = 0
+    while not max_steps or steps < max_steps:
+        table = next(it, None)
+        has = table is not None and table.num_rows > 0
+        go_on = _any_rank(has, dist.ReduceOp.MAX if complete else dist.ReduceOp.MIN)
+        if not go_on:
+            return
+        if has:
+            template = table
+            n_real = table.num_rows
+            if n_real < batch_size:
+                table = _pad(table, batch_size)
+        else:
+            # This worker is out of rows: it feeds padding so that the others can finish.
+            if template is None:
+                template = next(iter(shard.iter_batches(batch_size=1, batch_format="pyarrow")))
+            table, n_real = _pad(template.slice(0, 1), batch_size), 0
+        steps += 1
+        yield table, n_real
+
+
+# ------------------------------------------------------------------------------------ evaluation
+
+
+@dataclass
+class Predictions:
+    """Predictions of one split gathered on rank 0 (numpy arrays, one row per evaluated row)."""
+
+    labels: dict[str, np.ndarray]
+    probs: dict[str, np.ndarray]
+    keys: dict[str, np.ndarray] = field(default_factory=dict)
+    stats: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+def predict_split(
+    sharded: ShardedModel, shard: Any, config: TrainConfig, key_columns: list[str]
+) -> Predictions | None:
+    """Runs the sharded model over a split; returns all workers' predictions on rank 0 (None elsewhere)."""
+    dmp, layout = sharded.dmp, sharded.layout
+    dmp.eval()
+    labels: dict[str, list[np.ndarray]] = {name: [] for name in layout.labels}
+    probs: dict[str, list[np.ndarray]] = {}
+    keys: dict[str, list[np.ndarray]] = {name: [] for name in key_columns}
+    stats: dict[str, list[np.ndarray]] = {}
+    with torch.no_grad():
+        for table, n_real in lockstep_batches(shard, config.training.batch_size, complete=True):
+            batch = batch_from_arrow(table, layout).to(sharded.device)
+            _, (_, logits, batch_stats) = dmp(batch)
+            if n_real == 0:
+                continue
+            for name, value in logits.items():
+                probs.setdefault(name, []).append(torch.sigmoid(value[:n_real]).double().cpu().numpy())
+            for name in layout.labels:
+                labels[name].append(batch.labels[name][:n_real].double().cpu().numpy())
+            for name in key_columns:
+                keys[name].append(table.column(name).slice(0, n_real).to_numpy())
+            for name, value in batch_stats.items():
+                if name.endswith("/load"):
+                    stats.setdefault(name, []).append(value.double().cpu().numpy() * n_real)
+    dmp.train()
+    local = {
+        "labels": {k: np.concatenate(v) if v else np.zeros(0) for k, v in labels.items()},
+        "probs": {k: np.concatenate(v) if v else np.zeros(0) for k, v in probs.items()},
+        "keys": {k: np.concatenate(v) if v else np.zeros(0) for k, v in keys.items()},
+        "stats": {k: np.sum(v, axis=0) for k, v in stats.items()},
+    }
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, local)
+    if dist.get_rank() != 0:
+        return None
+
+    def cat(part: str) -> dict[str, np.ndarray]:
+        names = gathered[0][part].keys()
+        return {k: np.concatenate([g[part][k] for g in gathered if k in g[part]]) for k in names}
+
+    n_rows = sum(len(next(iter(g["labels"].values()), [])) for g in gathered)
+    loads = {}
+    for name in {k for g in gathered for k in g["stats"]}:
+        loads[name] = sum(g["stats"][name] for g in gathered if name in g["stats"]) / max(n_rows, 1)
+    return Predictions(cat("labels"), cat("probs"), cat("keys"), loads)
+
+
+def split_metrics(
+    preds: Predictions, config: TrainConfig, truth: Any | None, prefix: str
+) -> dict[str, float]:
+    """Per-task metrics of gathered predictions, plus the oracle gap on synthetic data."""
+    from recsys.metrics import evaluate, oracle_gap
+
+    tasks = [t for t in config.model.tasks if t.kind == "binary"]
+    labels = {t.name: preds.labels[t.label] for t in tasks}
+    probs = {t.name: preds.probs[t.name] for t in tasks}
+    groups = preds.keys.get(config.group_column)
+    out = evaluate(labels, probs, groups, prefix=prefix)
+    if truth is not None and "impression_id" in preds.keys:
+        ids = preds.keys["impression_id"]
+        order = np.searchsorted(truth["impression_id"], ids)
+        for task in tasks:
+            column = f"p_{task.name}"
+            if column in truth:
+                gap = oracle_gap(labels[task.name], probs[task.name], truth[column][order])
+                out.update({f"{prefix}{task.name}/{k}": float(v) for k, v in gap.items()})
+    for name, load in preds.stats.items():
+        for e, share in enumerate(load):
+            out[f"{prefix}{name}/expert{e}"] = float(share)
+    return out
+
+
+# ------------------------------------------------------------------------------------ checkpoints
+
+
+def save_checkpoint(sharded: ShardedModel, directory: Path, meta: dict[str, Any]) -> None:
+    """Writes this worker's shard of the model and optimizer state (Ray merges all workers' files)."""
+    state = {"model": sharded.dmp.state_dict(), "optimizer": sharded.optimizer.state_dict(), "meta": meta}
+    torch.save(state, directory / CHECKPOINT_FILE.format(rank=dist.get_rank()))
+
+
+def load_checkpoint(sharded: ShardedModel, directory: Path) -> dict[str, Any]:
+    """Restores this worker's shard; returns the checkpoint's metadata (epoch, step, history)."""
+    # The checkpoint holds ShardedTensors written by this project's own workers, not a downloaded model:
+    # full unpickling is needed for them (the registered model, in contrast, loads with weights_only).
+    state = torch.load(directory / CHECKPOINT_FILE.format(rank=dist.get_rank()), weights_only=False)
+    sharded.dmp.load_state_dict(state["model"])
+    sharded.optimizer.load_state_dict(state["optimizer"])
+    return state["meta"]
+
+
+# ------------------------------------------------------------------------------------ the worker
+
+
+def _read_truth(path: str) -> dict[str, np.ndarray] | None:
+    if not path:
+        return None
+    import polars as pl
+
+    frame = pl.read_parquet(path).sort("impression_id")
+    return {name: frame[name].to_numpy() for name in frame.columns}
+
+
+def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    """The training function every Ray Train worker runs (see the module docstring)."""
+    import ray.train
+
+    config = TrainConfig.from_dict(loop_config["config"])
+    t = config.training
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = (
+        torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        if config.run.use_gpu
+        else torch.device("cpu")
+    )
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    torch.set_num_threads(max(1, config.run.cpus_per_worker))
+    spec = FeatureSpec.load(Path(config.features) / "spec.json")
+    sharded = build_sharded_model(config, spec, device)
+
+    tracker = None
+    if rank == 0:
+        from recsys.tracking_session import RankZeroSession
+
+        tracker = RankZeroSession(loop_config, config, spec, sharded)
+
+    meta = {"epoch": 0, "step": 0, "best": None, "bad_epochs": 0, "history": []}
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as directory:
+            meta = load_checkpoint(sharded, Path(directory))
+        if tracker:
+            tracker.resumed(meta)
+
+    key_columns = [
+        c for c in ("impression_id", config.group_column) if c and c in spec.feature_config.passthrough
+    ]
+    truth = _read_truth(config.truth) if rank == 0 else None
+    step = meta["step"]
+    stop = False
+    for epoch in range(meta["epoch"], t.epochs):
+        shard = ray.train.get_dataset_shard("train")
+        window_start, window_rows, losses = time.perf_counter(), 0, []
+        for table, _ in lockstep_batches(
+            shard, t.batch_size, complete=False, max_steps=t.max_steps_per_epoch
+        ):
+            batch = batch_from_arrow(table, sharded.layout).to(device)
+            loss, (parts, _, stats) = sharded.dmp(batch)
+            sharded.optimizer.zero_grad()
+            loss.backward()
+            sharded.optimizer.step()
+            step += 1
+            window_rows += table.num_rows * world
+            losses.append({k: float(v) for k, v in parts.items()})
+            if step % t.log_every_steps == 0:
+                seconds = time.perf_counter() - window_start
+                if tracker:
+                    tracker.train_window(step, losses, window_rows / seconds, stats)
+                window_start, window_rows, losses = time.perf_counter(), 0, []
+            if t.checkpoint_every_steps and step % t.checkpoint_every_steps == 0:
+                _report(sharded, {**meta, "epoch": epoch, "step": step}, {"step": step}, f"step{step:08d}")
+        preds = predict_split(sharded, ray.train.get_dataset_shard("valid"), config, key_columns)
+        decision = [None]
+        if rank == 0:
+            metrics = split_metrics(preds, config, truth, "valid/")
+            main = metrics.get(f"valid/{t.main_metric}", float("nan"))
+            improved = meta["best"] is None or main > meta["best"]
+            meta["best"] = main if improved else meta["best"]
+            meta["bad_epochs"] = 0 if improved else meta["bad_epochs"] + 1
+            meta["history"].append({"epoch": epoch, "step": step, **metrics})
+            tracker.epoch_end(epoch, step, metrics, preds)
+            stop = bool(t.early_stopping_patience and meta["bad_epochs"] >= t.early_stopping_patience)
+            decision = [{"meta": meta, "stop": stop}]
+        dist.broadcast_object_list(decision, src=0)
+        meta, stop = decision[0]["meta"], decision[0]["stop"]
+        meta = {**meta, "epoch": epoch + 1, "step": step}
+        _report(
+            sharded, meta, {"epoch": epoch, "step": step, "main_metric": meta["best"]}, f"epoch{epoch:03d}"
+        )
+        if stop:
+            break
+
+    preds = predict_split(sharded, ray.train.get_dataset_shard("test"), config, key_columns)
+    model = gather_unsharded(sharded, config)
+    if rank == 0:
+        metrics = split_metrics(preds, config, truth, "test/")
+        tracker.finish(model, metrics, preds, meta)
+
+
+def _report(sharded: ShardedModel, meta: dict[str, Any], metrics: dict[str, Any], name: str) -> None:
+    import ray.train
+
+    with tempfile.TemporaryDirectory() as tmp:
+        save_checkpoint(sharded, Path(tmp), meta)
+        ray.train.report(
+            {k: v for k, v in metrics.items() if v is not None},
+            checkpoint=ray.train.Checkpoint.from_directory(tmp),
+            checkpoint_dir_name=f"checkpoint_{name}",
+        )
+
+
+# ------------------------------------------------------------------------------------ the driver
+
+
+@dataclass
+class TrainResult:
+    """What a training run produced (filled from rank 0's ``result.json``)."""
+
+    run_name: str
+    storage: Path
+    summary: dict[str, Any]
+
+
+def _latest_run(storage: Path) -> str:
+    runs = (
+        sorted((p for p in storage.iterdir() if p.is_dir()), key=lambda p: p.stat().st_mtime)
+        if storage.exists()
+        else []
+    )
+    if not runs:
+        raise ValueError(f"--resume: no earlier run under {storage}")
+    return runs[-1].name
+
+
+def _latest_checkpoint(run_dir: Path) -> Path | None:
+    checkpoints = sorted(run_dir.glob("checkpoint_*"), key=lambda p: p.stat().st_mtime)
+    return checkpoints[-1] if checkpoints else None
+
+
+def run_training(
+    config: TrainConfig,
+    *,
+    tracking_uri: str | None = None,
+    require_tracking: bool = False,
+    resume: bool = False,
+) -> TrainResult:
+    """Trains with Ray Train: an embedded local Ray unless ``RAY_ADDRESS`` names a cluster.
+
+    Args:
+        config: the run's config.
+        tracking_uri: MLflow tracking URI (default: a local SQLite store, ``mlflow.db``).
+        require_tracking: fail if MLflow is unreachable (else training goes on without it, said once).
+        resume: continue the latest run under ``run.storage_path`` (or ``run.name``) from its last checkpoint.
+
+    Returns:
+        The run's name, storage folder and summary (test metrics, registered version).
+    """
+    import ray
+    import ray.data
+    from ray.train import Checkpoint, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from recsys.tracking import default_tracking_uri
+
+    features = Path(config.features)
+    for split in ("spec.json", *SPLIT_DIRS):
+        if not (features / split).exists():
+            raise FileNotFoundError(
+                f"features: {features / split} not found; build the features first "
+                "(python -m pipelines.features build ...)"
+            )
+    storage = Path(config.run.storage_path).resolve()
+    if resume:
+        name = config.run.name or _latest_run(storage)
+    else:
+        name = config.run.name or f"{config.run.model_name}-{dt.datetime.now():%Y%m%d-%H%M%S}"
+    run_dir = storage / name
+    resume_from = _latest_checkpoint(run_dir) if resume else None
+    if resume and resume_from is None:
+        raise ValueError(f"--resume: run {name} has no checkpoint under {run_dir}")
+
+    if not ray.is_initialized():
+        address = os.environ.get("RAY_ADDRESS")
+        # Embedded local cluster: the workers take one CPU each, so the cluster advertises two more
+        # logical CPUs than that for Ray Data's read tasks; with none left, reading would wait forever.
+        num_cpus = (
+            None
+            if address
+            else max(os.cpu_count() or 1, config.run.num_workers * config.run.cpus_per_worker) + 2
+        )
+        ray.init(address=address, num_cpus=num_cpus, include_dashboard=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False  # one bar per batch floods the logs
+    datasets = {split: ray.data.read_parquet(str((features / split).resolve())) for split in SPLIT_DIRS}
+    loop_config = {
+        "config": config.to_dict(),
+        "tracking_uri": tracking_uri or default_tracking_uri(),
+        "require_tracking": require_tracking,
+        "run_dir": str(run_dir),
+    }
+    run_dir.mkdir(parents=True, exist_ok=True)
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop_config,
+        torch_config=TorchConfig(backend="nccl" if config.run.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(
+            num_workers=config.run.num_workers,
+            use_gpu=config.run.use_gpu,
+            resources_per_worker={"CPU": config.run.cpus_per_worker},
+        ),
+        run_config=RunConfig(
+            name=name,
+            storage_path=str(storage),
+            failure_config=FailureConfig(max_failures=config.run.max_failures),
+        ),
+        datasets=datasets,
+        resume_from_checkpoint=Checkpoint.from_directory(str(resume_from)) if resume_from else None,
+    )
+    trainer.fit()
+    summary_path = run_dir / "result.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+    return TrainResult(name, run_dir, summary)

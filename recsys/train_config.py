@@ -1,0 +1,207 @@
+"""Typed, validated configuration of a training run, loaded from YAML.
+
+Example (``recsys/configs/train_demo.yaml``)::
+
+    features: data/demo/features          # a folder written by `python -m pipelines.features build`
+    truth: data/demo/raw/truth.parquet    # optional: oracle AUC on synthetic data
+    model: ecommerce_mmoe                 # a shipped model config, a YAML path, or an inline mapping
+    training: {epochs: 2, batch_size: 1024}
+    run: {experiment: recsys-demo, model_name: ecommerce-ranker, num_workers: 2}
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from features.config import from_mapping, invalid, shipped_config
+from recsys.config import ModelConfig
+from recsys.config import builtin_config as model_config_path
+
+EMBEDDING_OPTIMIZERS = ("rowwise_adagrad", "adam", "sgd")
+SHARDING_TYPES = ("table_wise", "column_wise", "table_column_wise", "row_wise", "auto")
+CONFIG_DIR = Path(__file__).parent / "configs"
+
+
+def _positive_int(where: str, name: str, value: Any, minimum: int = 1) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise invalid(where, name, value, f"expected an integer >= {minimum}")
+
+
+def _positive_number(where: str, name: str, value: Any) -> None:
+    if not isinstance(value, int | float) or isinstance(value, bool) or not value > 0:
+        raise invalid(where, name, value, "expected a number > 0")
+
+
+@dataclass(frozen=True)
+class TrainingSettings:
+    """How to train.
+
+    Attributes:
+        epochs: passes over the training split.
+        batch_size: rows per step on each worker.
+        dense_lr: Adam learning rate of the dense parameters (experts, gates, towers).
+        embedding_optimizer: the fused sparse optimizer of the embedding tables: ``rowwise_adagrad``,
+            ``adam`` or ``sgd`` (TorchRec's fused optimizers update only the rows a batch touches).
+        embedding_lr: its learning rate.
+        sharding: how the planner may place tables: ``table_wise`` (whole tables on one worker each),
+            ``column_wise``, ``table_column_wise``, ``row_wise`` (CUDA only) or ``auto`` (the planner's
+            choice, which may replicate small tables).
+        seed: the random seed of the model's initialisation.
+        log_every_steps: log train loss and throughput every N steps.
+        checkpoint_every_steps: also checkpoint every N steps (0: at the end of each epoch only).
+        early_stopping_patience: stop after N epochs without improvement of the main metric (0: never).
+        main_metric: the validation metric that selects the model, as ``task/metric`` (higher is better).
+        max_steps_per_epoch: cap on steps per epoch (0: no cap); for smoke runs.
+    """
+
+    epochs: int = 2
+    batch_size: int = 1024
+    dense_lr: float = 1e-3
+    embedding_optimizer: str = "rowwise_adagrad"
+    embedding_lr: float = 0.05
+    sharding: str = "table_wise"
+    seed: int = 0
+    log_every_steps: int = 50
+    checkpoint_every_steps: int = 0
+    early_stopping_patience: int = 0
+    main_metric: str = "click/auc"
+    max_steps_per_epoch: int = 0
+
+    def __post_init__(self) -> None:
+        w = "training"
+        _positive_int(w, "epochs", self.epochs)
+        _positive_int(w, "batch_size", self.batch_size)
+        _positive_number(w, "dense_lr", self.dense_lr)
+        _positive_number(w, "embedding_lr", self.embedding_lr)
+        if self.embedding_optimizer not in EMBEDDING_OPTIMIZERS:
+            raise invalid(
+                w,
+                "embedding_optimizer",
+                self.embedding_optimizer,
+                f"expected one of {list(EMBEDDING_OPTIMIZERS)}",
+            )
+        if self.sharding not in SHARDING_TYPES:
+            raise invalid(w, "sharding", self.sharding, f"expected one of {list(SHARDING_TYPES)}")
+        _positive_int(w, "seed", self.seed, 0)
+        _positive_int(w, "log_every_steps", self.log_every_steps)
+        for name in ("checkpoint_every_steps", "early_stopping_patience", "max_steps_per_epoch"):
+            _positive_int(w, name, getattr(self, name), 0)
+        if not isinstance(self.main_metric, str) or self.main_metric.count("/") != 1:
+            raise invalid(w, "main_metric", self.main_metric, "expected 'task/metric', e.g. 'click/auc'")
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """Where and how the run executes and is recorded.
+
+    Attributes:
+        experiment: the MLflow experiment.
+        model_name: the registered model's name in the MLflow model registry.
+        num_workers: Ray Train workers (each one process holding its share of the tables).
+        use_gpu: one GPU per worker, NCCL instead of gloo.
+        storage_path: where Ray Train keeps checkpoints (a local folder or a cluster storage URI).
+        name: the run's name under ``storage_path`` (default: model name and start time).
+        max_failures: worker failures to recover from (from the latest checkpoint) before giving up.
+        cpus_per_worker: CPUs reserved per worker (and torch threads in it).
+    """
+
+    experiment: str = "recsys"
+    model_name: str = "ranking-model"
+    num_workers: int = 2
+    use_gpu: bool = False
+    storage_path: str = "artifacts/ray"
+    name: str = ""
+    max_failures: int = 2
+    cpus_per_worker: int = 1
+
+    def __post_init__(self) -> None:
+        w = "run"
+        for name in ("experiment", "model_name"):
+            if not isinstance(getattr(self, name), str) or not getattr(self, name):
+                raise invalid(w, name, getattr(self, name), "expected a non-empty string")
+        _positive_int(w, "num_workers", self.num_workers)
+        _positive_int(w, "max_failures", self.max_failures, -1)
+        _positive_int(w, "cpus_per_worker", self.cpus_per_worker)
+        if not isinstance(self.use_gpu, bool):
+            raise invalid(w, "use_gpu", self.use_gpu, "expected true or false")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """A whole training run.
+
+    Attributes:
+        features: the model-ready dataset folder (``spec.json`` and ``train``/``valid``/``test``).
+        model: the model config.
+        training: training settings.
+        run: run settings.
+        truth: optional ``truth.parquet`` of generated data, for the oracle AUC.
+        group_column: the column GAUC groups by (``user_id``); empty to skip GAUC.
+    """
+
+    features: str
+    model: ModelConfig
+    training: TrainingSettings = field(default_factory=TrainingSettings)
+    run: RunSettings = field(default_factory=RunSettings)
+    truth: str = ""
+    group_column: str = "user_id"
+
+    def __post_init__(self) -> None:
+        task, _ = self.training.main_metric.split("/")
+        names = [t.name for t in self.model.tasks]
+        if task not in names:
+            raise invalid("training", "main_metric", self.training.main_metric, f"expected a task of {names}")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], base: Path | None = None) -> TrainConfig:
+        """Builds a config from plain data; relative paths are read against ``base``."""
+        if not isinstance(data, dict):
+            raise ValueError(f"train config: expected a mapping, got {data!r}")
+        data = dict(data)
+        for key in ("features", "model"):
+            if key not in data:
+                raise ValueError(f"train config.{key}: missing required field")
+        model = data["model"]
+        if isinstance(model, str):
+            path = Path(model)
+            if path.suffix not in (".yaml", ".yml"):
+                path = model_config_path(model)
+            elif base is not None and not path.is_absolute():
+                path = base / path
+            data["model"] = ModelConfig.from_yaml(path)
+        elif isinstance(model, dict):
+            data["model"] = ModelConfig.from_dict(model)
+        elif not isinstance(model, ModelConfig):
+            raise invalid("train config", "model", model, "expected a config name, a YAML path or a mapping")
+        data["training"] = from_mapping(TrainingSettings, data.get("training") or {}, "training")
+        data["run"] = from_mapping(RunSettings, data.get("run") or {}, "run")
+        return from_mapping(cls, data, "train config")
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> TrainConfig:
+        """Loads and validates a YAML train config."""
+        with open(path) as fh:
+            return cls.from_dict(yaml.safe_load(fh))
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data that :meth:`from_dict` reads back."""
+        return asdict(self)
+
+    def replace(self, **sections: dict[str, Any]) -> TrainConfig:
+        """A copy with fields of the ``training`` or ``run`` sections (or top-level fields) changed."""
+        data = self.to_dict()
+        for key, value in sections.items():
+            if isinstance(value, dict):
+                data[key] = {**data[key], **value}
+            else:
+                data[key] = value
+        return TrainConfig.from_dict(data)
+
+
+def builtin_train_config(name: str) -> Path:
+    """Path of a shipped training config (``train_demo``, ``train_census``, ...)."""
+    return shipped_config(CONFIG_DIR, name, "train config")
