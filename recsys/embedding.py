@@ -68,15 +68,15 @@ class SparseArch(nn.Module):
             raise ValueError(f"model.embedding.dim: every table needs one dimension, got {sorted(dims)}")
         self.dim = dims.pop()
         self.keys = list(keys)
-        # The collection outputs features grouped by table; a fixed permutation restores the layout order.
         produced = [name for c in configs for name in c.feature_names]
         if sorted(produced) != sorted(self.keys):
             raise ValueError(
                 f"model.embedding: the tables' features {produced} differ from the keys {self.keys}"
             )
-        order = [produced.index(k) for k in self.keys]
-        self.identity_order = order == list(range(len(order)))
-        self.register_buffer("order", torch.tensor(order, dtype=torch.int64), persistent=False)
+        # Column order of the pooled output, by the order the collection produced its keys in: the
+        # unsharded collection groups features by table, a sharded one (DistributedModelParallel) by shard,
+        # so the permutation is worked out from the output's own keys (once per order seen).
+        self._orders: dict[tuple[str, ...], torch.Tensor | None] = {}
 
     @property
     def num_features(self) -> int:
@@ -92,11 +92,17 @@ class SparseArch(nn.Module):
         Returns:
             ``(B, F, D)`` pooled embeddings, features in key order.
         """
-        pooled = self.embedding_bag_collection(features).values()  # (B, F * D), table order
+        pooled_kt = self.embedding_bag_collection(features)
+        produced = tuple(pooled_kt.keys())
+        if produced not in self._orders:
+            order = [produced.index(k) for k in self.keys]
+            self._orders[produced] = None if order == list(range(len(order))) else torch.tensor(order)
+        pooled = pooled_kt.values()  # (B, F * D), in the produced order
         pooled = pooled.view(pooled.size(0), self.num_features, self.dim)  # (B, F, D)
-        if self.identity_order:
+        order = self._orders[produced]
+        if order is None:
             return pooled
-        return pooled.index_select(1, self.order)
+        return pooled.index_select(1, order.to(pooled.device))
 
 
 def enable_sparse_gradients(embedding_bag_collection: EmbeddingBagCollection) -> list[nn.Parameter]:

@@ -117,13 +117,22 @@ class RankZeroSession:
             self.tracker.log_figure(loss_figure(self.steps, self.losses, "training loss"), "report/loss.png")
         self.tracker.log_dict({"history": meta["history"], "test": metrics}, "report/metrics.json")
 
+        # The sharded model's test predictions, for audits (and the test that the registered model agrees).
+        import polars as pl
+
+        columns = {**preds.keys, **{f"p_{k}": v for k, v in preds.probs.items()}}
+        predictions = self.run_dir / "test_predictions.parquet"
+        pl.DataFrame(columns).write_parquet(predictions)
+        self.tracker.log_artifact(predictions, "report")
+
         package_dir = self.run_dir / "model"
-        save_package(
+        save_package(  # a resumed run replaces the package its first part wrote
             package_dir,
             model,
             self.config.model,
             self.spec,
             extra={"run_id": self.run_id, "test_metrics": _scalars(metrics)},
+            overwrite=True,
         )
         main_task, main_name = self.config.training.main_metric.split("/")
         best = meta["best"]

@@ -60,6 +60,7 @@ class ShardedModel:
 
     dmp: torch.nn.Module  # DistributedModelParallel(RankingTrain)
     optimizer: Any  # CombinedOptimizer(fused sparse, Adam dense)
+    dense_optimizer: Any  # the Adam part, whose state is created lazily
     plan: Any
     layout: FeatureLayout
     device: torch.device
@@ -108,7 +109,7 @@ def build_sharded_model(config: TrainConfig, spec: FeatureSpec, device: torch.de
         lambda params: torch.optim.Adam(params, lr=t.dense_lr),
     )
     optimizer = CombinedOptimizer([dmp.fused_optimizer, dense])
-    return ShardedModel(dmp, optimizer, plan, layout, device)
+    return ShardedModel(dmp, optimizer, dense, plan, layout, device)
 
 
 def gather_unsharded(sharded: ShardedModel, config: TrainConfig) -> RankingModel | None:
@@ -153,8 +154,29 @@ def _any_rank(flag: bool, op: dist.ReduceOp) -> bool:
     return bool(value.item())
 
 
+def padding_row(layout: FeatureLayout, key_columns: list[str]) -> pa.Table:
+    """One row of zeros (out-of-vocabulary ids, empty bags) with the model's and the keys' columns."""
+    columns: dict[str, pa.Array] = {}
+    for feature in layout.sparse:
+        columns[feature.name] = pa.array(
+            [[]] if feature.multi_hot else [0], pa.large_list(pa.int64()) if feature.multi_hot else pa.int64()
+        )
+    for name in (*layout.dense, *layout.labels):
+        columns[name] = pa.array([0.0], pa.float32())
+    for name in key_columns:
+        columns[name] = pa.array([0], pa.int64())
+    return pa.table(columns)
+
+
 def lockstep_batches(
-    shard: Any, batch_size: int, *, complete: bool, max_steps: int = 0
+    shard: Any,
+    batch_size: int,
+    *,
+    complete: bool,
+    padding: pa.Table | None = None,
+    max_steps: int = 0,
+    shuffle_rows: int = 0,
+    seed: int = 0,
 ) -> Iterator[tuple[pa.Table, int]]:
     """Arrow batches of exactly ``batch_size`` rows, the same number on every worker.
 
@@ -163,16 +185,23 @@ def lockstep_batches(
         batch_size: rows per batch.
         complete: evaluation mode: go on while any worker has rows (others yield padding, and partial
             batches are padded); else stop when any worker runs out of full batches (training).
+        padding: evaluation mode: the row a worker without rows repeats (see :func:`padding_row`).
         max_steps: stop after this many batches (0: no cap).
+        shuffle_rows: shuffle within a buffer of this many rows (0: read order).
+        seed: the shuffle's seed.
 
     Yields:
         ``(table, n_real)``: the batch and how many of its first rows are real.
     """
     batches = shard.iter_batches(
-        batch_size=batch_size, batch_format="pyarrow", drop_last=not complete, prefetch_batches=2
+        batch_size=batch_size,
+        batch_format="pyarrow",
+        drop_last=not complete,
+        prefetch_batches=2,
+        local_shuffle_buffer_size=shuffle_rows or None,
+        local_shuffle_seed=seed if shuffle_rows else None,
     )
     it = iter(batches)
-    template: pa.Table | None = None
     steps = 0
     while not max_steps or steps < max_steps:
         table = next(it, None)
@@ -181,15 +210,12 @@ def lockstep_batches(
         if not go_on:
             return
         if has:
-            template = table
             n_real = table.num_rows
             if n_real < batch_size:
                 table = _pad(table, batch_size)
         else:
             # This worker is out of rows: it feeds padding so that the others can finish.
-            if template is None:
-                template = next(iter(shard.iter_batches(batch_size=1, batch_format="pyarrow")))
-            table, n_real = _pad(template.slice(0, 1), batch_size), 0
+            table, n_real = _pad(padding, batch_size), 0
         steps += 1
         yield table, n_real
 
@@ -218,7 +244,10 @@ def predict_split(
     keys: dict[str, list[np.ndarray]] = {name: [] for name in key_columns}
     stats: dict[str, list[np.ndarray]] = {}
     with torch.no_grad():
-        for table, n_real in lockstep_batches(shard, config.training.batch_size, complete=True):
+        padding = padding_row(layout, key_columns)
+        for table, n_real in lockstep_batches(
+            shard, config.training.batch_size, complete=True, padding=padding
+        ):
             batch = batch_from_arrow(table, layout).to(sharded.device)
             _, (_, logits, batch_stats) = dmp(batch)
             if n_real == 0:
@@ -236,7 +265,7 @@ def predict_split(
     local = {
         "labels": {k: np.concatenate(v) if v else np.zeros(0) for k, v in labels.items()},
         "probs": {k: np.concatenate(v) if v else np.zeros(0) for k, v in probs.items()},
-        "keys": {k: np.concatenate(v) if v else np.zeros(0) for k, v in keys.items()},
+        "keys": {k: np.concatenate(v) if v else np.zeros(0, dtype=np.int64) for k, v in keys.items()},
         "stats": {k: np.sum(v, axis=0) for k, v in stats.items()},
     }
     gathered: list[Any] = [None] * dist.get_world_size()
@@ -295,6 +324,8 @@ def load_checkpoint(sharded: ShardedModel, directory: Path) -> dict[str, Any]:
     # full unpickling is needed for them (the registered model, in contrast, loads with weights_only).
     state = torch.load(directory / CHECKPOINT_FILE.format(rank=dist.get_rank()), weights_only=False)
     sharded.dmp.load_state_dict(state["model"])
+    # Adam creates its state at the first step; TorchRec's keyed optimizers load only into existing state.
+    sharded.dense_optimizer.init_state()
     sharded.optimizer.load_state_dict(state["optimizer"])
     return state["meta"]
 
@@ -353,9 +384,15 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     for epoch in range(meta["epoch"], t.epochs):
         shard = ray.train.get_dataset_shard("train")
         window_start, window_rows, losses = time.perf_counter(), 0, []
-        for table, _ in lockstep_batches(
-            shard, t.batch_size, complete=False, max_steps=t.max_steps_per_epoch
-        ):
+        batches = lockstep_batches(
+            shard,
+            t.batch_size,
+            complete=False,
+            max_steps=t.max_steps_per_epoch,
+            shuffle_rows=t.shuffle_rows,
+            seed=t.seed * 1000 + epoch,
+        )
+        for table, _ in batches:
             batch = batch_from_arrow(table, sharded.layout).to(device)
             loss, (parts, _, stats) = sharded.dmp(batch)
             sharded.optimizer.zero_grad()
@@ -414,6 +451,34 @@ def _report(sharded: ShardedModel, meta: dict[str, Any], metrics: dict[str, Any]
 # ------------------------------------------------------------------------------------ the driver
 
 
+def _data_config() -> Any:
+    """Ray Train's data config, but evaluation splits are split completely (``equal=False``).
+
+    Ray Train splits every dataset with ``streaming_split(equal=True)``, which drops the remainder rows so
+    that the shards are equal; right for training (lockstep), wrong for evaluation, which must see every
+    row. Order is preserved, so that a run (and a resumed run) reads its data in the same order.
+    """
+    from ray.train import DataConfig
+
+    class _Config(DataConfig):
+        def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):  # noqa: ANN001
+            train = {k: v for k, v in datasets.items() if k == "train"}
+            output = super().configure(train, world_size, worker_handles, worker_node_ids, **kwargs)
+            for name, ds in datasets.items():
+                if name == "train":
+                    continue
+                ds = ds.copy(ds)
+                ds.set_name(name)
+                ds.context.execution_options = self._resolve_execution_options(name)
+                for i, split in enumerate(ds.streaming_split(world_size, equal=False)):
+                    output[i][name] = split
+            return output
+
+    options = DataConfig.default_ingest_options()
+    options.preserve_order = True
+    return _Config(execution_options=options)
+
+
 @dataclass
 class TrainResult:
     """What a training run produced (filled from rank 0's ``result.json``)."""
@@ -459,11 +524,16 @@ def run_training(
     """
     import ray
     import ray.data
-    from ray.train import Checkpoint, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from recsys.tracking import default_tracking_uri
 
+    if require_tracking:
+        from recsys.tracking import Tracker
+
+        # Fail here, in seconds, rather than in a worker that Ray Train would restart max_failures times.
+        Tracker(tracking_uri or default_tracking_uri(), config.run.experiment, require=True)
     features = Path(config.features)
     for split in ("spec.json", *SPLIT_DIRS):
         if not (features / split).exists():
@@ -477,8 +547,9 @@ def run_training(
     else:
         name = config.run.name or f"{config.run.model_name}-{dt.datetime.now():%Y%m%d-%H%M%S}"
     run_dir = storage / name
-    resume_from = _latest_checkpoint(run_dir) if resume else None
-    if resume and resume_from is None:
+    # Ray Train restores a run from the latest checkpoint under its storage path and name by itself;
+    # --resume only picks that name (the latest run's), and checks there is something to resume.
+    if resume and _latest_checkpoint(run_dir) is None:
         raise ValueError(f"--resume: run {name} has no checkpoint under {run_dir}")
 
     if not ray.is_initialized():
@@ -515,7 +586,7 @@ def run_training(
             failure_config=FailureConfig(max_failures=config.run.max_failures),
         ),
         datasets=datasets,
-        resume_from_checkpoint=Checkpoint.from_directory(str(resume_from)) if resume_from else None,
+        dataset_config=_data_config(),
     )
     trainer.fit()
     summary_path = run_dir / "result.json"

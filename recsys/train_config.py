@@ -56,6 +56,8 @@ class TrainingSettings:
         early_stopping_patience: stop after N epochs without improvement of the main metric (0: never).
         main_metric: the validation metric that selects the model, as ``task/metric`` (higher is better).
         max_steps_per_epoch: cap on steps per epoch (0: no cap); for smoke runs.
+        shuffle_rows: shuffle training rows within a buffer of this many rows on each worker (0: read
+            order). The data is in time order, so some shuffling keeps batches from being one hour each.
     """
 
     epochs: int = 2
@@ -70,6 +72,7 @@ class TrainingSettings:
     early_stopping_patience: int = 0
     main_metric: str = "click/auc"
     max_steps_per_epoch: int = 0
+    shuffle_rows: int = 100_000
 
     def __post_init__(self) -> None:
         w = "training"
@@ -88,7 +91,12 @@ class TrainingSettings:
             raise invalid(w, "sharding", self.sharding, f"expected one of {list(SHARDING_TYPES)}")
         _positive_int(w, "seed", self.seed, 0)
         _positive_int(w, "log_every_steps", self.log_every_steps)
-        for name in ("checkpoint_every_steps", "early_stopping_patience", "max_steps_per_epoch"):
+        for name in (
+            "checkpoint_every_steps",
+            "early_stopping_patience",
+            "max_steps_per_epoch",
+            "shuffle_rows",
+        ):
             _positive_int(w, name, getattr(self, name), 0)
         if not isinstance(self.main_metric, str) or self.main_metric.count("/") != 1:
             raise invalid(w, "main_metric", self.main_metric, "expected 'task/metric', e.g. 'click/auc'")

@@ -1,0 +1,133 @@
+"""Distributed training end to end: real Ray (embedded), real TorchRec DMP (2 workers, gloo), real MLflow."""
+
+from __future__ import annotations
+
+import json
+import socket
+
+import mlflow
+import numpy as np
+import polars as pl
+import pytest
+
+from features.config import FeatureConfig, builtin_config
+from features.generate import generate
+from features.pipeline import build, load_tables
+from recsys.tracking import TrackingError
+from recsys.train import run_training
+from recsys.train_config import TrainConfig
+
+pytestmark = pytest.mark.slow
+
+TINY_MODEL = {
+    "tasks": [{"name": "click"}, {"name": "purchase", "given": "click"}],
+    "embedding": {"dim": 8},
+    "arch": {"type": "mmoe", "num_experts": 4, "expert_hidden": [32], "tower_hidden": [8]},
+    "gate": {"type": "softmax", "load_balance_weight": 0.01},
+}
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    generate(root / "raw", 12_000, seed=5, n_users=150, n_items=300, progress=False)
+    config = FeatureConfig.from_yaml(builtin_config("ecommerce"))
+    build(config, load_tables(root / "raw"), root / "features", progress=False)
+    yield root
+    import ray
+
+    ray.shutdown()
+
+
+def make_config(root, name, **training):
+    return TrainConfig.from_dict(
+        {
+            "features": str(root / "features"),
+            "truth": str(root / "raw" / "truth.parquet"),
+            "model": TINY_MODEL,
+            "training": {"epochs": 2, "batch_size": 256, "log_every_steps": 5, "dense_lr": 0.003, **training},
+            "run": {
+                "experiment": "test",
+                "model_name": "tiny-ranker",
+                "num_workers": 2,
+                "storage_path": str(root / "ray"),
+                "name": name,
+                "max_failures": 0,
+            },
+        }
+    )
+
+
+def split_rows(root, split):
+    return pl.scan_parquet(root / "features" / split / "*.parquet").select(pl.len()).collect().item()
+
+
+def test_two_workers_train_log_register_and_the_registered_model_agrees(data):
+    uri = f"sqlite:///{data / 'mlflow.db'}"
+    result = run_training(make_config(data, "two-workers"), tracking_uri=uri)
+    summary = result.summary
+    assert summary["alias"] == "champion" and summary["version"] == "1"
+
+    client = mlflow.MlflowClient(uri)
+    run = client.get_run(summary["mlflow_run_id"])
+    # Tables really split across the workers: some on rank 0, some on rank 1.
+    ranks = run.data.params["sharding_plan_ranks"]
+    assert ":[0]" in ranks and ":[1]" in ranks
+    losses = [m.value for m in client.get_metric_history(run.info.run_id, "train/loss")]
+    assert len(losses) >= 4 and np.mean(losses[-2:]) < np.mean(losses[:2])
+    aucs = client.get_metric_history(run.info.run_id, "valid/click/auc")
+    assert len(aucs) == 2 and all(0.5 < m.value <= 1 for m in aucs)
+    # Every evaluation row is counted once: nothing dropped by the uneven split, no padding row.
+    assert run.data.metrics["valid/click/count"] == split_rows(data, "valid")
+    assert run.data.metrics["test/click/count"] == split_rows(data, "test")
+    assert 0 < run.data.metrics["test/click/oracle_auc"] - run.data.metrics["test/click/auc"] < 0.3
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "report")}
+    assert {"report/calibration_test.png", "report/expert_load.png", "report/loss.png"} <= artifacts
+
+    # The registered champion, loaded through MLflow from raw contract rows, scores the test rows as the
+    # sharded model did during training.
+    mlflow.set_tracking_uri(uri)
+    model = mlflow.pyfunc.load_model("models:/tiny-ranker@champion")
+    raw = data / "raw"
+    rows = (
+        pl.read_parquet(raw / "impressions.parquet")
+        .join(pl.read_parquet(raw / "users.parquet"), on="user_id", how="left")
+        .join(pl.read_parquet(raw / "items.parquet"), on="item_id", how="left")
+    )
+    scored = pl.from_pandas(model.predict(rows.to_pandas()))
+    during = pl.read_parquet(result.storage / "test_predictions.parquet")
+    joined = during.join(scored, on="impression_id", suffix="_registered")
+    assert joined.height == during.height == split_rows(data, "test")
+    for task in ("click", "purchase"):
+        np.testing.assert_allclose(joined[f"p_{task}_registered"], joined[f"p_{task}"], rtol=1e-4, atol=1e-6)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_unreachable_tracking_training_goes_on_unless_required(data):
+    config = make_config(data, "no-tracking", epochs=1, max_steps_per_epoch=3).replace(run={"num_workers": 1})
+    uri = f"http://127.0.0.1:{free_port()}"
+    with pytest.raises(TrackingError, match=uri):
+        run_training(config, tracking_uri=uri, require_tracking=True)
+    result = run_training(config, tracking_uri=uri)
+    assert result.summary["mlflow_run_id"] is None and "version" not in result.summary
+    assert (result.storage / "model" / "weights.pt").exists()
+
+
+def test_resume_gives_the_same_model_as_an_uninterrupted_run(data):
+    uri = f"sqlite:///{data / 'mlflow-resume.db'}"
+    whole = make_config(data, "whole").replace(run={"num_workers": 1})
+    run_training(whole, tracking_uri=uri)
+    first = make_config(data, "stopped", epochs=1).replace(run={"num_workers": 1})
+    run_training(first, tracking_uri=uri)
+    resumed = run_training(first.replace(training={"epochs": 2}), tracking_uri=uri, resume=True)
+    a = pl.read_parquet(data / "ray" / "whole" / "test_predictions.parquet").sort("impression_id")
+    b = pl.read_parquet(resumed.storage / "test_predictions.parquet").sort("impression_id")
+    for task in ("click", "purchase"):
+        np.testing.assert_allclose(b[f"p_{task}"], a[f"p_{task}"], rtol=1e-4, atol=1e-6)
+    history = json.loads((resumed.storage / "result.json").read_text())
+    assert history["mlflow_run_id"] == json.loads((resumed.storage / "tracking.json").read_text())["run_id"]
