@@ -534,6 +534,11 @@ def run_training(
 
         # Fail here, in seconds, rather than in a worker that Ray Train would restart max_failures times.
         Tracker(tracking_uri or default_tracking_uri(), config.run.experiment, require=True)
+    # Workers run in their own working directories: relative paths are resolved here, once.
+    config = config.replace(
+        features=str(Path(config.features).resolve()),
+        truth=str(Path(config.truth).resolve()) if config.truth else "",
+    )
     features = Path(config.features)
     for split in ("spec.json", *SPLIT_DIRS):
         if not (features / split).exists():
