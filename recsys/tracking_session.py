@@ -136,10 +136,14 @@ class RankZeroSession:
         )
         main_task, main_name = self.config.training.main_metric.split("/")
         best = meta["best"]
+        # The package holds the last epoch's weights, so the registry compares the last epoch's metric.
+        key = f"valid/{main_task}/{main_name}"
+        final = meta["history"][-1].get(key, float("nan")) if meta["history"] else float("nan")
         summary: dict[str, Any] = {
             "mlflow_run_id": self.run_id,
             "model_package": str(package_dir),
             "best_valid_main_metric": best,
+            "final_valid_main_metric": final,
             "test": {
                 k: v
                 for k, v in _scalars(metrics).items()
@@ -151,9 +155,7 @@ class RankZeroSession:
         uri = log_model(self.tracker, package_dir)
         version = None
         if uri is not None:
-            version = register_model(
-                self.tracker, uri, self.config.run.model_name, f"valid/{main_task}/{main_name}", float(best)
-            )
+            version = register_model(self.tracker, uri, self.config.run.model_name, key, float(final))
         if version is not None:
             summary.update(
                 {
