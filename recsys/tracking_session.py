@@ -21,8 +21,6 @@ import torch
 from features.spec import FeatureSpec
 from recsys.train_config import TrainConfig
 
-_SKIP_IN_METRICS = ("/expert",)
-
 
 class RankZeroSession:
     """Rank 0's side of a run: every MLflow call of training goes through here."""

@@ -48,7 +48,6 @@ from recsys.train_config import TrainConfig
 
 SPLIT_DIRS = ("train", "valid", "test")
 CHECKPOINT_FILE = "rank{rank}.pt"
-TRACKING_FILE = "tracking.json"
 
 
 # ----------------------------------------------------------------------------------- sharded model
