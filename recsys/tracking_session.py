@@ -134,14 +134,16 @@ class RankZeroSession:
         )
         main_task, main_name = self.config.training.main_metric.split("/")
         best = meta["best"]
-        # The package holds the last epoch's weights, so the registry compares the last epoch's metric.
+        # The registry compares the validation metric of the epoch whose weights the package holds.
         key = f"valid/{main_task}/{main_name}"
-        final = meta["history"][-1].get(key, float("nan")) if meta["history"] else float("nan")
+        rows = [h for h in meta["history"] if h["epoch"] == meta.get("final_epoch")] or meta["history"][-1:]
+        final = rows[0].get(key, float("nan")) if rows else float("nan")
         summary: dict[str, Any] = {
             "mlflow_run_id": self.run_id,
             "model_package": str(package_dir),
             "best_valid_main_metric": best,
             "final_valid_main_metric": final,
+            "final_epoch": meta.get("final_epoch"),
             "test": {
                 k: v
                 for k, v in _scalars(metrics).items()

@@ -414,6 +414,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             main = metrics.get(f"valid/{t.main_metric}", float("nan"))
             improved = meta["best"] is None or main > meta["best"]
             meta["best"] = main if improved else meta["best"]
+            meta["best_epoch"] = epoch if improved else meta.get("best_epoch", epoch)
             meta["bad_epochs"] = 0 if improved else meta["bad_epochs"] + 1
             meta["history"].append({"epoch": epoch, "step": step, **metrics})
             tracker.epoch_end(epoch, step, metrics, preds)
@@ -428,11 +429,30 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         if stop:
             break
 
+    meta = _restore_best_epoch(sharded, meta, Path(loop_config["run_dir"]))
     preds = predict_split(sharded, ray.train.get_dataset_shard("test"), config, key_columns)
     model = gather_unsharded(sharded, config)
     if rank == 0:
         metrics = split_metrics(preds, config, truth, "test/")
         tracker.finish(model, metrics, preds, meta)
+
+
+def _restore_best_epoch(sharded: ShardedModel, meta: dict[str, Any], run_dir: Path) -> dict[str, Any]:
+    """Loads the checkpoint of the epoch with the best main metric, if a later epoch was worse.
+
+    Deep CTR models often overfit from their second epoch on; the test split, the package and the registry
+    then all see the best epoch's weights. Every worker decides alike (``meta`` is broadcast each epoch).
+    Returns ``meta`` with ``final_epoch``, the epoch whose weights the model now holds.
+    """
+    last = meta["epoch"] - 1
+    best = meta.get("best_epoch", last)
+    directory = run_dir / f"checkpoint_epoch{best:03d}"
+    if best == last or not (directory / CHECKPOINT_FILE.format(rank=dist.get_rank())).exists():
+        return {**meta, "final_epoch": last}
+    load_checkpoint(sharded, directory)
+    if dist.get_rank() == 0:
+        print(f"restored the best epoch, {best} (main metric {meta['best']:.4f}), over the last, {last}")
+    return {**meta, "final_epoch": best}
 
 
 def _report(sharded: ShardedModel, meta: dict[str, Any], metrics: dict[str, Any], name: str) -> None:

@@ -77,6 +77,10 @@ def test_two_workers_train_log_register_and_the_registered_model_agrees(data):
     assert len(losses) >= 4 and np.mean(losses[-2:]) < np.mean(losses[:2])
     aucs = client.get_metric_history(run.info.run_id, "valid/click/auc")
     assert len(aucs) == 2 and all(0.5 < m.value <= 1 for m in aucs)
+    # The model kept (tested, packaged, registered) is the best epoch's.
+    by_step = [m.value for m in sorted(aucs, key=lambda m: m.step)]
+    assert summary["final_epoch"] == int(np.argmax(by_step))
+    assert summary["final_valid_main_metric"] == pytest.approx(max(by_step))
     # Every evaluation row is counted once: nothing dropped by the uneven split, no padding row.
     assert run.data.metrics["valid/click/count"] == split_rows(data, "valid")
     assert run.data.metrics["test/click/count"] == split_rows(data, "test")
