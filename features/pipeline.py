@@ -58,7 +58,6 @@ def _in_memory(func: Callable[P, R]) -> Callable[P, R]:
     return wrapper
 
 
-SPLIT_COLUMN = "__split"
 ALL = "all"
 
 
