@@ -12,6 +12,9 @@ column                      meaning
 ``hist_item_ids``           the user's last N clicked items, oldest first, strictly before ``ts``
 ``hist_category_ids``       their leaf categories
 ``user_clicks_{d}d``        the user's clicks in ``[ts - d days, ts)``
+``last_click_same_top``     1 if the item's top category is that of the user's last click before ``ts``
+``prev_day_click_same_top`` 1 if it is that of the user's last click before ``ts``'s UTC day began (the
+                            state a profile refreshed by a daily batch job would hold), else 0
 ==========================  =========================================================================
 
 History comes from click events strictly before each row's ``ts``: events at the same instant (the same
@@ -28,6 +31,8 @@ from features.config import HistoryConfig
 
 HIST_ITEMS, HIST_CATEGORIES = "hist_item_ids", "hist_category_ids"
 HIST_STATE = "__hist_state"
+LAST_CLICK_SAME_TOP, PREV_DAY_CLICK_SAME_TOP = "last_click_same_top", "prev_day_click_same_top"
+_LAST_TOP = "__last_top"  # the top category of the last click of a history state
 _DAY_S = 86_400.0
 
 
@@ -61,12 +66,18 @@ def click_history(events: pl.LazyFrame, items: pl.LazyFrame, max_length: int) ->
 
     Returns:
         One row per (user_id, ts) with a click, sorted by ``ts``: ``n_clicks`` (the user's clicks up to and
-        including ``ts``) and the last ``max_length`` clicked items and categories, oldest first.
+        including ``ts``), the last ``max_length`` clicked items and categories, oldest first, and the top
+        category of the last of them (``__last_top``).
     """
     clicks = (
         events.filter(pl.col("click") == 1)
         .select("user_id", "ts", "impression_id", "item_id")
-        .join(items.select("item_id", "category_id"), on="item_id", how="left", maintain_order="left")
+        .join(
+            items.select("item_id", "category_id", "top_category"),
+            on="item_id",
+            how="left",
+            maintain_order="left",
+        )
         # A user's clicks in time order; impression_id breaks ties within one page view.
         .sort("user_id", "ts", "impression_id")
         .with_row_index("_k")
@@ -75,6 +86,7 @@ def click_history(events: pl.LazyFrame, items: pl.LazyFrame, max_length: int) ->
         pl.col("ts").last(),
         pl.col("item_id").alias(HIST_ITEMS),
         pl.col("category_id").fill_null(-1).alias(HIST_CATEGORIES),
+        pl.col("top_category").last().alias(_LAST_TOP),
     )
     return (
         state.with_columns(n_clicks=pl.int_range(1, pl.len() + 1, dtype=pl.Int64).over("user_id"))
@@ -94,21 +106,29 @@ def add_history_index(
     many impressions share a state, and gathering lists late, after their ids are mapped, is much cheaper.
 
     Args:
-        lf: rows sorted by ``ts`` with ``user_id`` and ``ts``.
+        lf: rows sorted by ``ts`` with ``user_id``, ``ts`` and ``top_category``.
         history: the click event log (impressions with labels).
         items: the items table.
         cfg: history settings.
 
     Returns:
-        ``lf`` with ``__hist_state`` (row of the returned table, null without earlier clicks) and one
-        ``user_clicks_{d}d`` column (Int64) per window; and the table of states with the list columns
-        ``hist_item_ids`` and ``hist_category_ids``.
+        ``lf`` with ``__hist_state`` (row of the returned table, null without earlier clicks), one
+        ``user_clicks_{d}d`` column (Int64) per window and the 0/1 (Int64) ``last_click_same_top`` and
+        ``prev_day_click_same_top``; and the table of states with the list columns ``hist_item_ids`` and
+        ``hist_category_ids``.
     """
     state = click_history(history, items, cfg.max_length).collect().with_row_index(HIST_STATE)
     asof = {"by": "user_id", "strategy": "backward", "allow_exact_matches": False, "check_sortedness": False}
     # The joins run on a narrow frame of keys: joining the wide rows would copy every column each time.
-    keys = lf.select("user_id", "ts").join_asof(
-        state.lazy().select("user_id", "ts", HIST_STATE, "n_clicks"), on="ts", **asof
+    keys = (
+        lf.select("user_id", "ts", "top_category")
+        .join_asof(state.lazy().select("user_id", "ts", HIST_STATE, "n_clicks", _LAST_TOP), on="ts", **asof)
+        .with_columns(_day=pl.col("ts").dt.truncate("1d"))
+        .join_asof(
+            state.lazy().select("user_id", pl.col("ts").alias("_day"), pl.col(_LAST_TOP).alias("_prev_top")),
+            on="_day",
+            **asof,
+        )
     )
     counts = state.lazy().select("user_id", "ts", "n_clicks")
     for days in cfg.windows_days:
@@ -123,7 +143,16 @@ def add_history_index(
             )
             .drop(start, "_n_before")
         )
-    added = keys.select(HIST_STATE, *[clicks_column(d) for d in cfg.windows_days])
+
+    def same_top(column: str) -> pl.Expr:
+        return (pl.col(column) == pl.col("top_category")).fill_null(False).cast(pl.Int64)
+
+    added = keys.select(
+        HIST_STATE,
+        *[clicks_column(d) for d in cfg.windows_days],
+        same_top(_LAST_TOP).alias(LAST_CLICK_SAME_TOP),
+        same_top("_prev_top").alias(PREV_DAY_CLICK_SAME_TOP),
+    )
     return pl.concat([lf, added], how="horizontal"), state.select(HIST_ITEMS, HIST_CATEGORIES)
 
 

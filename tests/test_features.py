@@ -107,6 +107,22 @@ def test_history_is_strictly_before_each_impression(impressions, users, items):
     assert_frame_equal(got, expected)
 
 
+def test_top_category_match_with_last_click_and_with_the_previous_days_last_click(users, items):
+    rows = impressions_frame(
+        [
+            (1, 1, at(0, 9), 10, 100, 1, 1, 0),  # clicks a home item on day 0
+            (2, 2, at(1, 9), 10, 102, 1, 1, 0),  # a toys item on day 1, 09:00
+            (3, 3, at(1, 10), 10, 103, 1, 0, 0),  # toys: matches the last click, not the day-0 one
+            (4, 3, at(1, 10), 10, 101, 2, 0, 0),  # home: matches the day-0 click only
+            (5, 4, at(2, 10), 10, 104, 1, 0, 0),  # food: matches neither
+            (6, 5, at(2, 10), 10, 999, 2, 0, 0),  # unknown item: no top category, no match
+        ]
+    )
+    out = derive_ecommerce(rows.lazy(), users.lazy(), items.lazy(), HistoryConfig()).collect()
+    assert out["last_click_same_top"].to_list() == [0, 0, 1, 0, 0, 0]
+    assert out["prev_day_click_same_top"].to_list() == [0, 0, 0, 1, 0, 0]
+
+
 def test_time_features(impressions, users, items):
     out = derive_ecommerce(impressions.lazy(), users.lazy(), items.lazy(), HistoryConfig()).collect()
     row = out.filter(pl.col("impression_id") == 4).row(0, named=True)
