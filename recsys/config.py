@@ -37,6 +37,7 @@ ARCHS = ("mmoe", "ple", "shared_bottom", "single_task")
 GATES = ("softmax", "noisy_topk")
 OVERFLOWS = ("fallback", "drop")
 TASK_KINDS = ("binary", "regression")
+INTERACTIONS = ("none", "dot")
 
 
 def _is_int(value: Any) -> bool:
@@ -202,6 +203,9 @@ class ArchConfig:
         expert_hidden: layer sizes of each expert (of the bottom MLP for shared_bottom and single_task).
         tower_hidden: hidden layer sizes of each task tower (a final linear layer gives the logit).
         dropout: dropout after every hidden activation while training.
+        interaction: ``none`` (the experts read the concatenated embeddings and dense features) or ``dot``
+            (DLRM: the pairwise dot products of the embeddings and of the projected dense features are
+            appended; see :mod:`recsys.interaction`).
     """
 
     type: str = "mmoe"
@@ -212,9 +216,12 @@ class ArchConfig:
     expert_hidden: tuple[int, ...] = (256, 128)
     tower_hidden: tuple[int, ...] = (64,)
     dropout: float = 0.0
+    interaction: str = "none"
 
     def __post_init__(self) -> None:
         where = "model.arch"
+        if self.interaction not in INTERACTIONS:
+            raise invalid(where, "interaction", self.interaction, f"expected one of {list(INTERACTIONS)}")
         if self.type not in ARCHS:
             raise invalid(where, "type", self.type, f"expected one of {list(ARCHS)}")
         _check_int(where, "num_experts", self.num_experts, 1)

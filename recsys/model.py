@@ -40,6 +40,7 @@ from recsys.data import Batch, FeatureLayout
 from recsys.embedding import SparseArch, embedding_bag_collection
 from recsys.experts import MLP
 from recsys.gates import NoisyTopKGate, SoftmaxGate
+from recsys.interaction import DotInteraction
 from recsys.multitask import PLE, GatedExperts, MMoE, SharedBottom, SingleTask
 
 _LN2 = math.log(2.0)
@@ -87,13 +88,16 @@ class RankingModel(nn.Module):
     """Embeddings, a multi-task architecture and one tower per task.
 
     The multi-task architecture reads the pooled embeddings of every sparse feature and the dense
-    features, concatenated: ``(B, F * D + n_dense)``.
+    features, concatenated: ``(B, F * D + n_dense)``, followed by their pairwise dot products when an
+    interaction module is given.
 
     Args:
         sparse_arch: pools the sparse features to ``(B, F, D)``.
-        multitask: maps ``(B, F * D + n_dense)`` to one representation per task and statistics.
+        multitask: maps the ``(B, in_dim)`` inputs to one representation per task and statistics.
         towers: one tower per task, in task order.
         given: entire-space (ESMM) tasks: task -> the binary task it is conditioned on.
+        interaction: maps ``(B, F, D)`` and ``(B, n_dense)`` to the ``(B, in_dim)`` inputs; ``None``
+            concatenates them.
 
     Returns of ``forward``: ``(logits, stats)``. ``logits[task]`` is ``(B,)``; for an entire-space task it is
     the logit of p(given and task), and ``logits[f"{task}_given_{given}"]`` is the conditional tower's.
@@ -101,10 +105,16 @@ class RankingModel(nn.Module):
     """
 
     def __init__(
-        self, sparse_arch: SparseArch, multitask: nn.Module, towers: nn.ModuleDict, given: Mapping[str, str]
+        self,
+        sparse_arch: SparseArch,
+        multitask: nn.Module,
+        towers: nn.ModuleDict,
+        given: Mapping[str, str],
+        interaction: nn.Module | None = None,
     ) -> None:
         super().__init__()
         self.sparse_arch = sparse_arch
+        self.interaction = interaction
         self.multitask = multitask
         self.towers = towers
         self.task_names = list(towers.keys())
@@ -123,7 +133,10 @@ class RankingModel(nn.Module):
             ``(logits, stats)``, see the class docstring.
         """
         embedded = self.sparse_arch(sparse)  # (B, F, D)
-        x = torch.cat([embedded.flatten(1), dense], dim=1)  # (B, F * D + n_dense)
+        if self.interaction is None:
+            x = torch.cat([embedded.flatten(1), dense], dim=1)  # (B, F * D + n_dense)
+        else:
+            x = self.interaction(embedded, dense)  # (B, in_dim)
         representations, stats = self.multitask(x)  # T x (B, H)
         logits = {
             name: tower(h) for (name, tower), h in zip(self.towers.items(), representations, strict=True)
@@ -161,7 +174,10 @@ def build_model(
         layout, emb.dim, emb.pooling, torch.device(embedding_device) if embedding_device else None
     )
     sparse_arch = SparseArch(tables, layout.keys)
-    in_dim = len(layout.sparse) * emb.dim + len(layout.dense)
+    interaction = (
+        DotInteraction(len(layout.sparse), emb.dim, len(layout.dense)) if arch.interaction == "dot" else None
+    )
+    in_dim = interaction.out_dim if interaction else len(layout.sparse) * emb.dim + len(layout.dense)
     names = [t.name for t in config.tasks]
 
     def make_gate(gate_in: int, num_experts: int) -> nn.Module:
@@ -189,7 +205,8 @@ def build_model(
     else:
         multitask = SingleTask(in_dim, len(names), arch.expert_hidden, arch.dropout)
     towers = nn.ModuleDict({n: Tower(multitask.out_dim, arch.tower_hidden, arch.dropout) for n in names})
-    return RankingModel(sparse_arch, multitask, towers, {t.name: t.given for t in config.tasks if t.given})
+    given = {t.name: t.given for t in config.tasks if t.given}
+    return RankingModel(sparse_arch, multitask, towers, given, interaction)
 
 
 class FlatInputs(nn.Module):

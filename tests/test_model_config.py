@@ -61,6 +61,10 @@ def test_defaults_and_shipped_configs():
             {"gate": {"overflow": "spill"}},
             r"model\.gate\.overflow: expected one of \['fallback', 'drop'\], got 'spill'",
         ),
+        (
+            {"arch": {"interaction": "cross"}},
+            r"model\.arch\.interaction: expected one of \['none', 'dot'\], got 'cross'",
+        ),
         ({"gate": {"capacity_factor": -1}}, r"model\.gate\.capacity_factor: expected a number > 0, got -1"),
         ({"gate": {"load_balance_weight": "high"}}, r"model\.gate\.load_balance_weight: .* got 'high'"),
         (

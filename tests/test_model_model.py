@@ -10,6 +10,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from recsys.config import ModelConfig
 from recsys.data import Batch, FeatureLayout, SparseFeature
+from recsys.interaction import DotInteraction
 from recsys.losses import RankingTrain
 from recsys.model import build_model, entire_space_logit, export_model
 
@@ -65,6 +66,7 @@ CONFIGS = {
         {"type": "ple", "num_shared_experts": 2, "num_task_experts": 1, "num_levels": 2},
         {"type": "noisy_topk", "k": 2, "temperature": 0.5},
     ),
+    "mmoe_dot": ({"type": "mmoe", "num_experts": 3, "interaction": "dot"}, None),
     "shared_bottom": ({"type": "shared_bottom"}, None),
     "single_task": ({"type": "single_task"}, None),
 }
@@ -85,6 +87,11 @@ GOLDEN = {  # rows: click, purchase (entire space), dwell; columns: the 3 exampl
         [-0.258913, -0.258741, -0.259887],
         [-1.533767, -1.533762, -1.535238],
         [0.162923, 0.161046, 0.161007],
+    ],
+    "mmoe_dot": [
+        [-0.447435, -0.44223, -0.468436],
+        [-1.251787, -1.244584, -1.267549],
+        [0.298039, 0.293602, 0.314229],
     ],
     "shared_bottom": [
         [-0.323172, -0.336427, -0.317349],
@@ -119,6 +126,20 @@ def test_golden_outputs(name):
 
 
 # ------------------------------------------------------------------------------------------- ESMM
+
+
+def test_dot_interaction_appends_every_pairwise_dot_product():
+    torch.manual_seed(0)
+    inter = DotInteraction(num_sparse=3, dim=4, num_dense=2)
+    embedded, dense = torch.randn(5, 3, 4), torch.randn(5, 2)
+    out = inter(embedded, dense)
+    vectors = [embedded[:, f] for f in range(3)] + [inter.dense_proj(dense)]
+    dots = [(vectors[i] * vectors[j]).sum(1) for i in range(4) for j in range(i + 1, 4)]
+    want = torch.cat([embedded.flatten(1), dense, torch.stack(dots, 1)], dim=1)
+    assert out.shape == (5, inter.out_dim) == (5, 3 * 4 + 2 + 6)
+    torch.testing.assert_close(out, want)
+    no_dense = DotInteraction(num_sparse=3, dim=4, num_dense=0)
+    assert no_dense.out_dim == 12 + 3 and no_dense(embedded, dense[:, :0]).shape == (5, 15)
 
 
 def test_entire_space_logit_is_the_product_of_probabilities():
@@ -177,7 +198,7 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-@pytest.mark.parametrize("name", ["mmoe_top2", "ple_top2"])
+@pytest.mark.parametrize("name", ["mmoe_top2", "ple_top2", "mmoe_dot"])
 def test_training_drives_every_task_loss_down(name, one_thread):
     model, config = seeded_model(name)
     train = RankingTrain.from_config(model.train(), config)
@@ -201,7 +222,7 @@ def test_training_drives_every_task_loss_down(name, one_thread):
 # ----------------------------------------------------------------------------------------- export
 
 
-@pytest.mark.parametrize("name", ["mmoe_top2", "ple_top2", "single_task"])
+@pytest.mark.parametrize("name", ["mmoe_top2", "ple_top2", "mmoe_dot", "single_task"])
 def test_exported_program_matches_eager(name, tmp_path):
     model, _ = seeded_model(name)
     example = tiny_batch()
