@@ -367,6 +367,38 @@ def _score(package: LoadedPackage, table: pa.Table, batch_size: int) -> dict[str
     }
 
 
+def model_ready(spec: FeatureSpec, tables: Tables, keep: tuple[str, ...] = ()) -> pl.DataFrame:
+    """The model-ready columns of raw tables, with the training feature code, in memory.
+
+    :func:`features.pipeline.derived` then :func:`features.spec.output_exprs`, as the training pipeline
+    writes its datasets; the tables are not validated here (the caller has done it).
+
+    Args:
+        spec: the fitted spec.
+        tables: the raw tables (ecommerce: impressions without labels, users, items, and the click history;
+            ``tables.history`` None means the impressions are their own history).
+        keep: derived columns to keep after the model-ready ones (e.g. a row number).
+
+    Returns:
+        One row per impression, (N, passthrough + features + keep); for the ecommerce source sorted by
+        ``(ts, impression_id)``, as the training data.
+    """
+    with pl.Config(engine_affinity="in-memory"):  # as the training pipeline: faster for in-memory rows
+        rows, lists = derived(spec.feature_config, tables)
+        return rows.select(*output_exprs(spec, labels=False, lists=lists), *keep).collect()
+
+
+def score_ready(
+    package: LoadedPackage, table: pa.Table, batch_size: int = DEFAULT_BATCH_SIZE
+) -> dict[str, np.ndarray]:
+    """The model alone on model-ready rows (e.g. from :func:`model_ready`): per task, (N,) float64.
+
+    Binary tasks give probabilities (the sigmoid of the logit), regression tasks the prediction; the model
+    runs in batches of ``batch_size`` rows, without gradients and in eval mode.
+    """
+    return _score(package, table, batch_size)
+
+
 def predict_frame(
     package: LoadedPackage,
     frame: Any,
@@ -418,11 +450,8 @@ def predict_frame(
     else:
         tables = Tables(data.lazy())
         validate_tables(cfg, tables, labels=False)
-    with pl.Config(engine_affinity="in-memory"):  # as the training pipeline: faster for in-memory rows
-        rows, lists = derived(cfg, tables)
-        ready = rows.select(*output_exprs(spec, labels=False, lists=lists), _ROW).collect()
     # The ecommerce path sorts by time; the input's order comes back here.
-    ready = ready.sort(_ROW)
+    ready = model_ready(spec, tables, keep=(_ROW,)).sort(_ROW)
     scores = _score(package, ready.to_arrow(), batch_size)
     return ready.select(cfg.passthrough).with_columns(
         pl.Series(output_column(task), scores[task.name], dtype=pl.Float64)

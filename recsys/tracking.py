@@ -737,3 +737,145 @@ def register_model(
         return RegisteredVersion(str(version), alias, previous)
 
     return tracker._guarded("register_model", register)
+
+
+# ----------------------------------------------------------------------------------- model resolution
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    """A model URI pinned to one concrete model: what a scoring run records.
+
+    Attributes:
+        uri: the URI as given (``models:/NAME@alias``, ``models:/NAME/3``, ``runs:/RUN/model``).
+        pinned_uri: the URI of exactly this model, which later alias moves do not change
+            (``models:/NAME/3``, or ``runs:/RUN/model``).
+        name: the registered model's name (None for a ``runs:/`` URI).
+        version: the registered version (None for a ``runs:/`` URI).
+        run_id: the run that logged the model (None where the registry does not say).
+        artifact_uri: where the logged model's files are.
+    """
+
+    uri: str
+    pinned_uri: str
+    name: str | None
+    version: str | None
+    run_id: str | None
+    artifact_uri: str
+
+
+def parse_model_uri(uri: str) -> tuple[str, str, str]:
+    """Splits a model URI into its kind and two parts.
+
+    ``("alias", NAME, ALIAS)``, ``("version", NAME, VERSION)`` or ``("run", RUN_ID, ARTIFACT_PATH)``.
+
+    Raises:
+        ValueError: any other form; the message names the URI.
+    """
+    expected = "expected models:/NAME@ALIAS, models:/NAME/VERSION or runs:/RUN_ID/PATH"
+    if uri.startswith("models:/"):
+        rest = uri.removeprefix("models:/").strip("/")
+        if "@" in rest and "/" not in rest:
+            name, alias = rest.split("@", 1)
+            if name and alias:
+                return "alias", name, alias
+        parts = rest.split("/")
+        if len(parts) == 2 and parts[0] and parts[1].isdigit():
+            return "version", parts[0], parts[1]
+    elif uri.startswith("runs:/"):
+        parts = uri.removeprefix("runs:/").strip("/").split("/", 1)
+        if len(parts) == 2 and all(parts):
+            return "run", parts[0], parts[1]
+    raise ValueError(f"model: {uri!r} is not a model URI; {expected}")
+
+
+def resolve_model(tracker: Tracker, uri: str) -> ResolvedModel:
+    """Resolves a model URI once, through the registry, to one concrete model.
+
+    An alias is read once here: a caller that keeps the returned :class:`ResolvedModel` keeps scoring with
+    the same version even if the alias moves meanwhile.
+
+    Args:
+        tracker: a tracker on the store that holds the registry (it must be reachable).
+        uri: ``models:/NAME@ALIAS``, ``models:/NAME/VERSION`` or ``runs:/RUN_ID/PATH``.
+
+    Returns:
+        The pinned model.
+
+    Raises:
+        ValueError: a malformed URI, or an unknown model, alias, version or run (the message names it).
+        TrackingError: the store cannot be reached.
+    """
+    kind, a, b = parse_model_uri(uri)
+    if not tracker.enabled:
+        raise TrackingError(
+            f"model: cannot resolve {uri!r}: MLflow at {tracker.tracking_uri} is unreachable "
+            "(give a reachable --tracking-uri, or a local package folder)"
+        )
+    client = tracker.client
+    try:
+        with _http_settings(tracker.max_retries, tracker.timeout_s):
+            if kind == "run":
+                client.get_run(a)  # fails clearly for an unknown run
+                return ResolvedModel(uri, uri, None, None, a, f"runs:/{a}/{b}")
+            if kind == "alias":
+                version = client.get_model_version_by_alias(a, b)
+            else:
+                version = client.get_model_version(a, b)
+            source = version.source
+            if source.startswith("models:/m-"):
+                source = client.get_logged_model(source.removeprefix("models:/")).artifact_location
+    except MlflowException as e:
+        if e.error_code == ErrorCode.Name(RESOURCE_DOES_NOT_EXIST) or "not found" in str(e).lower():
+            raise ValueError(f"model: {uri!r} not found in {tracker.tracking_uri} ({_short(e)})") from None
+        raise TrackingError(f"model: resolving {uri!r} at {tracker.tracking_uri} failed: {_short(e)}") from e
+    number = str(version.version)
+    return ResolvedModel(uri, f"models:/{a}/{number}", a, number, version.run_id, source)
+
+
+def download_package(tracker: Tracker, model: ResolvedModel, dst: str | Path) -> Path:
+    """Downloads the model package (the logged model's artifact ``package``) of a resolved model.
+
+    Args:
+        tracker: a tracker on the store of ``model``.
+        model: from :func:`resolve_model`.
+        dst: an empty or missing folder to download into.
+
+    Returns:
+        The package folder, ready for :func:`recsys.package.load_package`.
+
+    Raises:
+        FileNotFoundError: the logged model holds no package (not logged by :func:`log_model`).
+    """
+    dst = Path(dst)
+    dst.mkdir(parents=True, exist_ok=True)
+    saved = os.environ.get("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
+    os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"  # one bar per file floods the log
+    try:
+        with _http_settings(tracker.max_retries, tracker.timeout_s):
+            local = Path(
+                mlflow.artifacts.download_artifacts(
+                    artifact_uri=model.artifact_uri.rstrip("/"),
+                    dst_path=str(dst),
+                    tracking_uri=tracker.tracking_uri,
+                    registry_uri=tracker.tracking_uri,
+                )
+            )
+    finally:
+        if saved is None:
+            os.environ.pop("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", None)
+        else:
+            os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = saved
+    # The artifact keeps its folder's name (artifacts/<name>); MLmodel says which one is the package.
+    artifacts = {}
+    if (local / "MLmodel").is_file():
+        flavor = Model.load(str(local / "MLmodel")).flavors.get("python_function", {})
+        artifacts = flavor.get("artifacts") or {}
+    relative = (artifacts.get(PACKAGE_ARTIFACT) or {}).get("path")
+    package = local / relative if relative else None
+    if package is None or not package.is_dir():
+        raise FileNotFoundError(
+            f"model: {model.pinned_uri} has no {PACKAGE_ARTIFACT!r} artifact; log models with "
+            "recsys.tracking.log_model"
+        )
+    return package
