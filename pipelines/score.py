@@ -1,0 +1,153 @@
+r"""Score candidate impressions with a registered model and rank them per request, resumably.
+
+Examples::
+
+    # the champion over a candidate set (users.parquet and items.parquet beside it), clicks as history:
+    python -m pipelines.score --model models:/ecommerce-ranker@champion \
+        --input data/cands/impressions.parquet --history data/demo/raw/impressions.parquet \
+        --output data/scores --tracking-uri sqlite:///data/demo/mlflow.db
+    # a pinned version, the best 10 per request, ranked by p_click * p_purchase^0.5:
+    python -m pipelines.score --model models:/ecommerce-ranker/3 --input 'cands/*.parquet' \
+        --output out --top-k 10 --alpha 0.5
+    # the same command as a job on a Ray cluster (input and output on a shared filesystem):
+    ray job submit --address http://127.0.0.1:8265 --working-dir . -- python -m pipelines.score ...
+
+Rerunning the same command after a crash skips the finished partitions (OUT/manifest.json) and scores
+the rest; an output folder of another model version, input or settings is refused unless --overwrite.
+Output: OUT/part-XXXXX.parquet with impression_id, request_id, user_id, item_id, p_click, p_purchase,
+score, rank (1 = best within request_id) and model_version. Exit status: 0 when every count agrees, 1 when
+a count differs or partitions are left, 2 on bad input (nothing written).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from recsys.scoring import FORMULAS, ScoreConfig
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parses the command line."""
+    defaults = ScoreConfig(model="-", input="-", output="-")
+    parser = argparse.ArgumentParser(
+        prog="python -m pipelines.score",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--model",
+        required=True,
+        help="models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID/PATH, or a local package folder; "
+        "an alias is resolved once, at the start, and the version recorded",
+    )
+    parser.add_argument(
+        "--input",
+        required=True,
+        help="candidate impressions: a Parquet file, folder or glob (labels optional)",
+    )
+    parser.add_argument("--output", required=True, help="output folder (resumed if it holds this run)")
+    parser.add_argument("--users", help="users table (default: users.parquet beside the input)")
+    parser.add_argument("--items", help="items table (default: items.parquet beside the input)")
+    parser.add_argument(
+        "--history",
+        help="impressions with clicks for the history features (default: the input's own labels if it "
+        "has them, else none: empty history)",
+    )
+    parser.add_argument("--top-k", type=int, help="keep the best K rows of each request (default: all)")
+    parser.add_argument(
+        "--score-formula",
+        choices=FORMULAS,
+        default=defaults.score_formula,
+        help="product: p_click * p_purchase^alpha (default); click: p_click; purchase: p_purchase",
+    )
+    parser.add_argument(
+        "--alpha", type=float, default=defaults.alpha, help="exponent of p_purchase (default 1)"
+    )
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=defaults.batch_size,
+        help=f"rows per model call ({defaults.batch_size})",
+    )
+    parser.add_argument(
+        "--concurrency", type=int, default=defaults.concurrency, help="model actors (default 1)"
+    )
+    parser.add_argument(
+        "--feature-concurrency", type=int, default=defaults.feature_concurrency, help="feature actors (1)"
+    )
+    parser.add_argument(
+        "--threads-per-actor",
+        type=int,
+        default=defaults.threads_per_actor,
+        help=f"torch threads per model actor ({defaults.threads_per_actor})",
+    )
+    parser.add_argument(
+        "--rows-per-partition",
+        type=int,
+        default=defaults.rows_per_partition,
+        help=f"most rows per partition and output file ({defaults.rows_per_partition:,})",
+    )
+    parser.add_argument("--tracking-uri", help="MLflow store (default: $MLFLOW_TRACKING_URI or ./mlflow.db)")
+    parser.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="rescore everything, replacing another run's output"
+    )
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Scores; exits 2 on bad input, 1 if a count differs, 0 otherwise."""
+    args = parse_args(argv)
+    from features.contract import ContractError
+    from recsys.scoring import run_scoring, top_of_request
+    from recsys.tracking import TrackingError
+
+    try:
+        config = ScoreConfig(
+            model=args.model,
+            input=args.input,
+            output=args.output,
+            users=args.users,
+            items=args.items,
+            history=args.history,
+            top_k=args.top_k,
+            score_formula=args.score_formula,
+            alpha=args.alpha,
+            batch_size=args.batch_size,
+            concurrency=args.concurrency,
+            feature_concurrency=args.feature_concurrency,
+            threads_per_actor=args.threads_per_actor,
+            rows_per_partition=args.rows_per_partition,
+            tracking_uri=args.tracking_uri,
+            address=args.address,
+            overwrite=args.overwrite,
+            progress=not args.no_progress,
+        )
+        result = run_scoring(config)
+    except (ContractError, ValueError, FileNotFoundError, TrackingError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(
+        f"\nscored with {result.pinned_uri} (from {result.model_uri}): {result.rows_in:,} rows in, "
+        f"{result.rows_out:,} rows out ({result.expected_out:,} expected), {result.partitions} partitions "
+        f"({result.partitions_skipped} skipped as done), {result.seconds:.1f} s, "
+        f"{result.rows_per_s:,.0f} rows/s"
+    )
+    print(f"output: {result.output} (manifest {result.manifest})")
+    if result.run_id:
+        print(f"mlflow run: {result.run_id}")
+    if result.problems:
+        print("count problems:\n  " + "\n  ".join(result.problems), file=sys.stderr)
+    if not result.complete:
+        print("incomplete: rerun the same command to finish", file=sys.stderr)
+    if result.ok:
+        print(json.dumps({k: round(v, 5) for k, v in result.summary.items()}, sort_keys=True))
+        print(top_of_request(result.output))
+    return 0 if result.ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,338 @@
+"""Batch scoring: partition planning, ranking, contract checks, and end-to-end runs on real Ray and MLflow."""
+
+from __future__ import annotations
+
+import json
+
+import mlflow
+import numpy as np
+import polars as pl
+import pytest
+from mlflow import MlflowClient
+from polars.testing import assert_frame_equal
+
+from features.config import FeatureConfig, builtin_config
+from features.contract import ContractError
+from features.generate import generate
+from features.pipeline import build, load_tables
+from recsys.package import save_package
+from recsys.scoring import (
+    ScoreConfig,
+    expected_rows_out,
+    init_ray,
+    plan_partitions,
+    rank_requests,
+    read_partition,
+    run_scoring,
+)
+from recsys.tracking import CHAMPION, Tracker, log_model, register_model
+from tests.test_package import TINY_MODEL, in_memory_package, joined
+
+MODEL = "tiny-ranker"
+
+
+def write_parts(frame: pl.DataFrame, path, row_group_size: int) -> None:
+    frame.write_parquet(path, row_group_size=row_group_size)
+
+
+# ---------------------------------------------------------------------------------------- planning
+
+
+def test_partitions_hold_whole_requests_and_every_row_once(tmp_path):
+    # File a: requests 1..6 contiguous, then request 1 again (non-contiguous); file b: request 6 again.
+    a = pl.DataFrame({"request_id": [1, 1, 1, 2, 2, 3, 3, 3, 4, 5, 5, 6, 1], "impression_id": range(13)})
+    b = pl.DataFrame({"request_id": [6, 7, 7, 8], "impression_id": range(13, 17)})
+    full = []
+    for name, frame in (("a", a), ("b", b)):
+        frame = frame.with_columns(
+            pl.col("impression_id").cast(pl.Int64),
+            pl.lit(0, pl.Datetime("us")).alias("ts"),
+            pl.lit(1, pl.Int64).alias("user_id"),
+            pl.lit(1, pl.Int64).alias("item_id"),
+            pl.lit(1, pl.Int16).alias("position"),
+            pl.lit("app").alias("device"),
+            pl.lit("home").alias("page"),
+        )
+        frame.write_parquet(tmp_path / f"{name}.parquet", row_group_size=4)
+        full.append(frame)
+    files = [tmp_path / "a.parquet", tmp_path / "b.parquet"]
+    parts = plan_partitions(files, rows_per_partition=4)
+    assert [p.index for p in parts] == list(range(len(parts)))
+    assert sum(p.rows_in for p in parts) == 17
+    seen = pl.concat([read_partition(p).with_columns(pl.lit(p.index).alias("part")) for p in parts])
+    assert sorted(seen["impression_id"].to_list()) == list(range(17))  # every row exactly once
+    # Every request in exactly one partition, the non-contiguous ones included.
+    per_request = seen.group_by("request_id").agg(pl.col("part").n_unique())
+    assert per_request["part"].max() == 1
+    assert [len(read_partition(p)) for p in parts] == [p.rows_in for p in parts]
+    owner = seen.filter(pl.col("request_id") == 1)["part"].unique().to_list()
+    assert owner == [parts[0].index]  # the first partition that holds a request scores all of it
+    six = seen.filter(pl.col("request_id") == 6)["part"].unique().to_list()
+    assert len(six) == 1 and parts[six[0]].file.endswith("a.parquet")  # the first file's partition
+
+
+def test_rank_is_a_permutation_per_request_with_deterministic_ties():
+    scored = pl.DataFrame(
+        {
+            "impression_id": [5, 3, 4, 1, 2, 9],
+            "request_id": [1, 1, 1, 2, 2, 3],
+            "p_click": [0.2, 0.5, 0.5, 0.1, float("nan"), 0.3],
+            "p_purchase": [0.1, 0.1, 0.1, 0.05, 0.05, 0.2],
+        }
+    )
+    ranked = rank_requests(scored, "product", 1.0, None)
+    assert ranked.select("request_id", "impression_id", "rank").rows() == [
+        (1, 3, 1),  # tie with 4 at 0.05: the smaller impression_id first
+        (1, 4, 2),
+        (1, 5, 3),
+        (2, 1, 1),
+        (2, 2, 2),  # a NaN score ranks last, and still gets a rank
+        (3, 9, 1),
+    ]
+    np.testing.assert_allclose(ranked["score"][:3].to_numpy(), [0.05, 0.05, 0.02])
+    by_click = rank_requests(scored, "click", 1.0, 1)
+    assert by_click.select("request_id", "impression_id").rows() == [(1, 3), (2, 1), (3, 9)]
+    assert (
+        expected_rows_out(scored["request_id"], 2) == 5 and expected_rows_out(scored["request_id"], None) == 6
+    )
+    alpha0 = rank_requests(scored, "product", 0.0, None)
+    np.testing.assert_allclose(alpha0["score"].drop_nulls().to_numpy(), [0.5, 0.5, 0.2, 0.1, 0.3])
+
+
+def test_score_config_rejects_bad_values():
+    with pytest.raises(ValueError, match="top_k: expected an integer >= 1, got 0"):
+        ScoreConfig(model="m", input="i", output="o", top_k=0)
+    with pytest.raises(ValueError, match="score_formula: expected one of .*, got 'sum'"):
+        ScoreConfig(model="m", input="i", output="o", score_formula="sum")
+    with pytest.raises(ValueError, match="alpha: expected a finite number, got nan"):
+        ScoreConfig(model="m", input="i", output="o", alpha=float("nan"))
+
+
+# ------------------------------------------------------------------------------------ end to end
+
+
+@pytest.fixture(scope="module")
+def raw_world(tmp_path_factory):
+    """Generated contract tables (3,000 impressions over 30 days)."""
+    raw = tmp_path_factory.mktemp("score") / "raw"
+    generate(raw, 3000, seed=3, progress=False, chunk_rows=400)
+    return raw
+
+
+@pytest.fixture(scope="module")
+def world(raw_world):
+    """A tiny model registered as v1 (champion) in a SQLite store, candidate files, a running local Ray."""
+    raw = raw_world
+    root = raw.parent
+    config = FeatureConfig.from_yaml(builtin_config("ecommerce"))
+    spec, _ = build(config, load_tables(raw), root / "features", progress=False)
+    store = f"sqlite:///{root / 'mlflow.db'}"
+    tracker = Tracker(store, "train", require=True)
+    uris = []
+    for seed in (0, 1):  # two models with different weights: v1 champion, v2 registered later
+        pkg = in_memory_package(spec, TINY_MODEL, seed=seed)
+        path = save_package(root / f"package{seed}", pkg.model, pkg.model_config, spec)
+        with tracker.run(f"train{seed}"):
+            uris.append(log_model(tracker, path))
+    assert register_model(tracker, uris[0], MODEL, "val/auc", 0.6).version == "1"
+
+    impressions = pl.read_parquet(raw / "impressions.parquet")
+    users = pl.read_parquet(raw / "users.parquet")
+    items = pl.read_parquet(raw / "items.parquet")
+    # Candidates: two files with small row groups; the last request of file 1 continues in file 2, and
+    # two rows have an unseen user and an unseen item.
+    last = impressions["impression_id"].max()
+    unseen = impressions.tail(3).with_columns(
+        pl.Series("impression_id", [last + 1, last + 2, last + 3]),
+        pl.Series("user_id", [10**9, impressions["user_id"][0], None], dtype=pl.Int64),
+        pl.Series("item_id", [impressions["item_id"][0], 10**9, impressions["item_id"][1]]),
+    )
+    cands = pl.concat([impressions, unseen])
+    inputs = root / "cands"
+    inputs.mkdir()
+    cands.head(1700).write_parquet(inputs / "c0.parquet", row_group_size=300)
+    cands.slice(1700).write_parquet(inputs / "c1.parquet", row_group_size=300)
+    users.write_parquet(inputs / "users.parquet")
+    items.write_parquet(inputs / "items.parquet")
+    ray_started = init_ray(actors=2)
+    yield {
+        "root": root,
+        "store": store,
+        "uris": uris,
+        "tracker": tracker,
+        "inputs": inputs,
+        "cands": cands,
+        "users": users,
+        "items": items,
+    }
+    if ray_started:
+        import ray
+
+        ray.shutdown()
+
+
+def config_for(world, out, **kwargs) -> ScoreConfig:
+    return ScoreConfig(
+        model=kwargs.pop("model", f"models:/{MODEL}@{CHAMPION}"),
+        input=str(world["inputs"]),
+        output=str(world["root"] / out),
+        tracking_uri=world["store"],
+        rows_per_partition=kwargs.pop("rows_per_partition", 500),
+        batch_size=kwargs.pop("batch_size", 256),
+        progress=False,
+        **kwargs,
+    )
+
+
+def read_output(out) -> pl.DataFrame:
+    return pl.read_parquet(sorted(out.glob("part-*.parquet"))).sort("impression_id")
+
+
+@pytest.fixture(scope="module")
+def full_run(world):
+    result = run_scoring(config_for(world, "full"))
+    return result, read_output(result.output)
+
+
+@pytest.mark.slow
+def test_scores_equal_the_registered_models_predictions(world, full_run, monkeypatch):
+    result, out = full_run
+    assert result.ok, result.problems
+    assert result.rows_in == result.rows_out == result.expected_out == world["cands"].height == out.height
+    assert result.partitions > 4 and result.partitions_scored == result.partitions
+    assert out.columns == [
+        "impression_id",
+        "request_id",
+        "user_id",
+        "item_id",
+        "p_click",
+        "p_purchase",
+        "score",
+        "rank",
+        "model_version",
+    ]
+    assert out["impression_id"].to_list() == sorted(world["cands"]["impression_id"].to_list())
+    assert out["model_version"].unique().to_list() == ["1"]
+    # The registered model itself, through MLflow, on the same joined rows (their labels are the history).
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", world["store"])
+    model = mlflow.pyfunc.load_model(f"models:/{MODEL}/1")
+    rows = joined(world["cands"], world["users"], world["items"])
+    # The null user id (scored here) is not a valid row for the model's own contract check: leave it out.
+    expected = pl.from_pandas(model.predict(rows.filter(pl.col("user_id").is_not_null()).to_pandas()))
+    expected = expected.sort("impression_id")
+    null_user = out.filter(pl.col("user_id").is_null())
+    assert null_user.height == 1 and 0 < null_user["p_click"].item() < 1
+    known = out.filter(pl.col("user_id").is_not_null())
+    np.testing.assert_allclose(known["p_click"].to_numpy(), expected["p_click"].to_numpy(), rtol=0, atol=1e-5)
+    np.testing.assert_allclose(
+        known["p_purchase"].to_numpy(), expected["p_purchase"].to_numpy(), rtol=0, atol=1e-5
+    )
+    # Unseen user and item: scored (out-of-vocabulary), not dropped.
+    assert (
+        out.filter(pl.col("user_id") == 10**9).height == 1
+        and out.filter(pl.col("item_id") == 10**9).height == 1
+    )
+    np.testing.assert_allclose(out["score"].to_numpy(), (out["p_click"] * out["p_purchase"]).to_numpy())
+    # Ranks: a permutation of 1..n within each request, best score first.
+    ranks = out.group_by("request_id").agg(pl.col("rank").sort(), pl.len())
+    for rank_list, n in ranks.select("rank", "len").iter_rows():
+        assert rank_list == list(range(1, n + 1))
+    ordered = out.sort("request_id", "rank")
+    assert (
+        ordered.with_columns(pl.col("score").diff().over("request_id").alias("d"))["d"].drop_nulls() <= 0
+    ).all()
+    # The manifest and the MLflow run record the version the alias resolved to.
+    manifest = json.loads(result.manifest.read_text())
+    assert manifest["complete"] and manifest["model"]["pinned_uri"] == f"models:/{MODEL}/1"
+    assert manifest["model"]["uri"] == f"models:/{MODEL}@{CHAMPION}"
+    client = MlflowClient(world["store"])
+    run = client.get_run(result.run_id)
+    assert client.get_experiment(run.info.experiment_id).name == f"{MODEL}-scoring"
+    assert (
+        run.data.params["model_version"] == "1"
+        and run.data.params["input_fingerprint"] == result.input_fingerprint
+    )
+    assert run.data.metrics["rows_in"] == run.data.metrics["rows_out"] == world["cands"].height
+    assert run.data.metrics["rows_per_s"] > 0 and 0 < run.data.metrics["score/p_click/p50"] < 1
+
+
+@pytest.mark.slow
+def test_an_interrupted_run_resumes_to_the_same_output(world, full_run):
+    first = run_scoring(config_for(world, "resumed", max_partitions=2))
+    assert not first.complete and not first.ok and first.partitions_scored == 2
+    assert len(list(first.output.glob("part-*.parquet"))) == 2
+    # A crash between a file's rename and the manifest update: a part file the manifest does not list.
+    manifest = json.loads(first.manifest.read_text())
+    dropped = sorted(manifest["partitions"], key=int)[-1]
+    del manifest["partitions"][dropped]
+    first.manifest.write_text(json.dumps(manifest))
+    (first.output / "part-00099.parquet.tmp").write_bytes(b"half written")
+    second = run_scoring(config_for(world, "resumed"))
+    assert second.ok, second.problems
+    assert second.partitions_skipped == 1 and second.partitions_scored == second.partitions - 1
+    assert not list(second.output.glob("*.tmp"))
+    assert_frame_equal(read_output(second.output), full_run[1])
+    # Once complete, a rerun does nothing and is still ok.
+    third = run_scoring(config_for(world, "resumed"))
+    assert third.ok and third.partitions_scored == 0 and third.partitions_skipped == third.partitions
+
+
+@pytest.mark.slow
+def test_alias_is_resolved_once_and_a_moved_alias_refuses_to_mix_versions(world):
+    first = run_scoring(config_for(world, "alias", max_partitions=1))
+    assert first.pinned_uri == f"models:/{MODEL}/1" and first.model_version == "1"
+    # The champion moves to a better version 2 while the output is half done.
+    moved = register_model(world["tracker"], world["uris"][1], MODEL, "val/auc", 0.9)
+    assert (moved.version, moved.alias) == ("2", CHAMPION)
+    try:
+        with pytest.raises(ValueError, match=f"scored with 'models:/{MODEL}/1'.*to 'models:/{MODEL}/2'"):
+            run_scoring(config_for(world, "alias"))
+        # The recorded version finishes the run; --overwrite rescores everything with the new champion.
+        pinned = run_scoring(config_for(world, "alias", model=f"models:/{MODEL}/1"))
+        assert pinned.ok and pinned.partitions_skipped == 1
+        again = run_scoring(config_for(world, "alias", overwrite=True, top_k=2))
+    finally:
+        client = MlflowClient(world["store"])
+        client.set_registered_model_alias(MODEL, CHAMPION, "1")
+    assert again.ok and again.model_version == "2" and again.partitions_skipped == 0
+    out = read_output(again.output)
+    assert out["model_version"].unique().to_list() == ["2"]
+    # Top-k: the best 2 of each request; rows out < rows in, by design, and the check accounts for it.
+    sizes = world["cands"].group_by("request_id").len()
+    assert again.rows_in == world["cands"].height
+    assert again.rows_out == again.expected_out == int(sizes["len"].clip(upper_bound=2).sum()) == out.height
+    assert out["rank"].max() == 2 and out.group_by("request_id").len()["len"].max() == 2
+
+
+def test_bad_input_fails_before_anything_is_written(tmp_path, raw_world):
+    good = pl.read_parquet(raw_world / "impressions.parquet").drop("click", "purchase")
+    cases = {
+        "missing": (good.drop("device"), r"missing column\(s\) \['device'\]"),
+        "type": (
+            good.with_columns(pl.col("position").cast(pl.Float64)),
+            r"impressions\.position: expected type Int16",
+        ),
+        "null": (
+            good.with_columns(
+                pl.when(pl.col("impression_id") == good["impression_id"][3])
+                .then(None)
+                .otherwise(pl.col("ts"))
+                .alias("ts")
+            ),
+            r"impressions\.ts: null in a non-nullable column",
+        ),
+    }
+    for name, (frame, message) in cases.items():
+        folder = tmp_path / name
+        folder.mkdir()
+        frame.write_parquet(folder / "c.parquet")
+        for table in ("users", "items"):
+            pl.read_parquet(raw_world / f"{table}.parquet").write_parquet(folder / f"{table}.parquet")
+        out = tmp_path / f"out-{name}"
+        store = f"sqlite:///{tmp_path / 'none.db'}"  # never reached: the input is checked first
+        config = ScoreConfig(
+            model=f"models:/{MODEL}@{CHAMPION}", input=str(folder), output=str(out), tracking_uri=store
+        )
+        with pytest.raises(ContractError, match=message):
+            run_scoring(config)
+        assert not out.exists() and not (tmp_path / "none.db").exists(), name
