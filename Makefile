@@ -7,7 +7,7 @@ PIP    := $(PY) -m pip
 FBGEMM ?= fbgemm-gpu-cpu==1.8.0
 DEMO_DIR ?= data/demo
 
-.PHONY: venv venv-gpu test test-fast demo lint format bench-features clean
+.PHONY: venv venv-gpu test test-fast demo lint format bench-features bench-score clean
 
 venv: $(VENV)/.installed
 
@@ -41,6 +41,9 @@ format: venv
 
 bench-features: venv
 	$(PY) benchmarks/features_bench.py --impressions 10000000
+
+bench-score: venv
+	$(PY) benchmarks/score_bench.py --rows 10000000
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
