@@ -1,11 +1,13 @@
-"""The main job end to end on embedded defaults: generate data, build features, train, register.
+"""The main job end to end on embedded defaults: generate data, build features, train, register, score.
 
     python -m pipelines.demo --out data/demo [--impressions 200000] [--seed 7] [--num-workers 2]
 
 Writes ``OUT/raw`` (the contract tables and ``truth.parquet``), ``OUT/features`` (model-ready Parquet and
 the fitted spec), trains the demo model (``recsys/configs/train_demo.yaml``) with Ray Train workers on an
-embedded local Ray, tracked in a local MLflow store (``OUT/mlflow.db``), registers it, and prints the
-MLflow run, the registered model version and the test metrics.
+embedded local Ray, tracked in a local MLflow store (``OUT/mlflow.db``), registers it, scores a fresh
+generated candidate set (``OUT/candidates``) with the champion into ``OUT/scores``, and prints the MLflow
+run, the registered model version, the test metrics, the scoring row counts and the top items of one
+request.
 """
 
 from __future__ import annotations
@@ -18,12 +20,15 @@ from typing import Any
 from features.config import FeatureConfig, builtin_config
 from features.generate import generate
 from features.pipeline import build, load_tables
+from recsys.scoring import ScoreConfig, generate_candidates, run_scoring, top_of_request
 from recsys.train import run_training
 from recsys.train_config import TrainConfig, builtin_train_config
 
 
-def run_demo(out: Path, impressions: int, seed: int, num_workers: int = 2) -> dict[str, Any]:
-    """Generates data, builds features, trains and registers the demo model; returns what it made."""
+def run_demo(
+    out: Path, impressions: int, seed: int, num_workers: int = 2, candidates: int = 50_000
+) -> dict[str, Any]:
+    """Generates data, builds features, trains, registers and scores the demo model; returns what it made."""
     out = out.resolve()
     raw, feats = out / "raw", out / "features"
     gen = generate(raw, impressions, seed)
@@ -41,13 +46,30 @@ def run_demo(out: Path, impressions: int, seed: int, num_workers: int = 2) -> di
     )
     tracking_uri = f"sqlite:///{out / 'mlflow.db'}"
     trained = run_training(train, tracking_uri=tracking_uri)
+    # A fresh candidate set (another seed: new requests; its click log is the history), scored by alias.
+    cands = generate_candidates(out / "candidates", candidates, seed + 1, progress=False)
+    scored = run_scoring(
+        ScoreConfig(
+            model=f"models:/{train.run.model_name}@champion",
+            input=str(cands.impressions),
+            history=str(cands.history),
+            output=str(out / "scores"),
+            tracking_uri=tracking_uri,
+            overwrite=True,
+            progress=False,
+        )
+    )
+    if not scored.ok:
+        raise RuntimeError(f"scoring: counts differ: {scored.problems}")
     return {
         "raw": raw,
         "features": feats,
         "spec": feats / "spec.json",
         "tracking_uri": tracking_uri,
         "run": trained.storage,
+        "scores": scored.output,
         "summary": trained.summary,
+        "scored": scored,
     }
 
 
@@ -62,9 +84,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--impressions", type=int, default=200_000, help="impressions to generate")
     parser.add_argument("--seed", type=int, default=7, help="generator seed")
     parser.add_argument("--num-workers", type=int, default=2, help="Ray Train workers")
+    parser.add_argument("--candidates", type=int, default=50_000, help="candidate rows to score")
     args = parser.parse_args(argv)
-    made = run_demo(Path(args.out), args.impressions, args.seed, args.num_workers)
-    summary = made.pop("summary")
+    made = run_demo(Path(args.out), args.impressions, args.seed, args.num_workers, args.candidates)
+    summary, scored = made.pop("summary"), made.pop("scored")
     print("\ndone.")
     for name, value in made.items():
         print(f"  {name:12s} {value}")
@@ -77,6 +100,12 @@ def main(argv: list[str] | None = None) -> int:
     print("  test metrics:")
     for name, value in sorted(summary.get("test", {}).items()):
         print(f"    {name:28s} {value:.4f}")
+    print(
+        f"  scoring: {scored.rows_in:,} candidate rows in, {scored.rows_out:,} out with {scored.pinned_uri} "
+        f"into {scored.output}"
+    )
+    print("  top items of one request:")
+    print(top_of_request(scored.output, k=5))
     return 0
 
 
