@@ -43,7 +43,7 @@ class RankZeroSession:
         self.run_id = self.tracker.start_run(
             run_name=self.run_dir.name,
             run_id=previous.get("run_id"),
-            tags={"ray_run": self.run_dir.name, "spec_hash": spec.content_hash},
+            tags={"ray_run": self.run_dir.name, "spec_hash": spec.content_hash, **_run_tags(config)},
         )
         if previous.get("run_id"):
             return  # a restarted worker or --resume: params and artifacts are there already
@@ -152,6 +152,9 @@ class RankZeroSession:
                 )
             },
         }
+        loads = expert_loads(metrics, "test/")
+        if loads:
+            summary["expert_load"] = loads  # per gate, for experiments that compare routing
         uri = log_model(self.tracker, package_dir)
         version = None
         if uri is not None:
@@ -170,6 +173,28 @@ class RankZeroSession:
             self.run_dir / "result.json", json.dumps(summary, indent=1, sort_keys=True, default=str)
         )
         print(f"test: {json.dumps(summary['test'], sort_keys=True)}")
+
+
+def _run_tags(config: TrainConfig) -> dict[str, str]:
+    """The config's extra MLflow tags, and the parent run's id when the run is nested."""
+    tags = dict(config.run.tags)
+    if config.run.parent_run_id:
+        tags["mlflow.parentRunId"] = config.run.parent_run_id
+    return tags
+
+
+def expert_loads(metrics: dict[str, float], prefix: str) -> dict[str, list[float]]:
+    """The share of rows routed to each expert, per gate, from ``{prefix}{gate}/load/expert{e}`` metrics.
+
+    Example: ``{"test/moe/click/load/expert0": 0.7, "test/moe/click/load/expert1": 0.3}`` with prefix
+    ``"test/"`` gives ``{"moe/click": [0.7, 0.3]}``.
+    """
+    cells: dict[str, dict[int, float]] = {}
+    for key, value in metrics.items():
+        if key.startswith(prefix) and "/load/expert" in key:
+            gate, expert = key[len(prefix) :].split("/load/expert")
+            cells.setdefault(gate, {})[int(expert)] = float(value)
+    return {gate: [shares[e] for e in sorted(shares)] for gate, shares in sorted(cells.items())}
 
 
 def _scalars(metrics: dict[str, float]) -> dict[str, float]:

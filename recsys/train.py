@@ -423,9 +423,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         dist.broadcast_object_list(decision, src=0)
         meta, stop = decision[0]["meta"], decision[0]["stop"]
         meta = {**meta, "epoch": epoch + 1, "step": step}
-        _report(
-            sharded, meta, {"epoch": epoch, "step": step, "main_metric": meta["best"]}, f"epoch{epoch:03d}"
-        )
+        # valid_main_metric is this epoch's (main_metric the best so far): a scheduler such as Ray Tune's
+        # ASHA compares trials on it, epoch by epoch.
+        latest = meta["history"][-1].get(f"valid/{t.main_metric}") if meta["history"] else None
+        reported = {"epoch": epoch, "step": step, "main_metric": meta["best"], "valid_main_metric": latest}
+        _report(sharded, meta, reported, f"epoch{epoch:03d}")
         if stop:
             break
 
@@ -529,6 +531,7 @@ def run_training(
     tracking_uri: str | None = None,
     require_tracking: bool = False,
     resume: bool = False,
+    callbacks: list[Any] | None = None,
 ) -> TrainResult:
     """Trains with Ray Train: an embedded local Ray unless ``RAY_ADDRESS`` names a cluster.
 
@@ -537,6 +540,8 @@ def run_training(
         tracking_uri: MLflow tracking URI (default: a local SQLite store, ``mlflow.db``).
         require_tracking: fail if MLflow is unreachable (else training goes on without it, said once).
         resume: continue the latest run under ``run.storage_path`` (or ``run.name``) from its last checkpoint.
+        callbacks: Ray Train callbacks of the run (e.g. Ray Tune's ``TuneReportCallback``, which passes each
+            epoch's report on to a Tune trial; see :mod:`recsys.tune`).
 
     Returns:
         The run's name, storage folder and summary (test metrics, registered version).
@@ -608,6 +613,7 @@ def run_training(
             name=name,
             storage_path=str(storage),
             failure_config=FailureConfig(max_failures=config.run.max_failures),
+            callbacks=callbacks,
         ),
         datasets=datasets,
         dataset_config=_data_config(),

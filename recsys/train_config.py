@@ -115,6 +115,9 @@ class RunSettings:
         name: the run's name under ``storage_path`` (default: model name and start time).
         max_failures: worker failures to recover from (from the latest checkpoint) before giving up.
         cpus_per_worker: CPUs reserved per worker (and torch threads in it).
+        parent_run_id: the MLflow run this run is nested under (tag ``mlflow.parentRunId``); empty: none.
+            An experiment grid or a hyperparameter search sets it for each of its runs.
+        tags: further MLflow tags of the run (e.g. the experiment cell it belongs to).
     """
 
     experiment: str = "recsys"
@@ -125,6 +128,8 @@ class RunSettings:
     name: str = ""
     max_failures: int = 2
     cpus_per_worker: int = 1
+    parent_run_id: str = ""
+    tags: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         w = "run"
@@ -136,6 +141,12 @@ class RunSettings:
         _positive_int(w, "cpus_per_worker", self.cpus_per_worker)
         if not isinstance(self.use_gpu, bool):
             raise invalid(w, "use_gpu", self.use_gpu, "expected true or false")
+        if not isinstance(self.parent_run_id, str):
+            raise invalid(w, "parent_run_id", self.parent_run_id, "expected an MLflow run id (a string)")
+        if not isinstance(self.tags, dict) or not all(
+            isinstance(k, str) and k and isinstance(v, str) for k, v in self.tags.items()
+        ):
+            raise invalid(w, "tags", self.tags, "expected a mapping of non-empty strings to strings")
 
 
 @dataclass(frozen=True)
