@@ -99,7 +99,8 @@ class SearchSpec:
     Attributes:
         space: dotted path in the train config (``training.dense_lr``) -> distribution.
         num_samples: trials.
-        max_concurrent_trials: trials at once (each takes ``run.num_workers`` Ray Train workers).
+        max_concurrent_trials: trials at once (each takes ``run.num_workers`` Ray Train workers); two
+            at once on a 2-core machine have left both trials waiting on Ray Data reads (see README).
         grace_period: ASHA: epochs every trial gets before it can be stopped.
         reduction_factor: ASHA: 1 in this many trials goes on at each rung.
         seed: the random search's seed.
@@ -108,7 +109,7 @@ class SearchSpec:
 
     space: dict[str, Distribution]
     num_samples: int = 8
-    max_concurrent_trials: int = 2
+    max_concurrent_trials: int = 1
     grace_period: int = 1
     reduction_factor: int = 2
     seed: int = 0
