@@ -78,7 +78,7 @@ class Tables:
     history: pl.LazyFrame | None = None
 
 
-def _paths(path: str | Path) -> list[str]:
+def input_paths(path: str | Path) -> list[str]:
     """Files behind a path: the file itself, a folder's Parquet parts, or a glob's matches."""
     p = str(path)
     if os.path.isdir(p):
@@ -94,7 +94,7 @@ def _paths(path: str | Path) -> list[str]:
 
 def scan_table(path: str | Path) -> pl.LazyFrame:
     """Scans a Parquet file, folder or glob, or reads a (gzipped) CSV file."""
-    files = _paths(path)
+    files = input_paths(path)
     if files[0].endswith((".csv", ".csv.gz")):
         return pl.concat([pl.read_csv(f, infer_schema_length=100_000) for f in files]).lazy()
     return pl.scan_parquet(files)

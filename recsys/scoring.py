@@ -55,7 +55,6 @@ Example:
 
 from __future__ import annotations
 
-import glob
 import hashlib
 import json
 import logging
@@ -74,7 +73,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from features.contract import IMPRESSIONS, LABELS, ContractError, validate
-from features.pipeline import Tables
+from features.pipeline import Tables, input_paths
 from recsys.package import HISTORY_COLUMNS, load_package, model_ready, output_column, score_ready
 
 log = logging.getLogger(__name__)
@@ -241,12 +240,10 @@ def input_files(path: str) -> list[Path]:
     Raises:
         FileNotFoundError: no file matches.
     """
-    if os.path.isdir(path):
-        files = sorted(glob.glob(os.path.join(path, "**", "*.parquet"), recursive=True))
-    elif any(ch in path for ch in "*?["):
-        files = sorted(glob.glob(path, recursive=True))
-    else:
-        files = [path] if os.path.isfile(path) else []
+    try:
+        files = input_paths(path)
+    except FileNotFoundError:
+        files = []
     if os.path.isdir(path) or any(ch in path for ch in "*?["):
         files = [
             f for f in files if Path(f).name not in ("users.parquet", "items.parquet", "history.parquet")
