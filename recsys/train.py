@@ -7,9 +7,13 @@ Read top to bottom: :func:`run_training` (the driver) builds a Ray Train ``Torch
    over all workers (table-wise by default: whole tables live on one worker each), and wraps it in
    ``DistributedModelParallel``; tables train with a fused sparse optimizer (only the rows a batch touches
    are updated), dense parameters with Adam;
-2. streams its shard of the model-ready Parquet through Ray Data (never the whole data set in memory);
+2. streams its shard of the model-ready training Parquet through Ray Data (never the whole data set in
+   memory);
 3. evaluates on the validation split every epoch and on the test split at the end, on predictions
-   gathered from all workers (rank 0 computes the metrics);
+   gathered from all workers (rank 0 computes the metrics); each worker reads its contiguous share of an
+   evaluation split straight from the Parquet files (:class:`ParquetShard`): a fixed, ordered pass needs
+   no shuffling or streaming coordination, and a Ray Data execution per evaluation cost ~10 s of actor
+   and task start-up here, more than the whole evaluation of a small split;
 4. checkpoints its shard of the state every epoch (and every N steps), so that a killed worker is
    restarted from the last checkpoint (``FailureConfig``);
 5. at the end gathers the sharded tables into one unsharded model on rank 0, which saves it as a model
@@ -222,6 +226,60 @@ def lockstep_batches(
 # ------------------------------------------------------------------------------------ evaluation
 
 
+class ParquetShard:
+    """One worker's contiguous share of a split's rows, read straight from its Parquet files.
+
+    The rows of all files (in sorted path order) are cut into ``world`` contiguous ranges of sizes
+    differing by at most one; rank ``r`` reads range ``r``, row group by row group (memory flat in the
+    split's size). It offers the part of Ray Data's ``DataIterator.iter_batches`` that evaluation uses.
+
+    Args:
+        directory: the split's folder of Parquet files.
+        rank: this worker's rank.
+        world: the number of workers.
+    """
+
+    def __init__(self, directory: str | Path, rank: int, world: int) -> None:
+        import pyarrow.parquet as pq
+
+        self.files = sorted(Path(directory).glob("*.parquet"))
+        self.rows = [pq.read_metadata(f).num_rows for f in self.files]
+        total = sum(self.rows)
+        self.start, self.stop = total * rank // world, total * (rank + 1) // world
+
+    def _tables(self) -> Iterator[pa.Table]:
+        import pyarrow.parquet as pq
+
+        offset = 0
+        for path, n in zip(self.files, self.rows, strict=True):
+            lo, hi = max(self.start, offset), min(self.stop, offset + n)
+            if lo < hi:
+                pos = offset
+                for chunk in pq.ParquetFile(path).iter_batches(batch_size=65_536):
+                    a, b = max(lo, pos), min(hi, pos + chunk.num_rows)
+                    if a < b:
+                        yield pa.Table.from_batches([chunk.slice(a - pos, b - a)])
+                    pos += chunk.num_rows
+                    if pos >= hi:
+                        break
+            offset += n
+
+    def iter_batches(self, batch_size: int, drop_last: bool = False, **_: Any) -> Iterator[pa.Table]:
+        """Arrow tables of ``batch_size`` rows (the last one shorter unless ``drop_last``)."""
+        buffer: list[pa.Table] = []
+        buffered = 0
+        for table in self._tables():
+            buffer.append(table)
+            buffered += table.num_rows
+            while buffered >= batch_size:
+                whole = pa.concat_tables(buffer)
+                yield whole.slice(0, batch_size).combine_chunks()
+                rest = whole.slice(batch_size)
+                buffer, buffered = [rest], rest.num_rows
+        if buffered and not drop_last:
+            yield pa.concat_tables(buffer).combine_chunks()
+
+
 @dataclass
 class Predictions:
     """Predictions of one split gathered on rank 0 (numpy arrays, one row per evaluated row)."""
@@ -407,7 +465,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 window_start, window_rows, losses = time.perf_counter(), 0, []
             if t.checkpoint_every_steps and step % t.checkpoint_every_steps == 0:
                 _report(sharded, {**meta, "epoch": epoch, "step": step}, {"step": step}, f"step{step:08d}")
-        preds = predict_split(sharded, ray.train.get_dataset_shard("valid"), config, key_columns)
+        valid = ParquetShard(Path(config.features) / "valid", rank, world)
+        preds = predict_split(sharded, valid, config, key_columns)
         decision = [None]
         if rank == 0:
             metrics = split_metrics(preds, config, truth, "valid/")
@@ -432,7 +491,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             break
 
     meta = _restore_best_epoch(sharded, meta, Path(loop_config["run_dir"]))
-    preds = predict_split(sharded, ray.train.get_dataset_shard("test"), config, key_columns)
+    test = ParquetShard(Path(config.features) / "test", rank, world)
+    preds = predict_split(sharded, test, config, key_columns)
     model = gather_unsharded(sharded, config)
     if rank == 0:
         metrics = split_metrics(preds, config, truth, "test/")
@@ -473,31 +533,15 @@ def _report(sharded: ShardedModel, meta: dict[str, Any], metrics: dict[str, Any]
 
 
 def _data_config() -> Any:
-    """Ray Train's data config, but evaluation splits are split completely (``equal=False``).
+    """Ray Train's data config for the training split, in file order.
 
-    Ray Train splits every dataset with ``streaming_split(equal=True)``, which drops the remainder rows so
-    that the shards are equal; right for training (lockstep), wrong for evaluation, which must see every
-    row. Order is preserved, so that a run (and a resumed run) reads its data in the same order.
+    Order is preserved, so that a run (and a resumed run) reads its data in the same order.
     """
     from ray.train import DataConfig
 
-    class _Config(DataConfig):
-        def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):  # noqa: ANN001
-            train = {k: v for k, v in datasets.items() if k == "train"}
-            output = super().configure(train, world_size, worker_handles, worker_node_ids, **kwargs)
-            for name, ds in datasets.items():
-                if name == "train":
-                    continue
-                ds = ds.copy(ds)
-                ds.set_name(name)
-                ds.context.execution_options = self._resolve_execution_options(name)
-                for i, split in enumerate(ds.streaming_split(world_size, equal=False)):
-                    output[i][name] = split
-            return output
-
     options = DataConfig.default_ingest_options()
     options.preserve_order = True
-    return _Config(execution_options=options)
+    return DataConfig(execution_options=options)
 
 
 @dataclass
@@ -591,8 +635,13 @@ def run_training(
             else max(os.cpu_count() or 1, config.run.num_workers * config.run.cpus_per_worker) + 2
         )
         ray.init(address=address, num_cpus=num_cpus, include_dashboard=False)
-    ray.data.DataContext.get_current().enable_progress_bars = False  # one bar per batch floods the logs
-    datasets = {split: ray.data.read_parquet(str((features / split).resolve())) for split in SPLIT_DIRS}
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False  # one bar per batch floods the logs
+    # Ray 2.60's Parquet datasource V2 (ListFiles -> ReadFilesParquetV2) took 4.5-5 s to read a 10k-row
+    # file on a warm local Ray here, V1 0.23 s: a fixed cost per execution, i.e. per epoch.
+    context.use_datasource_v2 = False
+    # The evaluation splits are read by the workers themselves (ParquetShard).
+    datasets = {"train": ray.data.read_parquet(str((features / "train").resolve()))}
     loop_config = {
         "config": config.to_dict(),
         "tracking_uri": tracking_uri or default_tracking_uri(),
