@@ -72,16 +72,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help=f"rows per model call ({defaults.batch_size})",
     )
     parser.add_argument(
-        "--concurrency", type=int, default=defaults.concurrency, help="model actors (default 1)"
-    )
-    parser.add_argument(
-        "--feature-concurrency", type=int, default=defaults.feature_concurrency, help="feature actors (1)"
+        "--concurrency",
+        type=int,
+        default=defaults.concurrency,
+        help="scoring actors, each reading, building features and scoring whole partitions "
+        "(default: one per CPU)",
     )
     parser.add_argument(
         "--threads-per-actor",
         type=int,
         default=defaults.threads_per_actor,
-        help=f"torch threads per model actor ({defaults.threads_per_actor})",
+        help=f"torch and polars threads per actor ({defaults.threads_per_actor})",
     )
     parser.add_argument(
         "--rows-per-partition",
@@ -118,7 +119,6 @@ def main(argv: list[str] | None = None) -> int:
             alpha=args.alpha,
             batch_size=args.batch_size,
             concurrency=args.concurrency,
-            feature_concurrency=args.feature_concurrency,
             threads_per_actor=args.threads_per_actor,
             rows_per_partition=args.rows_per_partition,
             tracking_uri=args.tracking_uri,

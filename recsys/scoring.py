@@ -17,11 +17,12 @@
    lie in several partitions (non-contiguous input, or one request in two files) belongs to the first of
    them, which reads its other rows too; the others skip them. Ranking within a request therefore always
    sees the whole request, at the cost of extra reads for non-contiguous input only.
-4. **Score with Ray Data**: one dataset over the partitions to do. A feature stage (a callable class
-   holding the users, items and click-history tables) reads a partition and runs the training feature
-   code (:func:`recsys.package.model_ready`: :func:`features.pipeline.derived` then
-   :func:`features.spec.output_exprs`); a model stage (``map_batches`` with a callable class, the model
-   loaded once per actor, ``batch_size`` rows per call, ``concurrency`` actors) scores the model-ready rows.
+4. **Score with Ray Data**: one dataset over the partitions to do, mapped by :class:`ScoreStage`
+   (``map_batches`` with a callable class; ``concurrency`` actors, one per CPU by default, each with the
+   model loaded once and the users, items and click-history tables). An actor reads a partition, runs the
+   training feature code (:func:`recsys.package.model_ready`: :func:`features.pipeline.derived` then
+   :func:`features.spec.output_exprs`) and the model (``batch_size`` rows per call) and returns the
+   narrow scored rows.
 5. **Rank and write, on the driver only**: when all rows of a partition are scored, the driver computes
    the ranking score and the rank within ``request_id``, keeps the top K per request if asked, writes
    ``OUT/part-XXXXX.parquet.tmp`` and renames it to ``OUT/part-XXXXX.parquet``, then rewrites
@@ -85,7 +86,6 @@ NULLABLE_IDS = ("user_id", "item_id")  # null ids are scored through the out-of-
 FORMULAS = ("product", "click", "purchase")
 _PARTITION = "__partition"
 _READ_COLUMNS = tuple(c.name for c in IMPRESSIONS.without_labels().columns)
-_SLICE_ROWS = 131_072  # rows per block handed from the feature stage to the model stage
 
 
 # ------------------------------------------------------------------------------------------- config
@@ -109,9 +109,9 @@ class ScoreConfig:
         score_formula: ``product`` (``p_click * p_purchase ** alpha``), ``click`` or ``purchase``.
         alpha: the exponent of ``p_purchase`` in ``product``.
         batch_size: rows per model call.
-        concurrency: model actors (each loads the model once).
-        feature_concurrency: feature actors (each holds the users, items and history tables).
-        threads_per_actor: torch threads of each model actor.
+        concurrency: scoring actors (each loads the model and the users, items and history tables once,
+            and scores whole partitions); None: one per CPU (of this machine, or of the cluster).
+        threads_per_actor: torch and polars threads of each actor.
         rows_per_partition: most rows per partition (one output file each).
         tracking_uri: the MLflow store of the registry and of the scoring run's log (default
             :func:`recsys.tracking.default_tracking_uri`).
@@ -131,9 +131,8 @@ class ScoreConfig:
     score_formula: str = "product"
     alpha: float = 1.0
     batch_size: int = 8192
-    concurrency: int = 1
-    feature_concurrency: int = 1
-    threads_per_actor: int = 2
+    concurrency: int | None = None
+    threads_per_actor: int = 1
     rows_per_partition: int = 500_000
     tracking_uri: str | None = None
     address: str | None = None
@@ -146,8 +145,10 @@ class ScoreConfig:
             value = getattr(self, name)
             if not isinstance(value, str) or not value:
                 raise ValueError(f"{name}: expected a non-empty string, got {value!r}")
-        for name in ("batch_size", "concurrency", "feature_concurrency", "threads_per_actor"):
+        for name in ("batch_size", "threads_per_actor"):
             _check_int(name, getattr(self, name), 1)
+        if self.concurrency is not None:
+            _check_int("concurrency", self.concurrency, 1)
         _check_int("rows_per_partition", self.rows_per_partition, 1)
         if self.top_k is not None:
             _check_int("top_k", self.top_k, 1)
@@ -557,63 +558,55 @@ def _materialize(files: dict[str, bytes]) -> Path:
     return directory
 
 
-class FeatureStage:
-    """Ray Data stage: partition specs in, model-ready rows out (the training feature code).
+class ScoreStage:
+    """Ray Data stage: partition specs in; per partition, key columns and one ``p_<task>`` per task out.
 
-    Holds the users, items and click-history tables, fetched once per actor from the object store.
-    """
+    Each actor does all the work of a partition: it reads the rows, runs the training feature code
+    (:func:`recsys.package.model_ready`) and the model (:func:`recsys.package.score_ready`, ``batch_size``
+    rows per call). The model is rebuilt once per actor from the package bytes in the object store; the
+    users, items and click-history tables are fetched once per actor. The feature rows never leave the
+    actor: only the narrow scored rows go to the driver.
 
-    def __init__(self, shared: dict[str, Any]) -> None:
-        import ray
-
-        from features.spec import FeatureSpec
-
-        package_dir = _materialize(ray.get(shared["package"]))
-        self.spec = FeatureSpec.load(package_dir / "spec.json")
-        shutil.rmtree(package_dir, ignore_errors=True)
-        self.users = pl.from_arrow(ray.get(shared["users"]))
-        self.items = pl.from_arrow(ray.get(shared["items"]))
-        self.history = pl.from_arrow(ray.get(shared["history"]))
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> Iterator[pa.Table]:
-        """Yields (rows, passthrough + features + ``__partition``) Arrow tables for each partition."""
-        for raw in batch["partition"]:
-            part = Partition(**_partition_from_json(json.loads(raw)))
-            rows = read_partition(part)
-            # A user's history states depend on that user's clicks only: the rest need not be derived.
-            history = self.history.filter(pl.col("user_id").is_in(rows["user_id"].drop_nulls().unique()))
-            tables = Tables(rows.lazy(), self.users.lazy(), self.items.lazy(), history.lazy())
-            ready = model_ready(self.spec, tables).with_columns(
-                pl.lit(part.index, pl.Int64).alias(_PARTITION)
-            )
-            for start in range(0, ready.height, _SLICE_ROWS):
-                yield ready.slice(start, _SLICE_ROWS).to_arrow()
-
-
-class ModelStage:
-    """Ray Data stage: model-ready rows in, key columns and one ``p_<task>`` per task out.
-
-    The model is rebuilt once per actor from the package bytes in the object store.
+    One stage rather than a feature stage feeding a model stage: on a small machine the two stages'
+    actors fought over the cores and every feature block was copied through the object store; measured
+    at 1M rows on 2 cores, end to end went from 51% of the bare forward (two stages) to the figure in
+    README (one stage, one actor per core, one thread each).
     """
 
     def __init__(self, shared: dict[str, Any], batch_size: int, threads: int) -> None:
         import ray
         import torch
 
+        from features.spec import FeatureSpec
+
         torch.set_num_threads(threads)
         package_dir = _materialize(ray.get(shared["package"]))
         self.package = load_package(package_dir)
+        self.spec = FeatureSpec.load(package_dir / "spec.json")
         shutil.rmtree(package_dir, ignore_errors=True)
         self.batch_size = batch_size
         self.columns = {t.name: output_column(t) for t in self.package.model_config.tasks}
+        self.users = pl.from_arrow(ray.get(shared["users"]))
+        self.items = pl.from_arrow(ray.get(shared["items"]))
+        self.history = pl.from_arrow(ray.get(shared["history"]))
 
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        """Scores a (B, features) batch; returns (B, keys + p_* + ``__partition``)."""
-        scores = score_ready(self.package, batch, self.batch_size)
-        out = batch.select([*KEY_COLUMNS, _PARTITION])
-        for task, column in self.columns.items():
-            out = out.append_column(column, pa.array(scores[task], pa.float64()))
-        return out
+    def __call__(self, batch: dict[str, np.ndarray]) -> Iterator[pa.Table]:
+        """Yields (rows, keys + ``p_*`` + ``__partition``) Arrow tables for each partition of the batch."""
+        for raw in batch["partition"]:
+            part = Partition(**_partition_from_json(json.loads(raw)))
+            rows = read_partition(part)
+            # A user's history states depend on that user's clicks only: the rest need not be derived.
+            history = self.history.filter(pl.col("user_id").is_in(rows["user_id"].drop_nulls().unique()))
+            tables = Tables(rows.lazy(), self.users.lazy(), self.items.lazy(), history.lazy())
+            ready = model_ready(self.spec, tables).to_arrow()
+            del rows, history
+            scores = score_ready(self.package, ready, self.batch_size)
+            out = ready.select(list(KEY_COLUMNS)).append_column(
+                _PARTITION, pa.array(np.full(ready.num_rows, part.index, np.int64))
+            )
+            for task, column in self.columns.items():
+                out = out.append_column(column, pa.array(scores[task], pa.float64()))
+            yield out
 
 
 def _partition_from_json(data: dict[str, Any]) -> dict[str, Any]:
@@ -698,7 +691,7 @@ def init_ray(address: str | None = None, actors: int = 2) -> bool:
 
     Args:
         address: the cluster; None for ``RAY_ADDRESS``, else a new local Ray.
-        actors: actors the job runs at once (one CPU each), for the local Ray's CPU count.
+        actors: CPUs the job's actors take at once, for the local Ray's CPU count.
 
     Returns:
         True if this call started or connected Ray (the caller shuts it down), False if it was running.
@@ -935,9 +928,11 @@ def _score_partitions(
             finish(part)
     work = [p for p in todo if p.rows_in > 0]
     if work and written < limit:
-        started_ray = init_ray(config.address, config.concurrency + config.feature_concurrency)
+        started_ray = init_ray(
+            config.address, (config.concurrency or os.cpu_count() or 1) * config.threads_per_actor
+        )
         try:
-            frames = _scored_frames(config, package_files, tables, work)
+            frames = _scored_frames(config, package_files, tables, work, _actors(config))
             for frame in frames:
                 for (index,), rows in frame.partition_by(_PARTITION, as_dict=True).items():
                     part = pending[int(index)]
@@ -965,8 +960,9 @@ def _scored_frames(
     package_files: dict[str, bytes],
     tables: dict[str, pl.DataFrame],
     work: list[Partition],
+    actors: int,
 ) -> Iterator[pl.DataFrame]:
-    """The Ray Data pipeline: partitions -> :class:`FeatureStage` -> :class:`ModelStage` -> scored rows.
+    """The Ray Data pipeline: partitions -> :class:`ScoreStage` -> scored rows.
 
     Yields:
         (B, keys + ``p_*`` + ``__partition``) frames, in no particular order.
@@ -978,31 +974,31 @@ def _scored_frames(
     context.print_on_execution_start = False
     shared = {"package": ray.put(package_files)} | {k: ray.put(v.to_arrow()) for k, v in tables.items()}
     specs = [{"partition": json.dumps(asdict(p))} for p in work]
-    dataset = (
-        ray.data.from_items(specs, override_num_blocks=len(specs))
-        .map_batches(
-            FeatureStage,
-            fn_constructor_kwargs={"shared": shared},
-            batch_size=1,  # one partition per call
-            batch_format="numpy",
-            compute=ray.data.ActorPoolStrategy(size=config.feature_concurrency),
-            num_cpus=1,
-        )
-        .map_batches(
-            ModelStage,
-            fn_constructor_kwargs={
-                "shared": shared,
-                "batch_size": config.batch_size,
-                "threads": config.threads_per_actor,
-            },
-            batch_size=config.batch_size,
-            batch_format="pyarrow",
-            compute=ray.data.ActorPoolStrategy(size=config.concurrency),
-            num_cpus=1,
-        )
+    threads = config.threads_per_actor
+    dataset = ray.data.from_items(specs, override_num_blocks=len(specs)).map_batches(
+        ScoreStage,
+        fn_constructor_kwargs={"shared": shared, "batch_size": config.batch_size, "threads": threads},
+        batch_size=1,  # one partition per call
+        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=min(actors, len(specs))),
+        num_cpus=threads,
+        # Polars sizes its thread pool when imported: set before the actor's process starts.
+        runtime_env={"env_vars": {"POLARS_MAX_THREADS": str(threads), "OMP_NUM_THREADS": str(threads)}},
     )
     for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0):
         yield pl.from_arrow(batch)
+
+
+def _actors(config: ScoreConfig) -> int:
+    """Scoring actors: as configured, else one per CPU of this machine (local Ray) or of the cluster."""
+    import ray
+
+    if config.concurrency is not None:
+        return config.concurrency
+    if not (config.address or os.environ.get("RAY_ADDRESS")):
+        return max(1, (os.cpu_count() or 1) // config.threads_per_actor)
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+    return max(1, (cpus - 1) // config.threads_per_actor)  # one CPU left to Ray Data's own tasks
 
 
 def _write_partition(
