@@ -20,109 +20,22 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from collections.abc import Callable
 
-import numpy as np
 import torch
-from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
+from recsys.benchmark import (
+    BATCH,
+    benchmark_layout,
+    flops_per_example,
+    matmul_gflops,
+    synthetic_batch,
+    timed,
+)
 from recsys.config import ModelConfig, builtin_config
-from recsys.data import Batch, FeatureLayout, SparseFeature
+from recsys.data import Batch, FeatureLayout
 from recsys.embedding import enable_sparse_gradients
 from recsys.losses import RankingTrain
 from recsys.model import build_model
-
-BATCH = 2048
-NUM_CATEGORICAL = 16
-NUM_DENSE = 8
-BAG_MEAN = 20
-
-
-def benchmark_layout() -> FeatureLayout:
-    """16 categorical features, cardinalities log-spaced from 8 to 200,000, and a bag on the largest table."""
-    sizes = np.geomspace(8, 200_000, NUM_CATEGORICAL).round().astype(int).tolist()
-    sparse = [SparseFeature(f"cat_{i}", n) for i, n in enumerate(sizes)]
-    sparse.append(SparseFeature("hist", sizes[-1], multi_hot=True, table=f"cat_{NUM_CATEGORICAL - 1}"))
-    return FeatureLayout(
-        sparse=tuple(sparse), dense=tuple(f"num_{i}" for i in range(NUM_DENSE)), labels=("click", "purchase")
-    )
-
-
-def synthetic_batch(layout: FeatureLayout, rows: int, generator: torch.Generator) -> Batch:
-    """Uniform random ids; bag lengths uniform in [10, 30] (mean 20)."""
-    values, lengths = [], []
-    for f in layout.sparse:
-        n = (
-            torch.randint(10, 2 * BAG_MEAN - 9, (rows,), generator=generator)
-            if f.multi_hot
-            else torch.ones(rows, dtype=torch.int64)
-        )
-        values.append(torch.randint(0, f.num_embeddings, (int(n.sum()),), generator=generator))
-        lengths.append(n)
-    sparse = KeyedJaggedTensor(keys=layout.keys, values=torch.cat(values), lengths=torch.cat(lengths))
-    labels = {"click": (torch.rand(rows, generator=generator) < 0.1).float()}
-    labels["purchase"] = labels["click"] * (torch.rand(rows, generator=generator) < 0.2).float()
-    return Batch(torch.randn(rows, len(layout.dense), generator=generator), sparse, labels)
-
-
-def flops_per_example(config: ModelConfig, layout: FeatureLayout, ids_per_example: float) -> dict[str, float]:
-    """Forward FLOPs of one example, counted from the layer shapes: 2 per multiply-add.
-
-    Counted: every matmul (experts, gates, towers: 2 * fan_in * fan_out per layer), the gate mixing
-    (2 * E * H per task) and the embedding pooling (D adds per looked-up id). Not counted: biases,
-    activations, softmax, the concatenation (a few % at most). Backward: 2x the forward matmuls
-    (gradients with respect to the inputs and to the weights; the input gradient of the first layer is
-    needed because the embeddings train), so forward + backward = 3x forward.
-    """
-    arch, d = config.arch, config.embedding.dim
-    in_dim = len(layout.sparse) * d + len(layout.dense)
-    tasks = len(config.tasks)
-    sizes = [in_dim, *arch.expert_hidden]
-    experts = arch.num_experts * sum(2 * a * b for a, b in zip(sizes[:-1], sizes[1:], strict=True))
-    gates = tasks * 2 * in_dim * arch.num_experts
-    mixing = tasks * 2 * arch.num_experts * arch.expert_hidden[-1]
-    tower_sizes = [arch.expert_hidden[-1], *arch.tower_hidden, 1]
-    towers = tasks * sum(2 * a * b for a, b in zip(tower_sizes[:-1], tower_sizes[1:], strict=True))
-    pooling = ids_per_example * d
-    total = experts + gates + mixing + towers + pooling
-    return {
-        "experts": experts,
-        "gates": gates,
-        "mixing": mixing,
-        "towers": towers,
-        "pooling": pooling,
-        "forward": total,
-        "forward_backward": 3 * total,
-    }
-
-
-def timed(fn: Callable[[], object], iters: int, reps: int) -> list[float]:
-    """Seconds per call of ``fn``, one value per repetition of ``iters`` calls (after one warm-up rep)."""
-    fn()
-    out = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        for _ in range(iters):
-            fn()
-        out.append((time.perf_counter() - start) / iters)
-    return out
-
-
-def matmul_gflops(config: ModelConfig, in_dim: int, reps: int) -> tuple[float, list[tuple[str, float]]]:
-    """fp32 GFLOP/s of torch.matmul on the experts' shapes; the overall figure weighs them by their FLOPs."""
-    e, (h1, h2) = config.arch.num_experts, config.arch.expert_hidden[:2]
-    shapes = [
-        ("wide first layer (B, D) @ (D, E*H1)", torch.randn(BATCH, in_dim), torch.randn(in_dim, e * h1)),
-        ("second layer (E, B, H1) @ (E, H1, H2)", torch.randn(e, BATCH, h1), torch.randn(e, h1, h2)),
-    ]
-    per_shape, total_flops, total_time = [], 0.0, 0.0
-    for name, a, b in shapes:
-        flops = 2 * a.numel() * b.shape[-1]  # 2 * (batch * M * K) * N
-        seconds = statistics.median(timed(lambda a=a, b=b: torch.matmul(a, b), 20, reps))
-        per_shape.append((name, flops / seconds / 1e9))
-        total_flops += flops
-        total_time += seconds
-    return total_flops / total_time / 1e9, per_shape
 
 
 def describe(seconds: list[float]) -> tuple[float, str]:

@@ -88,8 +88,10 @@ def prepare(data: Path, rows: int, seed: int) -> None:
         print(f"generated {rows:,} candidates in {data} in {time.perf_counter() - started:.0f} s")
     if (data / "model" / "package.json").exists():
         return
-    # The spec is fitted on the first 500k history rows: enough for the vocabularies and statistics.
-    history = pl.scan_parquet(data / "history.parquet").head(500_000)
+    # The spec is fitted on ~500k history rows spread over the whole time range (every k-th row): enough
+    # for the vocabularies and statistics, and the time split's training window is never empty.
+    every = max(1, rows // 500_000)
+    history = pl.scan_parquet(data / "history.parquet").gather_every(every)
     tables = Tables(history, pl.scan_parquet(data / "users.parquet"), pl.scan_parquet(data / "items.parquet"))
     spec = fit_spec(FeatureConfig.from_yaml(builtin_config("ecommerce")), tables)
     config = ModelConfig.from_yaml(builtin_model_config("ecommerce_mmoe"))

@@ -22,50 +22,11 @@ import time
 from pathlib import Path
 
 import mlflow
-import numpy as np
-import polars as pl
 
-from features.config import FeatureConfig
 from features.pipeline import Tables, build, scan_table
+from recsys.benchmark import feature_config, make_table
 from recsys.train import run_training
 from recsys.train_config import TrainConfig
-
-NUM_CATEGORICAL, NUM_DENSE, BAG_MEAN = 16, 8, 20
-
-
-def make_table(rows: int, seed: int) -> pl.DataFrame:
-    """Random rows in the benchmark shape; labels depend weakly on two features so training is real."""
-    rng = np.random.default_rng(seed)
-    sizes = np.geomspace(8, 200_000, NUM_CATEGORICAL).round().astype(int)
-    columns: dict[str, object] = {f"c{i}": rng.integers(0, n, rows) for i, n in enumerate(sizes)}
-    lengths = rng.poisson(BAG_MEAN, rows)
-    flat = rng.integers(0, sizes[-1], int(lengths.sum()))
-    columns["bag"] = pl.Series(np.split(flat, np.cumsum(lengths)[:-1])).cast(pl.List(pl.Int64))
-    for j in range(NUM_DENSE):
-        columns[f"x{j}"] = rng.normal(size=rows)
-    logit = -2.5 + 0.8 * columns["x0"] + 0.5 * (columns["c3"] % 2)
-    click = rng.random(rows) < 1 / (1 + np.exp(-logit))
-    columns["click"] = click.astype(np.int8)
-    columns["purchase"] = (click & (rng.random(rows) < 0.2)).astype(np.int8)
-    return pl.DataFrame(columns)
-
-
-def feature_config() -> FeatureConfig:
-    features = [{"name": f"c{i}", "kind": "categorical"} for i in range(NUM_CATEGORICAL)]
-    features.append({"name": "bag", "kind": "multi_hot", "vocab_of": f"c{NUM_CATEGORICAL - 1}"})
-    features += [
-        {"name": f"x{j}", "kind": "numeric", "transforms": ["standardize"]} for j in range(NUM_DENSE)
-    ]
-    return FeatureConfig.from_dict(
-        {
-            "name": "benchmark",
-            "source": "flat",
-            "rows_per_file": 100_000,
-            "split": {"method": "hash", "validation_fraction": 0.02, "test_fraction": 0.02},
-            "labels": [{"name": "click"}, {"name": "purchase"}],
-            "features": features,
-        }
-    )
 
 
 def main() -> int:

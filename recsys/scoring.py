@@ -133,7 +133,7 @@ class ScoreConfig:
     batch_size: int = 8192
     concurrency: int | None = None
     threads_per_actor: int = 1
-    rows_per_partition: int = 500_000
+    rows_per_partition: int = 250_000
     tracking_uri: str | None = None
     address: str | None = None
     overwrite: bool = False
@@ -980,7 +980,9 @@ def _scored_frames(
         fn_constructor_kwargs={"shared": shared, "batch_size": config.batch_size, "threads": threads},
         batch_size=1,  # one partition per call
         batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=min(actors, len(specs))),
+        # One partition per actor at a time: a partition queued behind a busy actor while another is
+        # idle (or still starting) would leave a core idle for a whole partition.
+        compute=ray.data.ActorPoolStrategy(size=min(actors, len(specs)), max_tasks_in_flight_per_actor=1),
         num_cpus=threads,
         # Polars sizes its thread pool when imported: set before the actor's process starts.
         runtime_env={"env_vars": {"POLARS_MAX_THREADS": str(threads), "OMP_NUM_THREADS": str(threads)}},
