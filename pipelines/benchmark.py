@@ -1,0 +1,303 @@
+"""Performance benchmark: the machine's matmul roofline, and our training and prediction examples/s.
+
+Examples::
+
+    python -m pipelines.benchmark                       # 1M rows, 3 repetitions, 3 training epochs
+    python -m pipelines.benchmark --rows 200000 --out /tmp/bench --workers 1 2
+
+In one run, on the benchmark shape (recsys/benchmark.py: 16 categorical features of cardinality 8 to
+200,000 plus one multi-hot bag, 8 numeric, embedding dim 16; MMoE 8 experts [256, 128], towers [64],
+2 tasks; batch 2048; fp32) it
+
+1. generates the benchmark data set (random rows whose labels depend on two features) and builds its
+   features with the flat feature path (reused when OUT holds the same number of rows);
+2. measures the fp32 matmul GFLOP/s on the experts' shapes, counts the model's FLOPs per example and
+   derives the roofline examples/s (all FLOPs at the measured matmul rate) for prediction and training;
+3. measures the model alone on a synthetic batch: forward (eval, no grad) and a training step (forward,
+   backward, Adam on dense parameters, SparseAdam on the tables);
+4. measures prediction on the data set's model-ready rows (recsys.package.score_ready: Arrow to tensors
+   and the forward), a trained model's weights;
+5. trains end to end through recsys.train.run_training (Ray Train, TorchRec DMP with fused row-wise
+   Adagrad, Ray Data streaming) for --epochs epochs: every epoch is one repetition of examples/s (the
+   median of its windows of up to 10 steps; the first window, with start-up, left out); reports the
+   test AUCs;
+
+and prints a table of medians with min-max over the repetitions and the fraction of the roofline, and
+writes it to OUT/benchmark.json. The end-to-end scoring benchmark (read, features, model, write) of the
+e-commerce model is benchmarks/score_bench.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The command line; errors name the option and the value."""
+    parser = argparse.ArgumentParser(
+        prog="python -m pipelines.benchmark",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--rows", type=int, default=1_000_000, help="rows of the data set (1,000,000)")
+    parser.add_argument("--out", default="artifacts/benchmark", help="folder (artifacts/benchmark)")
+    parser.add_argument("--reps", type=int, default=3, help="repetitions of each measurement (>= 3)")
+    parser.add_argument("--epochs", type=int, default=3, help="training epochs, one repetition each (>= 1)")
+    parser.add_argument("--workers", type=int, nargs="+", default=[1], help="Ray Train worker counts ([1])")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads (all cores)")
+    parser.add_argument("--skip-training", action="store_true", help="no end-to-end training")
+    args = parser.parse_args(argv)
+    if args.reps < 3:
+        parser.error(f"--reps: expected at least 3, got {args.reps}")
+    if args.rows < 10_000:
+        parser.error(f"--rows: expected at least 10,000, got {args.rows}")
+    if args.epochs < 1:
+        parser.error(f"--epochs: expected at least 1, got {args.epochs}")
+    return args
+
+
+def prepare(out: Path, rows: int) -> Path:
+    """The data set's features folder, built unless OUT already holds one of ``rows`` rows."""
+    from features.pipeline import Tables, build, scan_table
+    from recsys.benchmark import feature_config, make_table
+
+    features = out / "features"
+    marker = out / "rows.json"
+    if marker.exists() and json.loads(marker.read_text()).get("rows") == rows and features.exists():
+        print(f"reusing the {rows:,}-row data set in {out}")
+        return features
+    started = time.perf_counter()
+    out.mkdir(parents=True, exist_ok=True)
+    make_table(rows, seed=0).write_parquet(out / "table.parquet")
+    build(
+        feature_config(), Tables(scan_table(out / "table.parquet")), features, progress=True, overwrite=True
+    )
+    marker.write_text(json.dumps({"rows": rows}))
+    print(f"generated {rows:,} rows and built their features in {time.perf_counter() - started:.0f} s")
+    return features
+
+
+def model_alone(reps: int) -> dict[str, Any]:
+    """Matmul GFLOP/s, FLOPs per example, and the model's forward and training step on a synthetic batch."""
+    import torch
+
+    from recsys.benchmark import (
+        BATCH,
+        benchmark_layout,
+        flops_per_example,
+        matmul_gflops,
+        spread,
+        synthetic_batch,
+        timed,
+    )
+    from recsys.config import ModelConfig, builtin_config
+    from recsys.embedding import enable_sparse_gradients
+    from recsys.losses import RankingTrain
+    from recsys.model import build_model
+
+    torch.manual_seed(0)
+    config = ModelConfig.from_yaml(builtin_config("benchmark_mmoe"))
+    layout = benchmark_layout()
+    batch = synthetic_batch(layout, BATCH, torch.Generator().manual_seed(0))
+    model = build_model(config, layout)
+    in_dim = len(layout.sparse) * config.embedding.dim + len(layout.dense)
+    flops = flops_per_example(config, layout, batch.sparse.values().numel() / BATCH)
+    gflops, per_shape = matmul_gflops(config, in_dim, reps)
+
+    model.eval()
+
+    def forward() -> None:
+        with torch.no_grad():
+            model(batch.dense, batch.sparse)
+
+    forward_rates = [BATCH / s for s in timed(forward, 5, reps)]
+    model.train()
+    train = RankingTrain.from_config(model, config)
+    sparse = enable_sparse_gradients(model.sparse_arch.embedding_bag_collection)
+    sparse_ids = {id(p) for p in sparse}
+    dense_opt = torch.optim.Adam([p for p in train.parameters() if id(p) not in sparse_ids], lr=1e-3)
+    sparse_opt = torch.optim.SparseAdam(sparse, lr=1e-3)
+
+    def step() -> None:
+        loss, _ = train(batch)
+        dense_opt.zero_grad(set_to_none=True)
+        sparse_opt.zero_grad(set_to_none=True)
+        loss.backward()
+        dense_opt.step()
+        sparse_opt.step()
+
+    step_rates = [BATCH / s for s in timed(step, 3, reps)]
+    return {
+        "matmul_gflops": gflops,
+        "matmul_per_shape": dict(per_shape),
+        "flops_forward": flops["forward"],
+        "flops_training": flops["forward_backward"],
+        "roofline_prediction": gflops * 1e9 / flops["forward"],
+        "roofline_training": gflops * 1e9 / flops["forward_backward"],
+        "model_forward": spread(forward_rates),
+        "model_training_step": spread(step_rates),
+    }
+
+
+def train_end_to_end(features: Path, out: Path, workers: int, epochs: int) -> dict[str, Any]:
+    """Trains the benchmark model through run_training; examples/s per epoch and the test AUCs."""
+    import mlflow
+    import pyarrow.parquet as pq
+
+    from recsys.benchmark import BATCH, spread
+    from recsys.train import run_training
+    from recsys.train_config import TrainConfig
+
+    uri = f"sqlite:///{(out / 'mlflow.db').resolve()}"
+    train_rows = sum(pq.read_metadata(f).num_rows for f in (features / "train").glob("*.parquet"))
+    steps_per_epoch = train_rows // (BATCH * workers)
+    window = min(10, max(1, steps_per_epoch // 4))  # a few windows per epoch even on small data
+    config = TrainConfig.from_dict(
+        {
+            "features": str(features),
+            "model": "benchmark_mmoe",
+            "group_column": "",
+            "training": {
+                "epochs": epochs,
+                "batch_size": BATCH,
+                "log_every_steps": window,
+                "main_metric": "click/auc",
+                "shuffle_rows": 0,
+                "early_stopping_patience": 0,
+            },
+            "run": {
+                "experiment": "benchmark",
+                "model_name": "benchmark",
+                "num_workers": workers,
+                "storage_path": str((out / "ray").resolve()),
+                "name": f"workers{workers}-{time.strftime('%Y%m%d-%H%M%S')}",
+                "max_failures": 0,
+            },
+        }
+    )
+    started = time.perf_counter()
+    result = run_training(config, tracking_uri=uri)
+    wall = time.perf_counter() - started
+    history = mlflow.MlflowClient(uri).get_metric_history(
+        result.summary["mlflow_run_id"], "train/examples_per_s"
+    )
+    per_epoch: dict[int, list[float]] = {}
+    for m in sorted(history, key=lambda m: m.step)[1:]:  # the first window holds the start-up
+        per_epoch.setdefault((m.step - 1) // max(1, steps_per_epoch), []).append(m.value)
+    epoch_rates = [statistics.median(v) for _, v in sorted(per_epoch.items()) if v]
+    test = {k: v for k, v in result.summary.get("test", {}).items() if k.endswith("/auc")}
+    if not test:
+        test = {k: v for k, v in result.summary.items() if k.startswith("test/") and k.endswith("/auc")}
+    return {
+        "workers": workers,
+        "examples_per_s": spread(epoch_rates) if epoch_rates else (float("nan"),) * 3,
+        "epochs": len(epoch_rates),
+        "wall_s": wall,
+        "train_rows": train_rows,
+        "test_auc": test,
+        "run_dir": str(result.storage),
+    }
+
+
+def prediction(features: Path, out: Path, reps: int, threads: int) -> tuple[float, float, float]:
+    """score_ready on the data set's validation and test rows with the last training run's weights."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import torch
+
+    from recsys.benchmark import BATCH, spread
+    from recsys.package import load_package, score_ready
+
+    packages = sorted((out / "ray").glob("*/model/package.json"), key=lambda p: p.stat().st_mtime)
+    if not packages:
+        raise SystemExit("prediction: no trained model under OUT/ray (run without --skip-training once)")
+    package = load_package(packages[-1].parent)
+    files = sorted((features / "valid").glob("*.parquet")) + sorted((features / "test").glob("*.parquet"))
+    table = pa.concat_tables([pq.read_table(f) for f in files])
+    torch.set_num_threads(threads)
+    score_ready(package, table.slice(0, BATCH), BATCH)  # warm-up
+    rates = []
+    for _ in range(reps):
+        started = time.perf_counter()
+        score_ready(package, table, BATCH)
+        rates.append(table.num_rows / (time.perf_counter() - started))
+    return spread(rates)
+
+
+def fmt(values: tuple[float, float, float]) -> str:
+    """``median  (min-max)``."""
+    median, low, high = values
+    return f"{median:>9,.0f}  ({low:,.0f}-{high:,.0f})"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Runs every measurement and prints the table."""
+    args = parse_args(argv)
+    import torch
+
+    torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    features = prepare(out, args.rows)
+    print(
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+        f"{args.threads} threads, fp32, batch 2048, {time.strftime('%Y-%m-%d')}"
+    )
+    report: dict[str, Any] = {"rows": args.rows, "threads": args.threads, "date": time.strftime("%Y-%m-%d")}
+    report.update(model_alone(args.reps))
+    trainings = []
+    if not args.skip_training:
+        for workers in args.workers:
+            trainings.append(train_end_to_end(features, out, workers, args.epochs))
+            torch.set_num_threads(args.threads)  # Ray may have changed it in this process
+    report["training"] = trainings
+    report["prediction"] = prediction(features, out, args.reps, args.threads)
+
+    roof_p, roof_t = report["roofline_prediction"], report["roofline_training"]
+    print(f"\nmatmul fp32 on the experts' shapes: {report['matmul_gflops']:.1f} GFLOP/s")
+    for name, value in report["matmul_per_shape"].items():
+        print(f"  {name}: {value:.1f} GFLOP/s")
+    print(
+        f"FLOPs per example: forward {report['flops_forward'] / 1e6:.2f} MFLOP, training (3x) "
+        f"{report['flops_training'] / 1e6:.2f} MFLOP"
+    )
+    print(f"roofline: prediction {roof_p:,.0f} examples/s, training {roof_t:,.0f} examples/s\n")
+    print(f"{'measurement':58s} {'examples/s median (min-max)':>30s}  of roofline")
+    rows = [
+        (f"model forward, synthetic batch ({args.reps} reps)", report["model_forward"], roof_p),
+        (
+            f"prediction on model-ready rows, score_ready ({args.reps} reps)",
+            report["prediction"],
+            roof_p,
+        ),
+        (f"model training step, synthetic batch ({args.reps} reps)", report["model_training_step"], roof_t),
+    ]
+    for t in trainings:
+        rows.append(
+            (
+                f"training end to end, {t['workers']} worker(s) ({t['epochs']} epochs)",
+                t["examples_per_s"],
+                roof_t,
+            )
+        )
+    for name, values, roof in rows:
+        print(f"{name:58s} {fmt(values):>30s}  {values[0] / roof:6.0%}")
+    for t in trainings:
+        aucs = ", ".join(f"{k} {v:.4f}" for k, v in sorted(t["test_auc"].items()))
+        print(
+            f"  {t['workers']} worker(s): wall {t['wall_s']:.0f} s for {t['train_rows']:,} rows/epoch; {aucs}"
+        )
+    (out / "benchmark.json").write_text(json.dumps(report, indent=1, default=str))
+    print(f"\nwritten: {out / 'benchmark.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,172 @@
+"""The performance benchmark's model shape, data and measurements.
+
+Shared by ``python -m pipelines.benchmark`` (the whole table) and the scripts in ``benchmarks/``.
+
+The shape: 16 single-id categorical features of cardinality 8 to 200,000 (log-spaced) and one multi-hot
+bag of ~20 ids that shares the largest table, all of dimension 16; 8 numeric features; MMoE with 8
+experts [256, 128], towers [64], 2 tasks (``recsys/configs/benchmark_mmoe.yaml``); batch 2048; fp32.
+
+Example:
+    >>> layout = benchmark_layout()
+    >>> len(layout.sparse), len(layout.dense)
+    (17, 8)
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+
+import numpy as np
+import polars as pl
+import torch
+
+from features.config import FeatureConfig
+from recsys.config import ModelConfig
+from recsys.data import Batch, FeatureLayout, SparseFeature
+
+BATCH = 2048
+NUM_CATEGORICAL = 16
+NUM_DENSE = 8
+BAG_MEAN = 20
+MAX_CARDINALITY = 200_000
+
+
+def cardinalities() -> list[int]:
+    """The 16 categorical features' cardinalities, log-spaced from 8 to 200,000."""
+    return np.geomspace(8, MAX_CARDINALITY, NUM_CATEGORICAL).round().astype(int).tolist()
+
+
+def benchmark_layout() -> FeatureLayout:
+    """The model's input layout: ``cat_0..cat_15``, the bag ``hist`` on the largest table, ``num_0..7``."""
+    sizes = cardinalities()
+    sparse = [SparseFeature(f"cat_{i}", n) for i, n in enumerate(sizes)]
+    sparse.append(SparseFeature("hist", sizes[-1], multi_hot=True, table=f"cat_{NUM_CATEGORICAL - 1}"))
+    return FeatureLayout(
+        sparse=tuple(sparse), dense=tuple(f"num_{i}" for i in range(NUM_DENSE)), labels=("click", "purchase")
+    )
+
+
+def synthetic_batch(layout: FeatureLayout, rows: int, generator: torch.Generator) -> Batch:
+    """A batch of uniform random ids (bag lengths uniform in [10, 30], mean 20) and normal numerics."""
+    from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+    values, lengths = [], []
+    for f in layout.sparse:
+        n = (
+            torch.randint(10, 2 * BAG_MEAN - 9, (rows,), generator=generator)
+            if f.multi_hot
+            else torch.ones(rows, dtype=torch.int64)
+        )
+        values.append(torch.randint(0, f.num_embeddings, (int(n.sum()),), generator=generator))
+        lengths.append(n)
+    sparse = KeyedJaggedTensor(keys=layout.keys, values=torch.cat(values), lengths=torch.cat(lengths))
+    labels = {"click": (torch.rand(rows, generator=generator) < 0.1).float()}
+    labels["purchase"] = labels["click"] * (torch.rand(rows, generator=generator) < 0.2).float()
+    return Batch(torch.randn(rows, len(layout.dense), generator=generator), sparse, labels)
+
+
+def make_table(rows: int, seed: int) -> pl.DataFrame:
+    """Random rows of the benchmark shape (columns ``c0..c15``, ``bag``, ``x0..x7``, two labels).
+
+    The labels depend on two features, so that training learns something and an AUC can be compared.
+    """
+    rng = np.random.default_rng(seed)
+    sizes = cardinalities()
+    columns: dict[str, object] = {f"c{i}": rng.integers(0, n, rows) for i, n in enumerate(sizes)}
+    lengths = rng.poisson(BAG_MEAN, rows)
+    flat = rng.integers(0, sizes[-1], int(lengths.sum()))
+    columns["bag"] = pl.Series(np.split(flat, np.cumsum(lengths)[:-1])).cast(pl.List(pl.Int64))
+    for j in range(NUM_DENSE):
+        columns[f"x{j}"] = rng.normal(size=rows)
+    logit = -2.5 + 0.8 * columns["x0"] + 0.5 * (columns["c3"] % 2)
+    click = rng.random(rows) < 1 / (1 + np.exp(-logit))
+    columns["click"] = click.astype(np.int8)
+    columns["purchase"] = (click & (rng.random(rows) < 0.2)).astype(np.int8)
+    return pl.DataFrame(columns)
+
+
+def feature_config() -> FeatureConfig:
+    """The flat-table feature config of :func:`make_table` (hash split, 2% validation, 2% test)."""
+    features = [{"name": f"c{i}", "kind": "categorical"} for i in range(NUM_CATEGORICAL)]
+    features.append({"name": "bag", "kind": "multi_hot", "vocab_of": f"c{NUM_CATEGORICAL - 1}"})
+    features += [
+        {"name": f"x{j}", "kind": "numeric", "transforms": ["standardize"]} for j in range(NUM_DENSE)
+    ]
+    return FeatureConfig.from_dict(
+        {
+            "name": "benchmark",
+            "source": "flat",
+            "rows_per_file": 100_000,
+            "split": {"method": "hash", "validation_fraction": 0.02, "test_fraction": 0.02},
+            "labels": [{"name": "click"}, {"name": "purchase"}],
+            "features": features,
+        }
+    )
+
+
+def flops_per_example(config: ModelConfig, layout: FeatureLayout, ids_per_example: float) -> dict[str, float]:
+    """Forward FLOPs of one example, counted from the layer shapes: 2 per multiply-add.
+
+    Counted: every matmul (experts, gates, towers: 2 * fan_in * fan_out per layer), the gate mixing
+    (2 * E * H per task) and the embedding pooling (D adds per looked-up id). Not counted: biases,
+    activations, softmax, the concatenation (a few % at most). Backward: 2x the forward matmuls
+    (gradients with respect to the inputs and to the weights; the input gradient of the first layer is
+    needed because the embeddings train), so forward + backward = 3x forward.
+    """
+    arch, d = config.arch, config.embedding.dim
+    in_dim = len(layout.sparse) * d + len(layout.dense)
+    tasks = len(config.tasks)
+    sizes = [in_dim, *arch.expert_hidden]
+    experts = arch.num_experts * sum(2 * a * b for a, b in zip(sizes[:-1], sizes[1:], strict=True))
+    gates = tasks * 2 * in_dim * arch.num_experts
+    mixing = tasks * 2 * arch.num_experts * arch.expert_hidden[-1]
+    tower_sizes = [arch.expert_hidden[-1], *arch.tower_hidden, 1]
+    towers = tasks * sum(2 * a * b for a, b in zip(tower_sizes[:-1], tower_sizes[1:], strict=True))
+    pooling = ids_per_example * d
+    total = experts + gates + mixing + towers + pooling
+    return {
+        "experts": experts,
+        "gates": gates,
+        "mixing": mixing,
+        "towers": towers,
+        "pooling": pooling,
+        "forward": total,
+        "forward_backward": 3 * total,
+    }
+
+
+def timed(fn: Callable[[], object], iters: int, reps: int) -> list[float]:
+    """Seconds per call of ``fn``, one value per repetition of ``iters`` calls (after one warm-up call)."""
+    fn()
+    out = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        for _ in range(iters):
+            fn()
+        out.append((time.perf_counter() - start) / iters)
+    return out
+
+
+def matmul_gflops(config: ModelConfig, in_dim: int, reps: int) -> tuple[float, list[tuple[str, float]]]:
+    """fp32 GFLOP/s of torch.matmul on the experts' shapes; the overall figure weighs them by their FLOPs."""
+    e, (h1, h2) = config.arch.num_experts, config.arch.expert_hidden[:2]
+    shapes = [
+        ("wide first layer (B, D) @ (D, E*H1)", torch.randn(BATCH, in_dim), torch.randn(in_dim, e * h1)),
+        ("second layer (E, B, H1) @ (E, H1, H2)", torch.randn(e, BATCH, h1), torch.randn(e, h1, h2)),
+    ]
+    per_shape, total_flops, total_time = [], 0.0, 0.0
+    for name, a, b in shapes:
+        flops = 2 * a.numel() * b.shape[-1]  # 2 * (batch * M * K) * N
+        seconds = statistics.median(timed(lambda a=a, b=b: torch.matmul(a, b), 20, reps))
+        per_shape.append((name, flops / seconds / 1e9))
+        total_flops += flops
+        total_time += seconds
+    return total_flops / total_time / 1e9, per_shape
+
+
+def spread(rates: list[float]) -> tuple[float, float, float]:
+    """Median, min and max of some rates."""
+    ordered = sorted(rates)
+    return statistics.median(ordered), ordered[0], ordered[-1]

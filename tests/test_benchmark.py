@@ -1,0 +1,48 @@
+"""The performance benchmark command: its options, and a tiny run end to end (real Ray Train, TorchRec DMP,
+MLflow in a local SQLite store)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from pipelines import benchmark
+from recsys.benchmark import benchmark_layout, cardinalities, flops_per_example, make_table
+from recsys.config import ModelConfig, builtin_config
+
+
+def test_help_and_bad_options_name_the_option(capsys):
+    with pytest.raises(SystemExit) as done:
+        benchmark.parse_args(["--help"])
+    assert done.value.code == 0 and "roofline" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        benchmark.parse_args(["--reps", "2"])
+    assert "--reps: expected at least 3, got 2" in capsys.readouterr().err
+
+
+def test_benchmark_shape_and_flops():
+    sizes = cardinalities()
+    assert len(sizes) == 16 and sizes[0] == 8 and sizes[-1] == 200_000
+    table = make_table(1000, seed=0)
+    assert table.height == 1000 and 10 < table["bag"].list.len().mean() < 30
+    config = ModelConfig.from_yaml(builtin_config("benchmark_mmoe"))
+    flops = flops_per_example(config, benchmark_layout(), ids_per_example=36)
+    # experts: 8 x (2*280*256 + 2*256*128); the issue's figure is 1.72 MFLOP forward.
+    assert flops["experts"] == 8 * (2 * 280 * 256 + 2 * 256 * 128)
+    assert 1.6e6 < flops["forward"] < 1.8e6 and flops["forward_backward"] == 3 * flops["forward"]
+
+
+@pytest.mark.slow
+def test_a_tiny_benchmark_runs_end_to_end(tmp_path, capsys):
+    assert benchmark.main(["--rows", "20000", "--epochs", "1", "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "benchmark.json").read_text())
+    assert report["matmul_gflops"] > 0 and report["roofline_training"] < report["roofline_prediction"]
+    (train,) = report["training"]
+    assert train["epochs"] == 1 and train["examples_per_s"][0] > 0
+    assert set(train["test_auc"]) == {"test/click/auc", "test/purchase/auc"}
+    assert all(0 <= v <= 1 and not math.isnan(v) for v in train["test_auc"].values())
+    median, low, high = report["prediction"]
+    assert 0 < low <= median <= high
+    assert "training end to end, 1 worker(s)" in capsys.readouterr().out
