@@ -30,11 +30,10 @@ from recsys.benchmark import (
     matmul_gflops,
     synthetic_batch,
     timed,
+    train_step_parts,
 )
 from recsys.config import ModelConfig, builtin_config
 from recsys.data import Batch, FeatureLayout
-from recsys.embedding import enable_sparse_gradients
-from recsys.losses import RankingTrain
 from recsys.model import build_model
 
 
@@ -101,12 +100,7 @@ def main() -> None:
 
     fwd_rate, fwd_text = describe(timed(forward, 5, args.reps))
 
-    model.train()
-    train = RankingTrain.from_config(model, config)
-    sparse_params = enable_sparse_gradients(model.sparse_arch.embedding_bag_collection)
-    sparse_ids = {id(p) for p in sparse_params}
-    dense_opt = torch.optim.Adam([p for p in train.parameters() if id(p) not in sparse_ids], lr=1e-3)
-    sparse_opt = torch.optim.SparseAdam(sparse_params, lr=1e-3)
+    train, dense_opt, sparse_opt = train_step_parts(model, config)
 
     phases: dict[str, list[float]] = {"forward": [], "backward": [], "Adam": [], "SparseAdam": []}
 

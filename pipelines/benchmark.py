@@ -97,10 +97,9 @@ def model_alone(reps: int) -> dict[str, Any]:
         spread,
         synthetic_batch,
         timed,
+        train_step_parts,
     )
     from recsys.config import ModelConfig, builtin_config
-    from recsys.embedding import enable_sparse_gradients
-    from recsys.losses import RankingTrain
     from recsys.model import build_model
 
     torch.manual_seed(0)
@@ -119,12 +118,7 @@ def model_alone(reps: int) -> dict[str, Any]:
             model(batch.dense, batch.sparse)
 
     forward_rates = [BATCH / s for s in timed(forward, 5, reps)]
-    model.train()
-    train = RankingTrain.from_config(model, config)
-    sparse = enable_sparse_gradients(model.sparse_arch.embedding_bag_collection)
-    sparse_ids = {id(p) for p in sparse}
-    dense_opt = torch.optim.Adam([p for p in train.parameters() if id(p) not in sparse_ids], lr=1e-3)
-    sparse_opt = torch.optim.SparseAdam(sparse, lr=1e-3)
+    train, dense_opt, sparse_opt = train_step_parts(model, config)
 
     def step() -> None:
         loss, _ = train(batch)

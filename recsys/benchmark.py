@@ -17,6 +17,7 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import polars as pl
@@ -170,3 +171,20 @@ def spread(rates: list[float]) -> tuple[float, float, float]:
     """Median, min and max of some rates."""
     ordered = sorted(rates)
     return statistics.median(ordered), ordered[0], ordered[-1]
+
+
+def train_step_parts(model: torch.nn.Module, config: ModelConfig) -> tuple[torch.nn.Module, Any, Any]:
+    """The training wrapper, Adam on the dense parameters and SparseAdam on the tables (sparse gradients).
+
+    Returns:
+        ``(train, dense_optimizer, sparse_optimizer)``; ``train(batch)`` returns ``(loss, outputs)``.
+    """
+    from recsys.embedding import enable_sparse_gradients
+    from recsys.losses import RankingTrain
+
+    model.train()
+    train = RankingTrain.from_config(model, config)
+    sparse = enable_sparse_gradients(model.sparse_arch.embedding_bag_collection)
+    sparse_ids = {id(p) for p in sparse}
+    dense_opt = torch.optim.Adam([p for p in train.parameters() if id(p) not in sparse_ids], lr=1e-3)
+    return train, dense_opt, torch.optim.SparseAdam(sparse, lr=1e-3)
