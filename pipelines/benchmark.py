@@ -188,8 +188,6 @@ def train_end_to_end(features: Path, out: Path, workers: int, epochs: int) -> di
         per_epoch.setdefault((m.step - 1) // max(1, steps_per_epoch), []).append(m.value)
     epoch_rates = [statistics.median(v) for _, v in sorted(per_epoch.items()) if v]
     test = {k: v for k, v in result.summary.get("test", {}).items() if k.endswith("/auc")}
-    if not test:
-        test = {k: v for k, v in result.summary.items() if k.startswith("test/") and k.endswith("/auc")}
     return {
         "workers": workers,
         "examples_per_s": spread(epoch_rates) if epoch_rates else (float("nan"),) * 3,
