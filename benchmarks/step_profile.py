@@ -63,4 +63,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    from recsys.runtime import reexec_with_model_env
+
+    reexec_with_model_env()  # the same allocator settings as the Ray workers
     main()

@@ -291,4 +291,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    from recsys.runtime import reexec_with_model_env
+
+    reexec_with_model_env()  # the same allocator settings as the Ray workers
     sys.exit(main())

@@ -76,6 +76,7 @@ import pyarrow.parquet as pq
 from features.contract import IMPRESSIONS, LABELS, ContractError, validate
 from features.pipeline import Tables, input_paths
 from recsys.package import HISTORY_COLUMNS, load_package, model_ready, output_column, score_ready
+from recsys.runtime import model_process_env
 
 log = logging.getLogger(__name__)
 
@@ -985,7 +986,13 @@ def _scored_frames(
         compute=ray.data.ActorPoolStrategy(size=min(actors, len(specs)), max_tasks_in_flight_per_actor=1),
         num_cpus=threads,
         # Polars sizes its thread pool when imported: set before the actor's process starts.
-        runtime_env={"env_vars": {"POLARS_MAX_THREADS": str(threads), "OMP_NUM_THREADS": str(threads)}},
+        runtime_env={
+            "env_vars": {
+                "POLARS_MAX_THREADS": str(threads),
+                "OMP_NUM_THREADS": str(threads),
+                **model_process_env(),
+            }
+        },
     )
     for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0):
         yield pl.from_arrow(batch)

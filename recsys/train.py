@@ -48,6 +48,7 @@ from features.spec import FeatureSpec
 from recsys.data import FeatureLayout, batch_from_arrow
 from recsys.losses import RankingTrain
 from recsys.model import RankingModel, build_model
+from recsys.runtime import model_process_env
 from recsys.train_config import TrainConfig
 
 SPLIT_DIRS = ("train", "valid", "test")
@@ -668,6 +669,7 @@ def run_training(
             storage_path=str(storage),
             failure_config=FailureConfig(max_failures=config.run.max_failures),
             callbacks=callbacks,
+            worker_runtime_env={"env_vars": model_process_env()},
         ),
         datasets=datasets,
         dataset_config=_data_config(),

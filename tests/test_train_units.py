@@ -88,3 +88,13 @@ def test_shipped_train_configs_load():
     for name in ("train_demo", "train_census", "train_census_shared_bottom"):
         config = TrainConfig.from_yaml(builtin_train_config(name))
         assert config.run.num_workers == 2
+
+
+def test_model_process_env_keeps_the_users_tunables():
+    from recsys.runtime import MALLOC_TUNABLES, model_process_env
+
+    assert model_process_env({})["GLIBC_TUNABLES"] == MALLOC_TUNABLES
+    mine = "glibc.malloc.trim_threshold=5:glibc.malloc.arena_max=2"
+    merged = model_process_env({"GLIBC_TUNABLES": mine})["GLIBC_TUNABLES"].split(":")
+    # the user's trim threshold wins, ours fills in the mmap threshold, nothing is dropped
+    assert merged == ["glibc.malloc.mmap_threshold=33554432", *mine.split(":")]
