@@ -22,17 +22,16 @@ import argparse
 import json
 import os
 import shutil
-import threading
 import time
 from pathlib import Path
 
 import polars as pl
-import psutil
 import pyarrow.parquet as pq
 import torch
 
 from features.config import FeatureConfig, builtin_config
 from features.pipeline import Tables, fit_spec
+from recsys.benchmark import TreeMemory
 from recsys.config import ModelConfig
 from recsys.config import builtin_config as builtin_model_config
 from recsys.data import FeatureLayout
@@ -41,38 +40,6 @@ from recsys.package import load_package, model_ready, save_package, score_ready
 from recsys.scoring import ScoreConfig, generate_candidates, run_scoring
 
 GIB = 1024**3
-
-
-class TreeMemory:
-    """Samples the memory of this process and its descendants: peak of the summed RSS and PSS."""
-
-    def __init__(self, interval_s: float = 0.5) -> None:
-        self.interval_s = interval_s
-        self.peak_rss = self.peak_pss = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        root = psutil.Process()
-        while not self._stop.is_set():
-            rss = pss = 0
-            for proc in [root, *root.children(recursive=True)]:
-                try:
-                    info = proc.memory_full_info()
-                    rss += info.rss
-                    pss += getattr(info, "pss", info.rss)  # shared pages counted once in all
-                except (psutil.NoSuchProcess, psutil.AccessDenied):
-                    continue
-            self.peak_rss, self.peak_pss = max(self.peak_rss, rss), max(self.peak_pss, pss)
-            self._stop.wait(self.interval_s)
-
-    def __enter__(self) -> TreeMemory:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
 
 
 def prepare(data: Path, rows: int, seed: int) -> None:

@@ -35,6 +35,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import statistics
 import sys
 import time
@@ -66,6 +67,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+CHUNK_ROWS = 1_000_000
+
+
 def prepare(out: Path, rows: int) -> Path:
     """The data set's features folder, built unless OUT already holds one of ``rows`` rows."""
     from features.pipeline import Tables, build, scan_table
@@ -78,10 +82,14 @@ def prepare(out: Path, rows: int) -> Path:
         return features
     started = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
-    make_table(rows, seed=0).write_parquet(out / "table.parquet")
-    build(
-        feature_config(), Tables(scan_table(out / "table.parquet")), features, progress=True, overwrite=True
-    )
+    # Chunks of at most 1M rows (chunk i from seed i), so that 20M rows never sit in memory at once;
+    # up to 1M rows it is one chunk, the same rows as before.
+    tables = out / "table"
+    shutil.rmtree(tables, ignore_errors=True)
+    tables.mkdir()
+    for i, start in enumerate(range(0, rows, CHUNK_ROWS)):
+        make_table(min(CHUNK_ROWS, rows - start), seed=i).write_parquet(tables / f"part-{i:04d}.parquet")
+    build(feature_config(), Tables(scan_table(tables)), features, progress=True, overwrite=True)
     marker.write_text(json.dumps({"rows": rows}))
     print(f"generated {rows:,} rows and built their features in {time.perf_counter() - started:.0f} s")
     return features
@@ -141,7 +149,7 @@ def train_end_to_end(features: Path, out: Path, workers: int, epochs: int) -> di
     import mlflow
     import pyarrow.parquet as pq
 
-    from recsys.benchmark import BATCH, spread
+    from recsys.benchmark import BATCH, TreeMemory, spread
     from recsys.train import run_training
     from recsys.train_config import TrainConfig
 
@@ -175,7 +183,8 @@ def train_end_to_end(features: Path, out: Path, workers: int, epochs: int) -> di
         }
     )
     started = time.perf_counter()
-    result = run_training(config, tracking_uri=uri)
+    with TreeMemory(interval_s=1.0) as memory:  # the driver, the embedded Ray and its workers
+        result = run_training(config, tracking_uri=uri)
     wall = time.perf_counter() - started
     history = mlflow.MlflowClient(uri).get_metric_history(
         result.summary["mlflow_run_id"], "train/examples_per_s"
@@ -190,6 +199,8 @@ def train_end_to_end(features: Path, out: Path, workers: int, epochs: int) -> di
         "examples_per_s": spread(epoch_rates) if epoch_rates else (float("nan"),) * 3,
         "epochs": len(epoch_rates),
         "wall_s": wall,
+        "peak_rss_gib": memory.peak_rss / 2**30,
+        "peak_pss_gib": memory.peak_pss / 2**30,
         "train_rows": train_rows,
         "test_auc": test,
         "run_dir": str(result.storage),
@@ -221,6 +232,17 @@ def prediction(features: Path, out: Path, reps: int, threads: int) -> tuple[floa
     return spread(rates)
 
 
+def cpu_model() -> str:
+    """The processor's name from /proc/cpuinfo (else what platform knows)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def fmt(values: tuple[float, float, float]) -> str:
     """``median  (min-max)``."""
     median, low, high = values
@@ -236,10 +258,17 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     features = prepare(out, args.rows)
     print(
-        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+        f"{cpu_model()} ({torch.backends.cpu.get_cpu_capability()}), {os.cpu_count()} cores, "
+        f"torch {torch.__version__}, "
         f"{args.threads} threads, fp32, batch 2048, {time.strftime('%Y-%m-%d')}"
     )
-    report: dict[str, Any] = {"rows": args.rows, "threads": args.threads, "date": time.strftime("%Y-%m-%d")}
+    report: dict[str, Any] = {
+        "rows": args.rows,
+        "threads": args.threads,
+        "date": time.strftime("%Y-%m-%d"),
+        "cpu": cpu_model(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+    }
     report.update(model_alone(args.reps))
     trainings = []
     if not args.skip_training:
@@ -282,7 +311,8 @@ def main(argv: list[str] | None = None) -> int:
         aucs = ", ".join(f"{k} {v:.4f}" for k, v in sorted(t["test_auc"].items()))
         ray_share = t["examples_per_s"][0] / report["model_training_step"][0]
         print(
-            f"  {t['workers']} worker(s): wall {t['wall_s']:.0f} s for {t['train_rows']:,} rows/epoch; "
+            f"  {t['workers']} worker(s): wall {t['wall_s']:.0f} s for {t['train_rows']:,} rows/epoch; peak "
+            f"memory of the process tree RSS {t['peak_rss_gib']:.2f} GiB, PSS {t['peak_pss_gib']:.2f} GiB; "
             f"{aucs}; end to end / plain loop {ray_share:.0%}"
         )
     (out / "benchmark.json").write_text(json.dumps(report, indent=1, default=str))

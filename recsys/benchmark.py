@@ -17,12 +17,14 @@ from __future__ import annotations
 import contextlib
 import socket
 import statistics
+import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
 import polars as pl
+import pyarrow as pa
 import torch
 
 from features.config import FeatureConfig
@@ -80,7 +82,8 @@ def make_table(rows: int, seed: int) -> pl.DataFrame:
     columns: dict[str, object] = {f"c{i}": rng.integers(0, n, rows) for i, n in enumerate(sizes)}
     lengths = rng.poisson(BAG_MEAN, rows)
     flat = rng.integers(0, sizes[-1], int(lengths.sum()))
-    columns["bag"] = pl.Series(np.split(flat, np.cumsum(lengths)[:-1])).cast(pl.List(pl.Int64))
+    offsets = np.concatenate([[0], np.cumsum(lengths)])  # the bag as Arrow offsets: no array per row
+    columns["bag"] = pl.from_arrow(pa.LargeListArray.from_arrays(offsets, flat)).cast(pl.List(pl.Int64))
     for j in range(NUM_DENSE):
         columns[f"x{j}"] = rng.normal(size=rows)
     logit = -2.5 + 0.8 * columns["x0"] + 0.5 * (columns["c3"] % 2)
@@ -251,3 +254,41 @@ def sharded_training_step(
     finally:
         if owned:
             dist.destroy_process_group()
+
+
+class TreeMemory:
+    """Peak memory of this process and its descendants (an embedded Ray's workers included).
+
+    ``peak_rss`` and ``peak_pss`` are the peaks, in bytes, of the RSS and PSS (shared pages counted once)
+    summed over the tree, sampled every ``interval_s`` seconds.
+    """
+
+    def __init__(self, interval_s: float = 0.5) -> None:
+        self.interval_s = interval_s
+        self.peak_rss = self.peak_pss = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        import psutil
+
+        root = psutil.Process()
+        while not self._stop.is_set():
+            rss = pss = 0
+            for proc in [root, *root.children(recursive=True)]:
+                try:
+                    info = proc.memory_full_info()
+                    rss += info.rss
+                    pss += getattr(info, "pss", info.rss)  # shared pages counted once in all
+                except (psutil.NoSuchProcess, psutil.AccessDenied):
+                    continue
+            self.peak_rss, self.peak_pss = max(self.peak_rss, rss), max(self.peak_pss, pss)
+            self._stop.wait(self.interval_s)
+
+    def __enter__(self) -> TreeMemory:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()

@@ -278,7 +278,10 @@ def _init_ray(config: Any, search: SearchSpec) -> None:
     # waited past Ray Data's no-progress timeout on a loaded machine (see recsys.train.run_training).
     per_trial = 1 + config.run.num_workers * config.run.cpus_per_worker + 2
     num_cpus = None if address else max(os.cpu_count() or 1, search.max_concurrent_trials * per_trial)
-    ray.init(address=address, num_cpus=num_cpus, include_dashboard=False)
+    # The dashboard serves the State API, through which Ray Train's PlacementGroupCleaner sees that the
+    # controller of a trial ASHA stopped is gone and frees its workers' CPUs; without it, every stopped
+    # trial leaked a placement group, and after two the next trial's Ray Data reads waited forever.
+    ray.init(address=address, num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1")
 
 
 def _close_stopped_run(tracking_uri: str, experiment: str, run_dir: Path, failed: bool) -> str | None:
