@@ -538,6 +538,9 @@ def _report(sharded: ShardedModel, meta: dict[str, Any], metrics: dict[str, Any]
 # ------------------------------------------------------------------------------------ the driver
 
 
+INGEST_OBJECT_STORE_BYTES = 1 << 30  # Ray Data's read-ahead for training, all workers together
+
+
 def _data_config() -> Any:
     """Ray Train's data config for the training split, in file order.
 
@@ -547,6 +550,12 @@ def _data_config() -> Any:
 
     options = DataConfig.default_ingest_options()
     options.preserve_order = True
+    # Ray Data reads ahead into the object store up to its own budget, a share of the whole store (GBs),
+    # so the memory of training grew with the data set until the split was larger than that budget
+    # (6.6 GiB RSS at 2M rows, 12.3 GiB at 20M). A fixed cap keeps it flat in the number of rows.
+    limits = options.resource_limits
+    cap = min(limits.object_store_memory or float("inf"), INGEST_OBJECT_STORE_BYTES)
+    options.resource_limits = limits.copy(object_store_memory=cap)
     return DataConfig(execution_options=options)
 
 
