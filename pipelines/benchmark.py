@@ -19,7 +19,8 @@ In one run, on the benchmark shape (recsys/benchmark.py: 16 categorical features
 4. measures prediction on the data set's model-ready rows (recsys.package.score_ready: Arrow to tensors
    and the forward), a trained model's weights;
 5. trains end to end through recsys.train.run_training (Ray Train, TorchRec DMP with fused row-wise
-   Adagrad, Ray Data streaming; the cores shared out among the workers, as torch threads) for --epochs
+   Adagrad; each worker reading its share of the Parquet files, or Ray Data streaming with --ingest
+   ray_data; the cores shared out among the workers, as torch threads) for --epochs
    epochs: every epoch is one repetition of examples/s (the
    median of its windows of up to 10 steps; the first window, with start-up, left out); reports the
    test AUCs;
@@ -55,6 +56,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--reps", type=int, default=3, help="repetitions of each measurement (>= 3)")
     parser.add_argument("--epochs", type=int, default=3, help="training epochs, one repetition each (>= 1)")
     parser.add_argument("--workers", type=int, nargs="+", default=[1], help="Ray Train worker counts ([1])")
+    parser.add_argument(
+        "--ingest",
+        nargs="+",
+        default=["parquet"],
+        choices=["parquet", "ray_data"],
+        help="how training reads its data (training.ingest), each one run per worker count ([parquet])",
+    )
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads (all cores)")
     parser.add_argument("--skip-training", action="store_true", help="no end-to-end training")
     args = parser.parse_args(argv)
@@ -144,7 +152,7 @@ def model_alone(reps: int) -> dict[str, Any]:
     }
 
 
-def train_end_to_end(features: Path, out: Path, workers: int, epochs: int) -> dict[str, Any]:
+def train_end_to_end(features: Path, out: Path, workers: int, epochs: int, ingest: str) -> dict[str, Any]:
     """Trains the benchmark model through run_training; examples/s per epoch and the test AUCs."""
     import mlflow
     import pyarrow.parquet as pq
@@ -168,6 +176,7 @@ def train_end_to_end(features: Path, out: Path, workers: int, epochs: int) -> di
                 "log_every_steps": window,
                 "main_metric": "click/auc",
                 "shuffle_rows": 0,
+                "ingest": ingest,
                 "early_stopping_patience": 0,
             },
             "run": {
@@ -177,7 +186,7 @@ def train_end_to_end(features: Path, out: Path, workers: int, epochs: int) -> di
                 # Every core in use: one worker gets both cores' threads, two workers one each.
                 "cpus_per_worker": max(1, (os.cpu_count() or 1) // workers),
                 "storage_path": str((out / "ray").resolve()),
-                "name": f"workers{workers}-{time.strftime('%Y%m%d-%H%M%S')}",
+                "name": f"workers{workers}-{ingest}-{time.strftime('%Y%m%d-%H%M%S')}",
                 "max_failures": 0,
             },
         }
@@ -196,6 +205,7 @@ def train_end_to_end(features: Path, out: Path, workers: int, epochs: int) -> di
     test = {k: v for k, v in result.summary.get("test", {}).items() if k.endswith("/auc")}
     return {
         "workers": workers,
+        "ingest": ingest,
         "examples_per_s": spread(epoch_rates) if epoch_rates else (float("nan"),) * 3,
         "epochs": len(epoch_rates),
         "wall_s": wall,
@@ -272,9 +282,10 @@ def main(argv: list[str] | None = None) -> int:
     report.update(model_alone(args.reps))
     trainings = []
     if not args.skip_training:
-        for workers in args.workers:
-            trainings.append(train_end_to_end(features, out, workers, args.epochs))
-            torch.set_num_threads(args.threads)  # Ray may have changed it in this process
+        for ingest in args.ingest:
+            for workers in args.workers:
+                trainings.append(train_end_to_end(features, out, workers, args.epochs, ingest))
+                torch.set_num_threads(args.threads)  # Ray may have changed it in this process
     report["training"] = trainings
     report["prediction"] = prediction(features, out, args.reps, args.threads)
 
@@ -300,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
     for t in trainings:
         rows.append(
             (
-                f"training end to end, {t['workers']} worker(s) ({t['epochs']} epochs)",
+                f"training end to end, {t['workers']} worker(s), {t['ingest']} ({t['epochs']} epochs)",
                 t["examples_per_s"],
                 roof_t,
             )
@@ -311,8 +322,9 @@ def main(argv: list[str] | None = None) -> int:
         aucs = ", ".join(f"{k} {v:.4f}" for k, v in sorted(t["test_auc"].items()))
         ray_share = t["examples_per_s"][0] / report["model_training_step"][0]
         print(
-            f"  {t['workers']} worker(s): wall {t['wall_s']:.0f} s for {t['train_rows']:,} rows/epoch; peak "
-            f"memory of the process tree RSS {t['peak_rss_gib']:.2f} GiB, PSS {t['peak_pss_gib']:.2f} GiB; "
+            f"  {t['workers']} worker(s), {t['ingest']}: wall {t['wall_s']:.0f} s for {t['train_rows']:,} "
+            f"rows/epoch; peak memory of the process tree RSS {t['peak_rss_gib']:.2f} GiB, "
+            f"PSS {t['peak_pss_gib']:.2f} GiB; "
             f"{aucs}; end to end / plain loop {ray_share:.0%}"
         )
     (out / "benchmark.json").write_text(json.dumps(report, indent=1, default=str))

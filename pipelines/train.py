@@ -7,6 +7,9 @@ Examples::
     # against `mlflow server --host 127.0.0.1 --port 5000`, 2 workers, continuing the last run:
     python -m pipelines.train --config train.yaml --tracking-uri http://127.0.0.1:5000 \
         --num-workers 2 --resume
+    # a new run from a checkpoint of an earlier one (e.g. taken within an epoch, checkpoint_every_steps):
+    python -m pipelines.train --config train.yaml \
+        --from-checkpoint artifacts/ray/<run>/checkpoint_step00000400
     # the same command as a job on a cluster started with `ray start --head` (see README):
     ray job submit --address http://127.0.0.1:8265 --working-dir . -- \
         python -m pipelines.train --config recsys/configs/train_demo.yaml
@@ -36,6 +39,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--num-workers", type=int, help="Ray Train workers (overrides run.num_workers)")
     parser.add_argument("--use-gpu", action="store_true", help="one GPU per worker, NCCL")
     parser.add_argument("--resume", action="store_true", help="continue the latest run from its checkpoint")
+    parser.add_argument(
+        "--from-checkpoint",
+        metavar="DIR",
+        help="start a new run from a checkpoint folder of an earlier run (its weights, optimizer state and "
+        "place in the data)",
+    )
     parser.add_argument(
         "--require-tracking",
         action="store_true",
@@ -72,7 +81,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = load_config(args)
         result = run_training(
-            config, tracking_uri=args.tracking_uri, require_tracking=args.require_tracking, resume=args.resume
+            config,
+            tracking_uri=args.tracking_uri,
+            require_tracking=args.require_tracking,
+            resume=args.resume,
+            start_from=args.from_checkpoint,
         )
     except (ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -144,6 +144,7 @@ class RankZeroSession:
             "best_valid_main_metric": best,
             "final_valid_main_metric": final,
             "final_epoch": meta.get("final_epoch"),
+            "steps": meta.get("step"),  # training steps taken (on each worker)
             "test": {
                 k: v
                 for k, v in _scalars(metrics).items()

@@ -7,15 +7,20 @@ Read top to bottom: :func:`run_training` (the driver) builds a Ray Train ``Torch
    over all workers (table-wise by default: whole tables live on one worker each), and wraps it in
    ``DistributedModelParallel``; tables train with a fused sparse optimizer (only the rows a batch touches
    are updated), dense parameters with Adam;
-2. streams its shard of the model-ready training Parquet through Ray Data (never the whole data set in
-   memory);
+2. reads its share of the model-ready training Parquet itself (:class:`ParquetShard`: row groups in an
+   order drawn anew every epoch, cut into one contiguous range per worker, shuffled within a buffer,
+   read ahead on a background thread; never the whole data set in memory), or with
+   ``training.ingest: ray_data`` streams it through Ray Data. Reading directly needs no coordinator:
+   Ray Data's split coordinator took ~70% of a core on the 2-core machine at 20M rows (193 files), and
+   its read tasks ran in other processes competing for the same cores;
 3. evaluates on the validation split every epoch and on the test split at the end, on predictions
    gathered from all workers (rank 0 computes the metrics); each worker reads its contiguous share of an
-   evaluation split straight from the Parquet files (:class:`ParquetShard`): a fixed, ordered pass needs
-   no shuffling or streaming coordination, and a Ray Data execution per evaluation cost ~10 s of actor
-   and task start-up here, more than the whole evaluation of a small split;
+   evaluation split straight from the Parquet files (:class:`ParquetShard`, in file order): a Ray Data
+   execution per evaluation cost ~10 s of actor and task start-up here, more than the whole evaluation
+   of a small split;
 4. checkpoints its shard of the state every epoch (and every N steps), so that a killed worker is
-   restarted from the last checkpoint (``FailureConfig``);
+   restarted from the last checkpoint (``FailureConfig``); a run resumed from a checkpoint within an
+   epoch skips the batches that epoch already trained on (their order depends only on seed and epoch);
 5. at the end gathers the sharded tables into one unsharded model on rank 0, which saves it as a model
    package, logs it to MLflow and registers it.
 
@@ -29,6 +34,7 @@ are dropped, so no evaluation row is lost.
 
 from __future__ import annotations
 
+import atexit
 import datetime as dt
 import json
 import os
@@ -233,35 +239,63 @@ def lockstep_batches(
 
 
 class ParquetShard:
-    """One worker's contiguous share of a split's rows, read straight from its Parquet files.
+    """One worker's share of a split's rows, read straight from its Parquet files.
 
-    The rows of all files (in sorted path order) are cut into ``world`` contiguous ranges of sizes
-    differing by at most one; rank ``r`` reads range ``r``, row group by row group (memory flat in the
-    split's size). It offers the part of Ray Data's ``DataIterator.iter_batches`` that evaluation uses.
+    The split's row groups, in sorted file order (or, with ``order_seed``, in an order drawn from it), make
+    one sequence of rows; it is cut into ``world`` contiguous ranges of sizes differing by at most one, and
+    rank ``r`` reads range ``r``, row group by row group in slices of at most 65,536 rows (memory flat in the
+    split's size). Every worker works out the same order from the Parquet metadata alone, so the ranges
+    cover every row once, with no coordinator. It offers the part of Ray Data's
+    ``DataIterator.iter_batches`` that training and evaluation use: batches of a fixed size, optionally
+    shuffled within a buffer of rows, read ahead on a background thread (Parquet decoding and Arrow's
+    ``take`` release the GIL, so reading overlaps the training step).
 
     Args:
         directory: the split's folder of Parquet files.
         rank: this worker's rank.
         world: the number of workers.
+        order_seed: draw the order of the row groups from this seed (None: file order).
+
+    Example:
+        >>> shard = ParquetShard("features/train", rank=0, world=2, order_seed=7)
+        >>> for table in shard.iter_batches(1024, drop_last=True, local_shuffle_buffer_size=100_000,
+        ...                                 local_shuffle_seed=7):
+        ...     ...  # pyarrow.Table of 1024 rows
     """
 
-    def __init__(self, directory: str | Path, rank: int, world: int) -> None:
+    READ_ROWS = 65_536
+
+    def __init__(self, directory: str | Path, rank: int, world: int, order_seed: int | None = None) -> None:
         import pyarrow.parquet as pq
 
-        self.files = sorted(Path(directory).glob("*.parquet"))
-        self.rows = [pq.read_metadata(f).num_rows for f in self.files]
-        total = sum(self.rows)
+        files = sorted(Path(directory).glob("*.parquet"))
+        if not files:
+            raise FileNotFoundError(f"{directory}: no Parquet files")
+        self.groups: list[tuple[Path, int, int]] = []  # (file, row group, rows)
+        for path in files:
+            meta = pq.read_metadata(path)
+            self.groups += [(path, g, meta.row_group(g).num_rows) for g in range(meta.num_row_groups)]
+        if order_seed is not None:
+            order = np.random.default_rng(order_seed).permutation(len(self.groups))
+            self.groups = [self.groups[i] for i in order]
+        total = sum(n for _, _, n in self.groups)
         self.start, self.stop = total * rank // world, total * (rank + 1) // world
+
+    @property
+    def num_rows(self) -> int:
+        """The rows of this worker's range."""
+        return self.stop - self.start
 
     def _tables(self) -> Iterator[pa.Table]:
         import pyarrow.parquet as pq
 
         offset = 0
-        for path, n in zip(self.files, self.rows, strict=True):
+        for path, group, n in self.groups:
             lo, hi = max(self.start, offset), min(self.stop, offset + n)
             if lo < hi:
                 pos = offset
-                for chunk in pq.ParquetFile(path).iter_batches(batch_size=65_536):
+                batches = pq.ParquetFile(path).iter_batches(batch_size=self.READ_ROWS, row_groups=[group])
+                for chunk in batches:
                     a, b = max(lo, pos), min(hi, pos + chunk.num_rows)
                     if a < b:
                         yield pa.Table.from_batches([chunk.slice(a - pos, b - a)])
@@ -270,20 +304,122 @@ class ParquetShard:
                         break
             offset += n
 
-    def iter_batches(self, batch_size: int, drop_last: bool = False, **_: Any) -> Iterator[pa.Table]:
-        """Arrow tables of ``batch_size`` rows (the last one shorter unless ``drop_last``)."""
+    def _batches(self, batch_size: int, drop_last: bool, shuffle_rows: int, seed: int) -> Iterator[pa.Table]:
+        rng = np.random.default_rng(seed)
+        # Rows wait in the buffer until it holds ``shuffle_rows`` (at least one batch); the buffer is then
+        # permuted and cut into batches, and what is left over (less than a batch) starts the next buffer.
+        fill = max(batch_size, shuffle_rows)
         buffer: list[pa.Table] = []
         buffered = 0
+
+        def cut(final: bool) -> Iterator[pa.Table]:
+            nonlocal buffer, buffered
+            whole = pa.concat_tables(buffer)
+            if shuffle_rows:
+                whole = whole.take(pa.array(rng.permutation(whole.num_rows)))
+            n_full = whole.num_rows // batch_size * batch_size
+            for start in range(0, n_full, batch_size):
+                yield whole.slice(start, batch_size).combine_chunks()
+            rest = whole.slice(n_full)
+            buffer, buffered = [rest], rest.num_rows
+            if final and buffered and not drop_last:
+                yield rest.combine_chunks()
+
         for table in self._tables():
             buffer.append(table)
             buffered += table.num_rows
-            while buffered >= batch_size:
-                whole = pa.concat_tables(buffer)
-                yield whole.slice(0, batch_size).combine_chunks()
-                rest = whole.slice(batch_size)
-                buffer, buffered = [rest], rest.num_rows
-        if buffered and not drop_last:
-            yield pa.concat_tables(buffer).combine_chunks()
+            if buffered >= fill:
+                yield from cut(final=False)
+        if buffered:
+            yield from cut(final=True)
+
+    def iter_batches(
+        self,
+        batch_size: int,
+        drop_last: bool = False,
+        prefetch_batches: int = 2,
+        local_shuffle_buffer_size: int | None = None,
+        local_shuffle_seed: int | None = None,
+        **_: Any,
+    ) -> Iterator[pa.Table]:
+        """Arrow tables of ``batch_size`` rows (the last one shorter unless ``drop_last``).
+
+        Args:
+            batch_size: rows per batch.
+            drop_last: leave out the last, shorter batch.
+            prefetch_batches: batches read ahead on a background thread (0: read on the caller's thread).
+            local_shuffle_buffer_size: shuffle within a buffer of this many rows (None or 0: read order).
+            local_shuffle_seed: the shuffle's seed; the same seed gives the same batches.
+        """
+        batches = self._batches(
+            batch_size, drop_last, local_shuffle_buffer_size or 0, local_shuffle_seed or 0
+        )
+        return read_ahead(batches, prefetch_batches) if prefetch_batches else batches
+
+
+def read_ahead(items: Iterator[Any], depth: int) -> Iterator[Any]:
+    """``items``, produced on a background thread up to ``depth`` ahead of the consumer.
+
+    An exception of the producer is raised in the consumer; a consumer that stops early (a generator
+    closed or dropped) stops the producer too.
+    """
+    import queue
+    import threading
+
+    slots: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    done = object()
+
+    def put(entry: tuple[Any, BaseException | None]) -> bool:
+        while not stop.is_set():
+            try:
+                slots.put(entry, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False  # the consumer is gone
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if not put((item, None)):
+                    return
+            put((done, None))
+        except BaseException as error:  # handed to the consumer, raised there
+            put((done, error))
+
+    def consume() -> Iterator[Any]:
+        # Started on the first ``next``, so that a reader never iterated leaves no thread behind.
+        thread = threading.Thread(target=produce, name="parquet-read-ahead", daemon=True)
+        _READERS.add((stop, thread))
+        thread.start()
+        try:
+            while True:
+                item, error = slots.get()
+                if item is done:
+                    if error is not None:
+                        raise error
+                    return
+                yield item
+        finally:
+            stop.set()
+            thread.join()
+            _READERS.discard((stop, thread))
+
+    return consume()
+
+
+_READERS: set[tuple[Any, Any]] = set()  # read-ahead threads still running: (stop event, thread)
+
+
+@atexit.register
+def _stop_readers() -> None:
+    # A daemon thread still inside Arrow's C++ code when the interpreter finalizes aborts the process
+    # ("terminate called without an active exception"): stop and join the ones whose consumer is still
+    # alive at exit (each notices within 0.1 s).
+    for stop, thread in list(_READERS):
+        stop.set()
+        thread.join(timeout=5)
 
 
 @dataclass
@@ -431,22 +567,32 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         tracker = RankZeroSession(loop_config, config, spec, sharded)
 
     meta = {"epoch": 0, "step": 0, "best": None, "bad_epochs": 0, "history": []}
-    checkpoint = ray.train.get_checkpoint()
+    checkpoint = ray.train.get_checkpoint()  # this run's own latest one, after a failure or --resume
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
             meta = load_checkpoint(sharded, Path(directory))
-        if tracker:
-            tracker.resumed(meta)
+    elif loop_config.get("start_from"):
+        meta = load_checkpoint(sharded, Path(loop_config["start_from"]))
+    if tracker and (checkpoint is not None or loop_config.get("start_from")):
+        tracker.resumed(meta)
 
     key_columns = [
         c for c in ("impression_id", config.group_column) if c and c in spec.feature_config.passthrough
     ]
     truth = _read_truth(config.truth) if rank == 0 else None
     step = meta["step"]
+    # A run resumed from a checkpoint taken within an epoch skips the batches that epoch already trained
+    # on: the order of the batches depends only on the seed and the epoch, so they are the same batches.
+    skip = meta.get("epoch_step", 0)
     stop = False
     for epoch in range(meta["epoch"], t.epochs):
-        shard = ray.train.get_dataset_shard("train")
+        if t.ingest == "ray_data":
+            shard = ray.train.get_dataset_shard("train")
+        else:
+            order_seed = t.seed * 1000 + epoch if t.shuffle_rows else None
+            shard = ParquetShard(Path(config.features) / "train", rank, world, order_seed=order_seed)
         window_start, window_rows, losses = time.perf_counter(), 0, []
+        epoch_step = 0
         batches = lockstep_batches(
             shard,
             t.batch_size,
@@ -456,6 +602,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             seed=t.seed * 1000 + epoch,
         )
         for table, _ in batches:
+            epoch_step += 1
+            if epoch_step <= skip:
+                window_start = time.perf_counter()
+                continue
             batch = batch_from_arrow(table, sharded.layout).to(device)
             loss, (parts, _, stats) = sharded.dmp(batch)
             sharded.optimizer.zero_grad()
@@ -470,7 +620,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                     tracker.train_window(step, losses, window_rows / seconds, stats)
                 window_start, window_rows, losses = time.perf_counter(), 0, []
             if t.checkpoint_every_steps and step % t.checkpoint_every_steps == 0:
-                _report(sharded, {**meta, "epoch": epoch, "step": step}, {"step": step}, f"step{step:08d}")
+                within = {**meta, "epoch": epoch, "step": step, "epoch_step": epoch_step}
+                _report(sharded, within, {"step": step}, f"step{step:08d}")
+        skip = 0
         valid = ParquetShard(Path(config.features) / "valid", rank, world)
         preds = predict_split(sharded, valid, config, key_columns)
         decision = [None]
@@ -487,7 +639,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             decision = [{"meta": meta, "stop": stop}]
         dist.broadcast_object_list(decision, src=0)
         meta, stop = decision[0]["meta"], decision[0]["stop"]
-        meta = {**meta, "epoch": epoch + 1, "step": step}
+        meta = {**meta, "epoch": epoch + 1, "step": step, "epoch_step": 0}
         # valid_main_metric is this epoch's (main_metric the best so far): a scheduler such as Ray Tune's
         # ASHA compares trials on it, epoch by epoch.
         latest = meta["history"][-1].get(f"valid/{t.main_metric}") if meta["history"] else None
@@ -591,6 +743,7 @@ def run_training(
     require_tracking: bool = False,
     resume: bool = False,
     callbacks: list[Any] | None = None,
+    start_from: str | Path | None = None,
 ) -> TrainResult:
     """Trains with Ray Train: an embedded local Ray unless ``RAY_ADDRESS`` names a cluster.
 
@@ -601,6 +754,9 @@ def run_training(
         resume: continue the latest run under ``run.storage_path`` (or ``run.name``) from its last checkpoint.
         callbacks: Ray Train callbacks of the run (e.g. Ray Tune's ``TuneReportCallback``, which passes each
             epoch's report on to a Tune trial; see :mod:`recsys.tune`).
+        start_from: a checkpoint folder of an earlier run (``<run>/checkpoint_*``, written with the same
+            number of workers): a new run starts from its weights, optimizer state and place in the data
+            (epoch, and batch within the epoch).
 
     Returns:
         The run's name, storage folder and summary (test metrics, registered version).
@@ -639,29 +795,48 @@ def run_training(
     # --resume only picks that name (the latest run's), and checks there is something to resume.
     if resume and _latest_checkpoint(run_dir) is None:
         raise ValueError(f"--resume: run {name} has no checkpoint under {run_dir}")
+    if start_from is not None:
+        if resume:
+            raise ValueError(
+                "start_from: a new run starts from a checkpoint; --resume continues the last run"
+            )
+        start_from = Path(start_from).resolve()
+        for rank in range(config.run.num_workers):
+            if not (start_from / CHECKPOINT_FILE.format(rank=rank)).exists():
+                raise FileNotFoundError(
+                    f"start_from: {start_from / CHECKPOINT_FILE.format(rank=rank)} not found; a checkpoint "
+                    f"folder of a run with run.num_workers = {config.run.num_workers} is needed"
+                )
 
     if not ray.is_initialized():
         address = os.environ.get("RAY_ADDRESS")
-        # Embedded local cluster: the workers take one CPU each, so the cluster advertises two more
-        # logical CPUs than that for Ray Data's read tasks; with none left, reading would wait forever.
+        # Embedded local cluster: the workers take their CPUs, so the cluster advertises two more logical
+        # CPUs than that for Ray Data's read tasks (ingest: ray_data); with none left, reading would wait
+        # forever.
         num_cpus = (
             None
             if address
             else max(os.cpu_count() or 1, config.run.num_workers * config.run.cpus_per_worker) + 2
         )
-        ray.init(address=address, num_cpus=num_cpus, include_dashboard=False)
+        # The dashboard (on 127.0.0.1 only) serves the State API, which Ray Train's PlacementGroupCleaner
+        # polls; without it the cleaner logged "Failed to query Ray Train Controller actor state" every
+        # few seconds of every run (it also frees the CPUs of runs stopped early: see recsys.tune).
+        ray.init(address=address, num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1")
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False  # one bar per batch floods the logs
     # Ray 2.60's Parquet datasource V2 (ListFiles -> ReadFilesParquetV2) took 4.5-5 s to read a 10k-row
     # file on a warm local Ray here, V1 0.23 s: a fixed cost per execution, i.e. per epoch.
     context.use_datasource_v2 = False
-    # The evaluation splits are read by the workers themselves (ParquetShard).
-    datasets = {"train": ray.data.read_parquet(str((features / "train").resolve()))}
+    # The evaluation splits, and with ``parquet`` ingest the training split, are read by the workers
+    # themselves (ParquetShard).
+    ray_data = config.training.ingest == "ray_data"
+    datasets = {"train": ray.data.read_parquet(str((features / "train").resolve()))} if ray_data else None
     loop_config = {
         "config": config.to_dict(),
         "tracking_uri": tracking_uri or default_tracking_uri(),
         "require_tracking": require_tracking,
         "run_dir": str(run_dir),
+        "start_from": str(start_from) if start_from else "",
     }
     run_dir.mkdir(parents=True, exist_ok=True)
     trainer = TorchTrainer(
@@ -681,7 +856,7 @@ def run_training(
             worker_runtime_env={"env_vars": model_process_env()},
         ),
         datasets=datasets,
-        dataset_config=_data_config(),
+        dataset_config=_data_config() if ray_data else None,
     )
     trainer.fit()
     summary_path = run_dir / "result.json"

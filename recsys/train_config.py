@@ -23,6 +23,7 @@ from recsys.config import builtin_config as model_config_path
 
 EMBEDDING_OPTIMIZERS = ("rowwise_adagrad", "adam", "sgd")
 SHARDING_TYPES = ("table_wise", "column_wise", "table_column_wise", "row_wise", "auto")
+INGEST_MODES = ("parquet", "ray_data")
 CONFIG_DIR = Path(__file__).parent / "configs"
 
 
@@ -58,6 +59,10 @@ class TrainingSettings:
         max_steps_per_epoch: cap on steps per epoch (0: no cap); for smoke runs.
         shuffle_rows: shuffle training rows within a buffer of this many rows on each worker (0: read
             order). The data is in time order, so some shuffling keeps batches from being one hour each.
+            With ``parquet`` ingest the order of the Parquet row groups is also drawn anew every epoch.
+        ingest: how workers read the training split: ``parquet`` (each worker reads its own share of the
+            files, on a background thread; the default) or ``ray_data`` (one Ray Data execution per epoch,
+            streamed to the workers by a split coordinator).
     """
 
     epochs: int = 2
@@ -73,6 +78,7 @@ class TrainingSettings:
     main_metric: str = "click/auc"
     max_steps_per_epoch: int = 0
     shuffle_rows: int = 100_000
+    ingest: str = "parquet"
 
     def __post_init__(self) -> None:
         w = "training"
@@ -98,6 +104,8 @@ class TrainingSettings:
             "shuffle_rows",
         ):
             _positive_int(w, name, getattr(self, name), 0)
+        if self.ingest not in INGEST_MODES:
+            raise invalid(w, "ingest", self.ingest, f"expected one of {list(INGEST_MODES)}")
         if not isinstance(self.main_metric, str) or self.main_metric.count("/") != 1:
             raise invalid(w, "main_metric", self.main_metric, "expected 'task/metric', e.g. 'click/auc'")
 

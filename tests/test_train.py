@@ -135,3 +135,45 @@ def test_resume_gives_the_same_model_as_an_uninterrupted_run(data):
         np.testing.assert_allclose(b[f"p_{task}"], a[f"p_{task}"], rtol=1e-4, atol=1e-6)
     history = json.loads((resumed.storage / "result.json").read_text())
     assert history["mlflow_run_id"] == json.loads((resumed.storage / "tracking.json").read_text())["run_id"]
+
+
+def test_a_run_started_from_a_checkpoint_within_an_epoch_skips_the_batches_it_trained_on(data):
+    """Starting from step 10 of epoch 0 gives the model of the run that wrote the checkpoint.
+
+    The new run trains on epoch 0's batches after the 10th (the shuffled order depends only on the seed and
+    the epoch) and on epoch 1; training on epoch 0 from its start again would give another model.
+    """
+    uri = f"sqlite:///{data / 'mlflow-midway.db'}"
+    config = make_config(data, "writes-steps", checkpoint_every_steps=10, shuffle_rows=3000)
+    config = config.replace(run={"num_workers": 1})
+    whole = run_training(config, tracking_uri=uri)
+    step10 = whole.storage / "checkpoint_step00000010"
+    assert (step10 / "rank0.pt").exists()
+    started = run_training(config.replace(run={"name": "from-step10"}), tracking_uri=uri, start_from=step10)
+    a = pl.read_parquet(whole.storage / "test_predictions.parquet").sort("impression_id")
+    b = pl.read_parquet(started.storage / "test_predictions.parquet").sort("impression_id")
+    for task in ("click", "purchase"):
+        np.testing.assert_allclose(b[f"p_{task}"], a[f"p_{task}"], rtol=1e-4, atol=1e-6)
+    run = mlflow.MlflowClient(uri).get_run(started.summary["mlflow_run_id"])
+    assert run.data.metrics["restarts/from_epoch"] == 0
+    # A checkpoint of another number of workers is refused before anything starts.
+    with pytest.raises(FileNotFoundError, match=r"rank1\.pt not found.*num_workers = 2"):
+        run_training(
+            config.replace(run={"name": "two", "num_workers": 2}), tracking_uri=uri, start_from=step10
+        )
+
+
+def test_ray_data_ingest_feeds_the_same_batches_as_reading_parquet_directly(data):
+    """In file order (no shuffle) both ingest paths give one worker the same batches: the same model."""
+    uri = f"sqlite:///{data / 'mlflow-ingest.db'}"
+    runs = {}
+    for ingest in ("parquet", "ray_data"):
+        config = make_config(data, f"ingest-{ingest}", epochs=1, shuffle_rows=0, ingest=ingest)
+        runs[ingest] = run_training(config.replace(run={"num_workers": 1}), tracking_uri=uri)
+    a, b = (
+        pl.read_parquet(r.storage / "test_predictions.parquet").sort("impression_id") for r in runs.values()
+    )
+    for task in ("click", "purchase"):
+        np.testing.assert_allclose(b[f"p_{task}"], a[f"p_{task}"], rtol=1e-4, atol=1e-6)
+    steps = {k: r.summary.get("steps") for k, r in runs.items()}
+    assert steps["parquet"] == steps["ray_data"] == split_rows(data, "train") // 256

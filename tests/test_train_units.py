@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from recsys.data import FeatureLayout, SparseFeature, batch_from_arrow
 from recsys.embedding import SparseArch, embedding_bag_collection
-from recsys.train import _pad, padding_row
+from recsys.train import ParquetShard, _pad, padding_row, read_ahead
 from recsys.train_config import TrainConfig
 
 LAYOUT = FeatureLayout(
@@ -72,6 +73,7 @@ def test_padding_rows_make_a_valid_batch():
         ({"training": {"epochs": 0}}, r"training\.epochs: expected an integer >= 1, got 0"),
         ({"training": {"sharding": "diagonal"}}, r"training\.sharding: .* got 'diagonal'"),
         ({"training": {"main_metric": "dwell/auc"}}, r"training\.main_metric: expected a task of"),
+        ({"training": {"ingest": "kafka"}}, r"training\.ingest: expected one of .* got 'kafka'"),
         ({"run": {"num_workers": 0}}, r"run\.num_workers: expected an integer >= 1, got 0"),
         ({"run": {"colour": 1}}, r"run: unknown field\(s\) \['colour'\]"),
     ],
@@ -98,3 +100,70 @@ def test_model_process_env_keeps_the_users_tunables():
     merged = model_process_env({"GLIBC_TUNABLES": mine})["GLIBC_TUNABLES"].split(":")
     # the user's trim threshold wins, ours fills in the mmap threshold, nothing is dropped
     assert merged == ["glibc.malloc.mmap_threshold=33554432", *mine.split(":")]
+
+
+@pytest.fixture
+def split(tmp_path):
+    """A split of 3 files, 1,000 rows in row groups of 100 to 300 (ids 0-999)."""
+    start = 0
+    for i, (rows, group) in enumerate([(300, 100), (450, 300), (250, 250)]):
+        ids = pa.array(range(start, start + rows), pa.int64())
+        pq.write_table(pa.table({"id": ids}), tmp_path / f"part-{i}.parquet", row_group_size=group)
+        start += rows
+    return tmp_path
+
+
+def ids(batches):
+    return [b.column("id").to_pylist() for b in batches]
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+@pytest.mark.parametrize("order_seed", [None, 4])
+def test_parquet_shards_cover_every_row_once(split, world, order_seed):
+    shards = [ParquetShard(split, rank, world, order_seed=order_seed) for rank in range(world)]
+    assert [s.num_rows for s in shards] == [1000 * (r + 1) // world - 1000 * r // world for r in range(world)]
+    seen = [i for s in shards for b in ids(s.iter_batches(64, local_shuffle_buffer_size=200)) for i in b]
+    assert sorted(seen) == list(range(1000))
+    if order_seed is None and world == 1:  # file order, no shuffle: the rows as written
+        assert [i for b in ids(shards[0].iter_batches(64)) for i in b] == list(range(1000))
+
+
+def test_shuffled_batches_are_full_mixed_and_repeat_with_the_seed(split):
+    shard = ParquetShard(split, 0, 1, order_seed=1)
+    first = ids(shard.iter_batches(64, drop_last=True, local_shuffle_buffer_size=300, local_shuffle_seed=2))
+    again = ids(shard.iter_batches(64, drop_last=True, local_shuffle_buffer_size=300, local_shuffle_seed=2))
+    other = ids(shard.iter_batches(64, drop_last=True, local_shuffle_buffer_size=300, local_shuffle_seed=3))
+    assert first == again != other
+    assert len(first) == 1000 // 64 and all(len(b) == 64 for b in first)
+    assert len({i for b in first for i in b}) == 1000 // 64 * 64  # no row twice
+    assert first[0] != sorted(first[0])  # shuffled within the buffer
+    # another seed of the row groups' order starts elsewhere in the data
+    assert ParquetShard(split, 0, 1, order_seed=1).groups != ParquetShard(split, 0, 1, order_seed=2).groups
+
+
+def test_read_ahead_raises_the_producers_error_and_stops_with_its_consumer():
+    def items():
+        yield 1
+        raise ValueError("bad row group")
+
+    reader = read_ahead(items(), depth=2)
+    assert next(reader) == 1
+    with pytest.raises(ValueError, match="bad row group"):
+        next(reader)
+
+    produced = []
+
+    def endless():
+        while True:
+            produced.append(len(produced))
+            yield produced[-1]
+
+    reader = read_ahead(endless(), depth=2)
+    assert [next(reader) for _ in range(3)] == [0, 1, 2]
+    reader.close()  # joins the producer thread
+    count = len(produced)
+    assert count <= 3 + 2 + 1  # read at most depth ahead (+1 waiting to be put)
+    import time
+
+    time.sleep(0.3)
+    assert len(produced) == count
