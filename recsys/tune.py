@@ -273,9 +273,10 @@ def _init_ray(config: Any, search: SearchSpec) -> None:
     if ray.is_initialized():
         return
     address = os.environ.get("RAY_ADDRESS")
-    # Each running trial holds 1 CPU (the trial function) plus its Ray Train workers, and its Ray Data
-    # read tasks need 2 more logical CPUs; with 2 spare CPUs for all trials together, a trial's reads
-    # waited past Ray Data's no-progress timeout on a loaded machine (see recsys.train.run_training).
+    # Each running trial holds 1 CPU (the trial function) plus its Ray Train workers, and with
+    # ``training.ingest: ray_data`` its Ray Data read tasks need 2 more logical CPUs; with 2 spare CPUs for
+    # all trials together, a trial's reads waited past Ray Data's no-progress timeout on a loaded machine
+    # (see recsys.train.run_training). Logical CPUs only: the default ingest reads in the workers.
     per_trial = 1 + config.run.num_workers * config.run.cpus_per_worker + 2
     num_cpus = None if address else max(os.cpu_count() or 1, search.max_concurrent_trials * per_trial)
     # The dashboard serves the State API, through which Ray Train's PlacementGroupCleaner sees that the
