@@ -26,8 +26,15 @@ In one run, on the benchmark shape (recsys/benchmark.py: 16 categorical features
    test AUCs;
 
 and prints a table of medians with min-max over the repetitions and the fraction of the roofline, and
-writes it to OUT/benchmark.json. The end-to-end scoring benchmark (read, features, model, write) of the
-e-commerce model is benchmarks/score_bench.py.
+writes it to OUT/benchmark.json.
+
+With --use-gpu it measures the model alone on the first CUDA device instead (no data set, no Ray): the
+fp32 matmul rate on the experts' shapes, then for each of --batch-sizes the forward and, for each of
+--shardings, the training step of 3. (DMP over a one-process NCCL group, fused row-wise Adagrad on the
+tables) with the GPU's utilization (NVML) and its peak memory.
+
+The end-to-end scoring benchmark (read, features, model, write) of the e-commerce model is
+benchmarks/score_bench.py.
 """
 
 from __future__ import annotations
@@ -65,7 +72,26 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads (all cores)")
     parser.add_argument("--skip-training", action="store_true", help="no end-to-end training")
+    gpu = parser.add_argument_group("GPU (--use-gpu)")
+    gpu.add_argument("--use-gpu", action="store_true", help="measure the model on the first CUDA device")
+    gpu.add_argument(
+        "--batch-sizes",
+        type=int,
+        nargs="+",
+        default=[2048, 16384, 65536],
+        help="batch sizes of the GPU measurements (2048 16384 65536)",
+    )
+    gpu.add_argument(
+        "--shardings",
+        nargs="+",
+        default=["table_wise", "row_wise"],
+        choices=["table_wise", "column_wise", "table_column_wise", "row_wise", "auto"],
+        help="training.sharding of the tables in the GPU training step (table_wise row_wise)",
+    )
     args = parser.parse_args(argv)
+    bad = [b for b in args.batch_sizes if b < 1]
+    if bad:
+        parser.error(f"--batch-sizes: expected positive sizes, got {bad[0]}")
     if args.reps < 3:
         parser.error(f"--reps: expected at least 3, got {args.reps}")
     if args.rows < 10_000:
@@ -259,9 +285,72 @@ def fmt(values: tuple[float, float, float]) -> str:
     return f"{median:>9,.0f}  ({low:,.0f}-{high:,.0f})"
 
 
+def print_device_table(report: dict[str, Any]) -> None:
+    """Prints :func:`recsys.benchmark.device_measurements`' report as a table."""
+    roof_p, roof_t = report["roofline_prediction"], report["roofline_training"]
+    largest = max(r["batch_size"] for r in report["batches"])
+    print(f"\nmatmul fp32 on the experts' shapes, batch {largest:,}: {report['matmul_gflops']:,.0f} GFLOP/s")
+    for name, value in report["matmul_per_shape"].items():
+        print(f"  {name}: {value:,.0f} GFLOP/s")
+    print(
+        f"FLOPs per example: forward {report['flops_forward'] / 1e6:.2f} MFLOP, training (3x) "
+        f"{report['flops_training'] / 1e6:.2f} MFLOP"
+    )
+    print(f"roofline: prediction {roof_p:,.0f} examples/s, training {roof_t:,.0f} examples/s\n")
+    print(f"{'measurement':48s} {'examples/s median (min-max)':>38s}  roofline  GPU util  peak mem")
+    printed: set[int] = set()
+    for row in report["batches"]:
+        size = row["batch_size"]
+        if size not in printed:
+            printed.add(size)
+            forward = row["forward"]
+            print(f"{f'forward, batch {size:,}':48s} {fmt(forward):>38s}  {forward[0] / roof_p:7.0%}")
+        name = f"training step, batch {size:,}, {row['sharding']}"
+        if "error" in row:
+            print(f"{name:48s} failed: {row['error'][:300]}")
+            continue
+        util = row["gpu_utilization"]
+        util_text = f"{util:7.0f}%" if util is not None else "     n/a"
+        memory = row["peak_memory_gib"]
+        memory_text = f"{memory:6.2f} GiB" if memory is not None else "       n/a"
+        step = row["training_step"]
+        print(f"{name:48s} {fmt(step):>38s}  {step[0] / roof_t:7.0%}  {util_text}  {memory_text}")
+        if row["gpu_utilization_error"]:
+            print(f"  GPU utilization not read: {row['gpu_utilization_error']}")
+
+
+def gpu_main(args: argparse.Namespace) -> int:
+    """``--use-gpu``: the model alone on the first CUDA device, at each batch size and sharding."""
+    import torch
+
+    from recsys.benchmark import device_measurements
+
+    if not torch.cuda.is_available():
+        raise SystemExit(
+            f"--use-gpu: torch {torch.__version__} (CUDA {torch.version.cuda}) sees no CUDA device"
+        )
+    device = torch.device("cuda", 0)
+    torch.cuda.set_device(device)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    print(
+        f"{torch.cuda.get_device_name(device)}, torch {torch.__version__} (CUDA {torch.version.cuda}), "
+        f"{cpu_model()} host, fp32 (TF32 off: {not torch.backends.cuda.matmul.allow_tf32}), "
+        f"{time.strftime('%Y-%m-%d')}"
+    )
+    report = device_measurements(device, args.batch_sizes, args.shardings, args.reps)
+    report.update({"date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "cuda": torch.version.cuda})
+    print_device_table(report)
+    (out / "benchmark_gpu.json").write_text(json.dumps(report, indent=1, default=str))
+    print(f"\nwritten: {out / 'benchmark_gpu.json'}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Runs every measurement and prints the table."""
     args = parse_args(argv)
+    if args.use_gpu:
+        return gpu_main(args)
     import torch
 
     torch.set_num_threads(args.threads)

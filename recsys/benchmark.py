@@ -20,16 +20,18 @@ import statistics
 import threading
 import time
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import polars as pl
 import pyarrow as pa
 import torch
 
 from features.config import FeatureConfig
 from recsys.config import ModelConfig
 from recsys.data import Batch, FeatureLayout, SparseFeature
+
+if TYPE_CHECKING:  # the model measurements run without polars (on a GPU machine that lacks it)
+    import polars as pl
 
 BATCH = 2048
 NUM_CATEGORICAL = 16
@@ -77,6 +79,8 @@ def make_table(rows: int, seed: int) -> pl.DataFrame:
 
     The labels depend on two features, so that training learns something and an AUC can be compared.
     """
+    import polars as pl
+
     rng = np.random.default_rng(seed)
     sizes = cardinalities()
     columns: dict[str, object] = {f"c{i}": rng.integers(0, n, rows) for i, n in enumerate(sizes)}
@@ -143,29 +147,52 @@ def flops_per_example(config: ModelConfig, layout: FeatureLayout, ids_per_exampl
     }
 
 
-def timed(fn: Callable[[], object], iters: int, reps: int) -> list[float]:
-    """Seconds per call of ``fn``, one value per repetition of ``iters`` calls (after one warm-up call)."""
+def timed(
+    fn: Callable[[], object], iters: int, reps: int, sync: Callable[[], object] | None = None
+) -> list[float]:
+    """Seconds per call of ``fn``, one value per repetition of ``iters`` calls (after one warm-up call).
+
+    ``sync`` waits for the work ``fn`` queued (``torch.cuda.synchronize`` on a GPU, whose calls return
+    before their kernels finish); it runs after the warm-up and at the end of every repetition.
+    """
     fn()
+    if sync:
+        sync()
     out = []
     for _ in range(reps):
         start = time.perf_counter()
         for _ in range(iters):
             fn()
+        if sync:
+            sync()
         out.append((time.perf_counter() - start) / iters)
     return out
 
 
-def matmul_gflops(config: ModelConfig, in_dim: int, reps: int) -> tuple[float, list[tuple[str, float]]]:
-    """fp32 GFLOP/s of torch.matmul on the experts' shapes; the overall figure weighs them by their FLOPs."""
+def matmul_gflops(
+    config: ModelConfig,
+    in_dim: int,
+    reps: int,
+    device: torch.device | None = None,
+    iters: int = 20,
+    rows: int = BATCH,
+) -> tuple[float, list[tuple[str, float]]]:
+    """fp32 GFLOP/s of torch.matmul on the experts' shapes for a batch of ``rows``.
+
+    The overall figure weighs the shapes by their FLOPs.
+    """
+    device = device or torch.device("cpu")
+    sync = torch.cuda.synchronize if device.type == "cuda" else None
     e, (h1, h2) = config.arch.num_experts, config.arch.expert_hidden[:2]
     shapes = [
-        ("wide first layer (B, D) @ (D, E*H1)", torch.randn(BATCH, in_dim), torch.randn(in_dim, e * h1)),
-        ("second layer (E, B, H1) @ (E, H1, H2)", torch.randn(e, BATCH, h1), torch.randn(e, h1, h2)),
+        ("wide first layer (B, D) @ (D, E*H1)", (rows, in_dim), (in_dim, e * h1)),
+        ("second layer (E, B, H1) @ (E, H1, H2)", (e, rows, h1), (e, h1, h2)),
     ]
     per_shape, total_flops, total_time = [], 0.0, 0.0
-    for name, a, b in shapes:
+    for name, a_shape, b_shape in shapes:
+        a, b = torch.randn(a_shape, device=device), torch.randn(b_shape, device=device)
         flops = 2 * a.numel() * b.shape[-1]  # 2 * (batch * M * K) * N
-        seconds = statistics.median(timed(lambda a=a, b=b: torch.matmul(a, b), 20, reps))
+        seconds = statistics.median(timed(lambda a=a, b=b: torch.matmul(a, b), iters, reps, sync))
         per_shape.append((name, flops / seconds / 1e9))
         total_flops += flops
         total_time += seconds
@@ -199,44 +226,52 @@ def train_step_parts(model: torch.nn.Module, config: ModelConfig) -> tuple[torch
 @contextlib.contextmanager
 def sharded_training_step(
     model: str = "benchmark_mmoe",
+    device: torch.device | None = None,
+    batch_size: int = BATCH,
+    sharding: str = "table_wise",
 ) -> Iterator[Callable[[], tuple[float, float, float]]]:
     """A training step of the benchmark model as a Ray Train worker runs it, in a plain loop in this process.
 
     The model is built by :func:`recsys.train.shard_model` (TorchRec ``DistributedModelParallel`` over a
-    one-process gloo group, tables trained by the fused row-wise Adagrad applied in backward, fused Adam on
-    the dense parameters) and steps on one synthetic batch: no Ray, no data loading. The gap between its
-    examples/s and end-to-end training is what Ray and data loading cost.
+    one-process group, gloo on CPU and NCCL on a GPU, tables trained by the fused row-wise Adagrad applied
+    in backward, fused Adam on the dense parameters) and steps on one synthetic batch: no Ray, no data
+    loading. The gap between its examples/s and end-to-end training is what Ray and data loading cost.
 
     Args:
         model: the model config, a shipped name or a YAML path.
+        device: where the model and the batch live (CPU by default).
+        batch_size: rows of the batch.
+        sharding: ``training.sharding`` of the tables (``row_wise`` needs a GPU).
 
     Yields:
         ``step()``, which trains on the batch once and returns its forward, backward (with the fused table
-        update) and optimizer seconds.
+        update) and optimizer seconds; on a GPU those are the seconds to queue the work, not to do it.
     """
     import torch.distributed as dist
 
     from recsys.train import shard_model
     from recsys.train_config import TrainConfig
 
+    device = device or torch.device("cpu")
     owned = not dist.is_initialized()
     if owned:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
     try:
         config = TrainConfig.from_dict(
             {
                 "features": "unused",
                 "model": model,
                 "group_column": "",
-                "training": {"batch_size": BATCH, "main_metric": "click/auc"},
+                "training": {"batch_size": batch_size, "main_metric": "click/auc", "sharding": sharding},
             }
         )
         layout = benchmark_layout()
-        sharded = shard_model(config, layout, torch.device("cpu"))
-        batch = synthetic_batch(layout, BATCH, torch.Generator().manual_seed(0))
+        sharded = shard_model(config, layout, device)
+        batch = synthetic_batch(layout, batch_size, torch.Generator().manual_seed(0)).to(device)
 
         def step() -> tuple[float, float, float]:
             t0 = time.perf_counter()
@@ -254,6 +289,123 @@ def sharded_training_step(
     finally:
         if owned:
             dist.destroy_process_group()
+
+
+class GpuUtilization:
+    """The GPU's utilization (% of time a kernel ran, as NVML reports it) sampled while the block runs.
+
+    ``mean`` is the mean of the samples in percent, or None where NVML cannot be read (no pynvml).
+    """
+
+    def __init__(self, device: torch.device, interval_s: float = 0.05) -> None:
+        self.device, self.interval_s = device, interval_s
+        self.samples: list[float] = []
+        self.error: str | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.samples.append(float(torch.cuda.utilization(self.device)))
+            except Exception as error:  # pynvml missing or NVML unreadable: report why, measure on
+                self.error = f"{type(error).__name__}: {error}"
+                return
+            self._stop.wait(self.interval_s)
+
+    @property
+    def mean(self) -> float | None:
+        """The mean utilization in percent (None: no sample)."""
+        return statistics.fmean(self.samples) if self.samples else None
+
+    def __enter__(self) -> GpuUtilization:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def device_measurements(
+    device: torch.device,
+    batch_sizes: list[int],
+    shardings: list[str],
+    reps: int,
+    seconds_per_rep: float = 1.0,
+    model: str = "benchmark_mmoe",
+) -> dict[str, Any]:
+    """The model alone on ``device`` (a GPU for ``pipelines.benchmark --use-gpu``) at several batch sizes.
+
+    For every batch size: the forward (eval, no grad) and, for every sharding of the tables, the training
+    step of :func:`sharded_training_step`, each as examples/s (median, min, max of ``reps`` repetitions of
+    about ``seconds_per_rep`` each), with the GPU's utilization during the training repetitions and the peak
+    memory allocated. Also the fp32 matmul rate on the experts' shapes and the FLOPs per example. A
+    training step that fails leaves ``error`` in its row instead of the figures.
+    """
+    from recsys.config import builtin_config
+    from recsys.model import build_model
+
+    cuda = device.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else None
+    config = ModelConfig.from_yaml(builtin_config(model))
+    layout = benchmark_layout()
+    in_dim = len(layout.sparse) * config.embedding.dim + len(layout.dense)
+    # On a GPU the rate depends on the batch: measured at the largest one, the roofline of the best case.
+    gflops, per_shape = matmul_gflops(config, in_dim, reps, device, 200 if cuda else 20, max(batch_sizes))
+    probe = synthetic_batch(layout, BATCH, torch.Generator().manual_seed(0))
+    flops = flops_per_example(config, layout, probe.sparse.values().numel() / BATCH)
+
+    def iterations(fn: Callable[[], object]) -> int:
+        """Calls of ``fn`` in about ``seconds_per_rep``."""
+        once = statistics.median(timed(fn, 3, 1, sync))
+        return max(3, min(2000, int(seconds_per_rep / max(once, 1e-6))))
+
+    rows = []
+    for size in batch_sizes:
+        torch.manual_seed(0)
+        net = build_model(config, layout).to(device).eval()
+        batch = synthetic_batch(layout, size, torch.Generator().manual_seed(0)).to(device)
+
+        def forward(net: torch.nn.Module = net, batch: Batch = batch) -> None:
+            with torch.no_grad():
+                net(batch.dense, batch.sparse)
+
+        forward_rates = [size / s for s in timed(forward, iterations(forward), reps, sync)]
+        del net, batch
+        for sharding in shardings:
+            row: dict[str, Any] = {"batch_size": size, "sharding": sharding, "forward": spread(forward_rates)}
+            rows.append(row)
+            if cuda:
+                torch.cuda.reset_peak_memory_stats(device)
+            try:
+                with sharded_training_step(model, device, size, sharding) as step:
+                    n = iterations(step)
+                    with contextlib.ExitStack() as stack:
+                        usage = stack.enter_context(GpuUtilization(device)) if cuda else None
+                        step_rates = [size / s for s in timed(step, n, reps, sync)]
+            except Exception as error:  # one failing sharding (out of memory, say) leaves the others' rows
+                row["error"] = f"{type(error).__name__}: {error}"
+                continue
+            row.update(
+                {
+                    "training_step": spread(step_rates),
+                    "steps_per_rep": n,
+                    "gpu_utilization": usage.mean if usage else None,
+                    "gpu_utilization_error": usage.error if usage else None,
+                    "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None,
+                }
+            )
+    return {
+        "device": torch.cuda.get_device_name(device) if cuda else "cpu",
+        "matmul_gflops": gflops,
+        "matmul_per_shape": dict(per_shape),
+        "flops_forward": flops["forward"],
+        "flops_training": flops["forward_backward"],
+        "roofline_prediction": gflops * 1e9 / flops["forward"],
+        "roofline_training": gflops * 1e9 / flops["forward_backward"],
+        "batches": rows,
+    }
 
 
 class TreeMemory:

@@ -43,19 +43,21 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
 import torch
 import torch.distributed as dist
 
-from features.spec import FeatureSpec
 from recsys.data import FeatureLayout, batch_from_arrow
 from recsys.losses import RankingTrain
 from recsys.model import RankingModel, build_model
 from recsys.runtime import model_process_env
 from recsys.train_config import TrainConfig
+
+if TYPE_CHECKING:  # polars, which features.spec needs, is not needed to shard or step the model
+    from features.spec import FeatureSpec
 
 SPLIT_DIRS = ("train", "valid", "test")
 CHECKPOINT_FILE = "rank{rank}.pt"
@@ -563,6 +565,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     torch.set_num_threads(max(1, config.run.cpus_per_worker))
+    from features.spec import FeatureSpec
+
     spec = FeatureSpec.load(Path(config.features) / "spec.json")
     sharded = build_sharded_model(config, spec, device)
 

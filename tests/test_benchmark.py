@@ -46,3 +46,34 @@ def test_a_tiny_benchmark_runs_end_to_end(tmp_path, capsys):
     median, low, high = report["prediction"]
     assert 0 < low <= median <= high
     assert "training end to end, 1 worker(s)" in capsys.readouterr().out
+
+
+def test_device_measurements_report_every_batch_size_and_a_failing_sharding(capsys):
+    """The --use-gpu measurements, on the CPU: row-wise sharding needs CUDA, so its row holds the error."""
+    import torch
+
+    from recsys.benchmark import device_measurements
+
+    report = device_measurements(torch.device("cpu"), [64, 128], ["table_wise", "row_wise"], 3, 0.05)
+    assert report["matmul_gflops"] > 0 and report["roofline_training"] < report["roofline_prediction"]
+    rows = {(r["batch_size"], r["sharding"]): r for r in report["batches"]}
+    assert set(rows) == {(64, "table_wise"), (64, "row_wise"), (128, "table_wise"), (128, "row_wise")}
+    for size in (64, 128):
+        median, low, high = rows[size, "table_wise"]["training_step"]
+        assert 0 < low <= median <= high and rows[size, "table_wise"]["steps_per_rep"] >= 3
+        assert "error" not in rows[size, "table_wise"]
+        assert "training_step" not in rows[size, "row_wise"] and rows[size, "row_wise"]["error"]
+    benchmark.print_device_table(report)
+    out = capsys.readouterr().out
+    assert out.count("forward, batch 64 ") == 1 and "training step, batch 128, table_wise" in out
+    assert "training step, batch 64, row_wise" in out and "failed:" in out
+
+
+def test_use_gpu_without_a_gpu_says_so(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():  # then --use-gpu measures instead; CI has no GPU
+        return
+    with pytest.raises(SystemExit) as done:
+        benchmark.main(["--use-gpu", "--out", str(tmp_path)])
+    assert "--use-gpu:" in str(done.value) and "sees no CUDA device" in str(done.value)
