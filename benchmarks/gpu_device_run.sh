@@ -8,7 +8,9 @@
 # Everything else (torch, numpy, pyarrow, pyyaml, psutil, pynvml) is the machine's own.
 #
 # Usage, from the repository root there:  bash benchmarks/gpu_device_run.sh [benchmark options]
-# Output: $OUT/gpu_benchmark.log (the table), $OUT/benchmark_gpu.json, $OUT/dmon.log (nvidia-smi dmon).
+#                                      or  bash benchmarks/gpu_device_run.sh profile [profile options]
+# Output: $OUT/gpu_benchmark.log (the table), $OUT/benchmark_gpu.json, $OUT/dmon.log (nvidia-smi dmon);
+# with `profile`, benchmarks/gpu_step_profile.py's summary lines, and its tables in $OUT/profile.log.
 set -uo pipefail
 WHL=${WHL:-.whl}
 SITE=${SITE:-/tmp/site}
@@ -25,6 +27,14 @@ echo "installed in $(($(date +%s) - started)) s"
 export PYTHONPATH="$SITE:$PWD" PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
 python3 -c "import torch, fbgemm_gpu, torchrec; print('torch', torch.__version__, '| fbgemm_gpu', fbgemm_gpu.__version__, '| torchrec', torchrec.__version__, '| cuda', torch.cuda.is_available())" 2>&1 | grep -v -i warn
+if [ "${1:-}" = "profile" ]; then
+    shift
+    timeout "${BENCH_TIMEOUT:-420}" python3 benchmarks/gpu_step_profile.py "$@" >"$RESULTS/profile.log" 2>&1
+    status=$?
+    grep -E "^===|Error|error" "$RESULTS/profile.log"
+    echo "profile exit status $status after $(($(date +%s) - started)) s"
+    exit "$status"
+fi
 nvidia-smi dmon -s u -d 1 >"$RESULTS/dmon.log" 2>&1 &
 dmon=$!
 timeout "${BENCH_TIMEOUT:-420}" python3 -m pipelines.benchmark --use-gpu --out "$RESULTS" "$@" >"$RESULTS/full.log" 2>&1
