@@ -30,6 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit(f"gpu_step_profile: torch {torch.__version__} sees no CUDA device")
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     from recsys.benchmark import sharded_training_step
@@ -52,7 +53,16 @@ def main(argv: list[str] | None = None) -> int:
                     step()
                 torch.cuda.synchronize()
         events = prof.key_averages()
-        kernel_us = sum(getattr(e, "self_device_time_total", 0) for e in events) / args.steps
+        # The device time of the kernels (and copies) themselves, as the table's "Self CUDA time total"
+        # counts it: CUDA events that are not user annotations, which span the kernels they hold.
+        kernel_us = (
+            sum(
+                e.self_device_time_total
+                for e in events
+                if e.device_type == DeviceType.CUDA and not getattr(e, "is_user_annotation", False)
+            )
+            / args.steps
+        )
         launches = sum(e.count for e in events if e.key in ("cudaLaunchKernel", "cuLaunchKernel"))
         print(
             f"\n=== batch {size:,}: wall {wall * 1e3:.2f} ms/step ({size / wall:,.0f} examples/s); "
