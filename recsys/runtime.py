@@ -44,3 +44,15 @@ def reexec_with_model_env() -> None:
     env = model_process_env()
     if os.environ.get("GLIBC_TUNABLES", "") != env["GLIBC_TUNABLES"]:
         os.execve(sys.executable, sys.orig_argv, {**os.environ, **env})
+
+
+def embedded_ray_env() -> None:
+    """Environment for a Ray cluster this process starts itself (``ray.init`` without an address).
+
+    Ray starts its workers at nice 15 (``RAY_worker_niceness``), below its own processes (raylet, GCS,
+    dashboard, log monitor), whose many small wake-ups then preempt the training threads. A cluster
+    started to train has no other work: its workers run at the normal priority, unless the variable is
+    already set. 1 worker with 2 threads on 2 cores, 1M rows: 25.2k and 25.8k examples/s
+    against 24.8k and 24.6k at nice 15 (alternating runs). Call it before ``ray.init``.
+    """
+    os.environ.setdefault("RAY_worker_niceness", "0")

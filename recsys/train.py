@@ -53,7 +53,7 @@ import torch.distributed as dist
 from recsys.data import FeatureLayout, batch_from_arrow
 from recsys.losses import RankingTrain
 from recsys.model import RankingModel, build_model
-from recsys.runtime import model_process_env
+from recsys.runtime import embedded_ray_env, model_process_env
 from recsys.train_config import TrainConfig
 
 if TYPE_CHECKING:  # polars, which features.spec needs, is not needed to shard or step the model
@@ -831,6 +831,8 @@ def run_training(
         # The dashboard (on 127.0.0.1 only) serves the State API, which Ray Train's PlacementGroupCleaner
         # polls; without it the cleaner logged "Failed to query Ray Train Controller actor state" every
         # few seconds of every run (it also frees the CPUs of runs stopped early: see recsys.tune).
+        if not address:
+            embedded_ray_env()  # workers at the normal priority, not nice 15
         ray.init(address=address, num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1")
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False  # one bar per batch floods the logs

@@ -35,6 +35,7 @@ from ray.tune.integration.ray_train import TuneReportCallback
 
 from features.config import invalid
 from recsys.experiment import atomic_write
+from recsys.runtime import embedded_ray_env
 
 DISTRIBUTIONS = ("loguniform", "uniform", "choice", "randint")
 METRIC = "valid_main_metric"  # what recsys.train reports to Ray Train at the end of every epoch
@@ -282,6 +283,8 @@ def _init_ray(config: Any, search: SearchSpec) -> None:
     # The dashboard serves the State API, through which Ray Train's PlacementGroupCleaner sees that the
     # controller of a trial ASHA stopped is gone and frees its workers' CPUs; without it, every stopped
     # trial leaked a placement group, and after two the next trial's Ray Data reads waited forever.
+    if not address:
+        embedded_ray_env()  # trials' workers at the normal priority, not nice 15
     ray.init(address=address, num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1")
 
 

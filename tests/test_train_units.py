@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -100,6 +102,32 @@ def test_model_process_env_keeps_the_users_tunables():
     merged = model_process_env({"GLIBC_TUNABLES": mine})["GLIBC_TUNABLES"].split(":")
     # the user's trim threshold wins, ours fills in the mmap threshold, nothing is dropped
     assert merged == ["glibc.malloc.mmap_threshold=33554432", *mine.split(":")]
+
+
+_NICENESS_PROBE = """
+import os, ray
+from recsys.runtime import embedded_ray_env
+embedded_ray_env()
+ray.init(num_cpus=1, include_dashboard=False, _node_ip_address="127.0.0.1")
+print("NICE", ray.get(ray.remote(lambda: os.nice(0)).remote()))
+ray.shutdown()
+"""
+
+
+@pytest.mark.parametrize("preset, expected", [(None, 0), ("7", 7)])
+def test_an_embedded_cluster_runs_its_workers_at_normal_priority(preset, expected):
+    """Ray's default is nice 15 for workers; ours is 0, and a value the user set is kept."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_worker_niceness", "RAY_ADDRESS")}
+    if preset is not None:
+        env["RAY_worker_niceness"] = preset
+    done = subprocess.run(
+        [sys.executable, "-c", _NICENESS_PROBE], env=env, capture_output=True, text=True, timeout=180
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert f"NICE {expected}" in done.stdout
 
 
 @pytest.fixture
