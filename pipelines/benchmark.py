@@ -31,7 +31,8 @@ writes it to OUT/benchmark.json.
 With --use-gpu it measures the model alone on the first CUDA device instead (no data set, no Ray): the
 fp32 matmul rate on the experts' shapes, then for each of --batch-sizes the forward and, for each of
 --shardings, the training step of 3. (DMP over a one-process NCCL group, fused row-wise Adagrad on the
-tables) with the GPU's utilization (NVML) and its peak memory.
+tables) with the GPU's utilization (NVML) and its peak memory; for the first sharding also the host's
+batch construction from model-ready Arrow rows and the step fed by it, one batch after the other.
 
 The end-to-end scoring benchmark (read, features, model, write) of the e-commerce model is
 benchmarks/score_bench.py.
@@ -315,6 +316,11 @@ def print_device_table(report: dict[str, Any]) -> None:
         memory_text = f"{memory:6.2f} GiB" if memory is not None else "       n/a"
         step = row["training_step"]
         print(f"{name:48s} {fmt(step):>38s}  {step[0] / roof_t:7.0%}  {util_text}  {memory_text}")
+        if "training_from_arrow" in row:
+            build, fed = row["batch_from_arrow"], row["training_from_arrow"]
+            print(f"{f'  batch from Arrow rows on the host, batch {size:,}':48s} {fmt(build):>38s}")
+            name = f"  training step fed by it, batch {size:,}"
+            print(f"{name:48s} {fmt(fed):>38s}  {fed[0] / roof_t:7.0%}")
         if row["gpu_utilization_error"]:
             print(f"  GPU utilization not read: {row['gpu_utilization_error']}")
 

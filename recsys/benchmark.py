@@ -74,6 +74,29 @@ def synthetic_batch(layout: FeatureLayout, rows: int, generator: torch.Generator
     return Batch(torch.randn(rows, len(layout.dense), generator=generator), sparse, labels)
 
 
+def model_ready_table(layout: FeatureLayout, rows: int, seed: int) -> pa.Table:
+    """Random model-ready rows of ``layout``, as the feature pipeline writes them (numpy and Arrow only).
+
+    Int64 id columns, a List(Int64) bag of 10 to 30 ids, Float32 numeric and label columns: the input of
+    :func:`recsys.data.batch_from_arrow`.
+    """
+    rng = np.random.default_rng(seed)
+    columns: dict[str, pa.Array] = {}
+    for f in layout.sparse:
+        if f.multi_hot:
+            offsets = np.concatenate([[0], np.cumsum(rng.integers(10, 2 * BAG_MEAN - 9, rows))])
+            ids = pa.array(rng.integers(0, f.num_embeddings, int(offsets[-1])))
+            columns[f.name] = pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), ids)
+        else:
+            columns[f.name] = pa.array(rng.integers(0, f.num_embeddings, rows))
+    for name in layout.dense:
+        columns[name] = pa.array(rng.standard_normal(rows, dtype=np.float32))
+    click = rng.random(rows) < 0.1
+    columns["click"] = pa.array(click.astype(np.float32))
+    columns["purchase"] = pa.array((click & (rng.random(rows) < 0.2)).astype(np.float32))
+    return pa.table(columns)
+
+
 def make_table(rows: int, seed: int) -> pl.DataFrame:
     """Random rows of the benchmark shape (columns ``c0..c15``, ``bag``, ``x0..x7``, two labels).
 
@@ -244,8 +267,9 @@ def sharded_training_step(
         sharding: ``training.sharding`` of the tables (``row_wise`` needs a GPU).
 
     Yields:
-        ``step()``, which trains on the batch once and returns its forward, backward (with the fused table
-        update) and optimizer seconds; on a GPU those are the seconds to queue the work, not to do it.
+        ``step(batch=None)``, which trains once on the synthetic batch (or on the batch given, already on
+        ``device``) and returns its forward, backward (with the fused table update) and optimizer seconds;
+        on a GPU those are the seconds to queue the work, not to do it.
     """
     import torch.distributed as dist
 
@@ -273,9 +297,9 @@ def sharded_training_step(
         sharded = shard_model(config, layout, device)
         batch = synthetic_batch(layout, batch_size, torch.Generator().manual_seed(0)).to(device)
 
-        def step() -> tuple[float, float, float]:
+        def step(given: Batch | None = None) -> tuple[float, float, float]:
             t0 = time.perf_counter()
-            loss, _ = sharded.dmp(batch)
+            loss, _ = sharded.dmp(batch if given is None else given)
             t1 = time.perf_counter()
             sharded.optimizer.zero_grad()
             loss.backward()  # the tables' fused optimizer runs inside backward
@@ -327,6 +351,32 @@ class GpuUtilization:
         self._thread.join()
 
 
+def _from_arrow(
+    step: Callable[..., object],
+    layout: FeatureLayout,
+    size: int,
+    device: torch.device,
+    reps: int,
+    iterations: Callable[[Callable[[], object]], int],
+    sync: Callable[[], object] | None,
+) -> dict[str, Any]:
+    """Host batch construction alone, and the training step fed by it (one thread, no overlap)."""
+    from recsys.data import batch_from_arrow
+
+    tables = [model_ready_table(layout, size, seed=i) for i in range(4)]
+    turn = iter(range(10**9))
+
+    def build() -> Batch:
+        return batch_from_arrow(tables[next(turn) % len(tables)], layout)
+
+    def fed() -> None:
+        step(build().to(device))
+
+    build_rates = [size / s for s in timed(build, iterations(build), reps)]
+    fed_rates = [size / s for s in timed(fed, iterations(fed), reps, sync)]
+    return {"batch_from_arrow": spread(build_rates), "training_from_arrow": spread(fed_rates)}
+
+
 def device_measurements(
     device: torch.device,
     batch_sizes: list[int],
@@ -338,10 +388,12 @@ def device_measurements(
     """The model alone on ``device`` (a GPU for ``pipelines.benchmark --use-gpu``) at several batch sizes.
 
     For every batch size: the forward (eval, no grad) and, for every sharding of the tables, the training
-    step of :func:`sharded_training_step`, each as examples/s (median, min, max of ``reps`` repetitions of
-    about ``seconds_per_rep`` each), with the GPU's utilization during the training repetitions and the peak
-    memory allocated. Also the fp32 matmul rate on the experts' shapes and the FLOPs per example. A
-    training step that fails leaves ``error`` in its row instead of the figures.
+    step of :func:`sharded_training_step`; for the first sharding also the host's batch construction from
+    model-ready Arrow rows (``batch_from_arrow``, one thread) and the step fed by it, batch by batch. Each
+    as examples/s (median, min, max of ``reps`` repetitions of about ``seconds_per_rep`` each), with the
+    GPU's utilization during the training repetitions and the peak memory allocated. Also the fp32 matmul
+    rate on the experts' shapes and the FLOPs per example. A training step that fails leaves ``error`` in
+    its row instead of the figures.
     """
     from recsys.config import builtin_config
     from recsys.model import build_model
@@ -384,6 +436,8 @@ def device_measurements(
                     with contextlib.ExitStack() as stack:
                         usage = stack.enter_context(GpuUtilization(device)) if cuda else None
                         step_rates = [size / s for s in timed(step, n, reps, sync)]
+                    if sharding == shardings[0]:
+                        row.update(_from_arrow(step, layout, size, device, reps, iterations, sync))
             except Exception as error:  # one failing sharding (out of memory, say) leaves the others' rows
                 row["error"] = f"{type(error).__name__}: {error}"
                 continue

@@ -22,6 +22,20 @@ def test_help_and_bad_options_name_the_option(capsys):
     assert "--reps: expected at least 3, got 2" in capsys.readouterr().err
 
 
+def test_model_ready_rows_make_a_batch_of_the_layout():
+    import torch
+
+    from recsys.benchmark import model_ready_table
+    from recsys.data import batch_from_arrow
+
+    layout = benchmark_layout()
+    batch = batch_from_arrow(model_ready_table(layout, 500, seed=1), layout)
+    assert batch.dense.shape == (500, 8) and batch.sparse.keys() == layout.keys
+    lengths = batch.sparse.length_per_key()
+    assert lengths[:16] == [500] * 16 and 10 * 500 <= lengths[16] <= 30 * 500
+    assert set(batch.labels) == {"click", "purchase"} and batch.labels["click"].dtype == torch.float32
+
+
 def test_benchmark_shape_and_flops():
     sizes = cardinalities()
     assert len(sizes) == 16 and sizes[0] == 8 and sizes[-1] == 200_000
@@ -62,11 +76,15 @@ def test_device_measurements_report_every_batch_size_and_a_failing_sharding(caps
         median, low, high = rows[size, "table_wise"]["training_step"]
         assert 0 < low <= median <= high and rows[size, "table_wise"]["steps_per_rep"] >= 3
         assert "error" not in rows[size, "table_wise"]
+        row = rows[size, "table_wise"]
+        build, fed = row["batch_from_arrow"], row["training_from_arrow"]
+        assert 0 < build[1] <= build[0] <= build[2] and 0 < fed[1] <= fed[0] <= fed[2]
         assert "training_step" not in rows[size, "row_wise"] and rows[size, "row_wise"]["error"]
     benchmark.print_device_table(report)
     out = capsys.readouterr().out
     assert out.count("forward, batch 64 ") == 1 and "training step, batch 128, table_wise" in out
     assert "training step, batch 64, row_wise" in out and "failed:" in out
+    assert out.count("batch from Arrow rows on the host") == 2
 
 
 def test_use_gpu_without_a_gpu_says_so(tmp_path):
