@@ -89,7 +89,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         choices=["table_wise", "column_wise", "table_column_wise", "row_wise", "auto"],
         help="training.sharding of the tables in the GPU training step (table_wise row_wise)",
     )
+    gpu.add_argument(
+        "--tf32",
+        action="store_true",
+        help="let fp32 matmuls use TensorFloat-32 (torch.backends.cuda.matmul.allow_tf32); off by default",
+    )
     args = parser.parse_args(argv)
+    if args.tf32 and not args.use_gpu:
+        parser.error("--tf32: only with --use-gpu")
     bad = [b for b in args.batch_sizes if b < 1]
     if bad:
         parser.error(f"--batch-sizes: expected positive sizes, got {bad[0]}")
@@ -337,18 +344,21 @@ def gpu_main(args: argparse.Namespace) -> int:
         )
     device = torch.device("cuda", 0)
     torch.cuda.set_device(device)
+    torch.backends.cuda.matmul.allow_tf32 = args.tf32
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     print(
         f"{torch.cuda.get_device_name(device)}, torch {torch.__version__} (CUDA {torch.version.cuda}), "
-        f"{cpu_model()} host, fp32 (TF32 off: {not torch.backends.cuda.matmul.allow_tf32}), "
+        f"{cpu_model()} host, fp32, TF32 {'on' if torch.backends.cuda.matmul.allow_tf32 else 'off'}, "
         f"{time.strftime('%Y-%m-%d')}"
     )
     report = device_measurements(device, args.batch_sizes, args.shardings, args.reps)
     report.update({"date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "cuda": torch.version.cuda})
+    report["tf32"] = args.tf32
     print_device_table(report)
-    (out / "benchmark_gpu.json").write_text(json.dumps(report, indent=1, default=str))
-    print(f"\nwritten: {out / 'benchmark_gpu.json'}")
+    name = "benchmark_gpu_tf32.json" if args.tf32 else "benchmark_gpu.json"
+    (out / name).write_text(json.dumps(report, indent=1, default=str))
+    print(f"\nwritten: {out / name}")
     return 0
 
 

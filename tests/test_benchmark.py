@@ -20,6 +20,9 @@ def test_help_and_bad_options_name_the_option(capsys):
     with pytest.raises(SystemExit):
         benchmark.parse_args(["--reps", "2"])
     assert "--reps: expected at least 3, got 2" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        benchmark.parse_args(["--tf32"])
+    assert "--tf32: only with --use-gpu" in capsys.readouterr().err
 
 
 def test_model_ready_rows_make_a_batch_of_the_layout():
