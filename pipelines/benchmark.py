@@ -146,6 +146,7 @@ def model_alone(reps: int) -> dict[str, Any]:
         benchmark_layout,
         flops_per_example,
         matmul_gflops,
+        roofline,
         sharded_training_step,
         spread,
         synthetic_batch,
@@ -175,12 +176,7 @@ def model_alone(reps: int) -> dict[str, Any]:
     with sharded_training_step() as step:
         step_rates = [BATCH / s for s in timed(step, 5, reps)]
     return {
-        "matmul_gflops": gflops,
-        "matmul_per_shape": dict(per_shape),
-        "flops_forward": flops["forward"],
-        "flops_training": flops["forward_backward"],
-        "roofline_prediction": gflops * 1e9 / flops["forward"],
-        "roofline_training": gflops * 1e9 / flops["forward_backward"],
+        **roofline(gflops, per_shape, flops),
         "model_forward": spread(forward_rates),
         "model_training_step": spread(step_rates),
     }

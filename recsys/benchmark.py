@@ -170,6 +170,18 @@ def flops_per_example(config: ModelConfig, layout: FeatureLayout, ids_per_exampl
     }
 
 
+def roofline(gflops: float, per_shape: list[tuple[str, float]], flops: dict[str, float]) -> dict[str, Any]:
+    """The report's matmul rate, FLOPs per example and roofline examples/s (all FLOPs at that rate)."""
+    return {
+        "matmul_gflops": gflops,
+        "matmul_per_shape": dict(per_shape),
+        "flops_forward": flops["forward"],
+        "flops_training": flops["forward_backward"],
+        "roofline_prediction": gflops * 1e9 / flops["forward"],
+        "roofline_training": gflops * 1e9 / flops["forward_backward"],
+    }
+
+
 def timed(
     fn: Callable[[], object], iters: int, reps: int, sync: Callable[[], object] | None = None
 ) -> list[float]:
@@ -452,12 +464,7 @@ def device_measurements(
             )
     return {
         "device": torch.cuda.get_device_name(device) if cuda else "cpu",
-        "matmul_gflops": gflops,
-        "matmul_per_shape": dict(per_shape),
-        "flops_forward": flops["forward"],
-        "flops_training": flops["forward_backward"],
-        "roofline_prediction": gflops * 1e9 / flops["forward"],
-        "roofline_training": gflops * 1e9 / flops["forward_backward"],
+        **roofline(gflops, per_shape, flops),
         "batches": rows,
     }
 
