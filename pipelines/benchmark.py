@@ -324,6 +324,9 @@ def print_device_table(report: dict[str, Any]) -> None:
             print(f"{f'  batch from Arrow rows on the host, batch {size:,}':48s} {fmt(build):>38s}")
             name = f"  training step fed by it, batch {size:,}"
             print(f"{name:48s} {fmt(fed):>38s}  {fed[0] / roof_t:7.0%}")
+            ahead = row["training_read_ahead"]
+            name = f"  fed by a read-ahead thread, batch {size:,}"
+            print(f"{name:48s} {fmt(ahead):>38s}  {ahead[0] / roof_t:7.0%}")
         if row["gpu_utilization_error"]:
             print(f"  GPU utilization not read: {row['gpu_utilization_error']}")
 

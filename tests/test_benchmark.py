@@ -80,14 +80,16 @@ def test_device_measurements_report_every_batch_size_and_a_failing_sharding(caps
         assert 0 < low <= median <= high and rows[size, "table_wise"]["steps_per_rep"] >= 3
         assert "error" not in rows[size, "table_wise"]
         row = rows[size, "table_wise"]
-        build, fed = row["batch_from_arrow"], row["training_from_arrow"]
+        build, fed, ahead = row["batch_from_arrow"], row["training_from_arrow"], row["training_read_ahead"]
         assert 0 < build[1] <= build[0] <= build[2] and 0 < fed[1] <= fed[0] <= fed[2]
+        assert 0 < ahead[1] <= ahead[0] <= ahead[2]
         assert "training_step" not in rows[size, "row_wise"] and rows[size, "row_wise"]["error"]
     benchmark.print_device_table(report)
     out = capsys.readouterr().out
     assert out.count("forward, batch 64 ") == 1 and "training step, batch 128, table_wise" in out
     assert "training step, batch 64, row_wise" in out and "failed:" in out
     assert out.count("batch from Arrow rows on the host") == 2
+    assert out.count("fed by a read-ahead thread") == 2
 
 
 def test_use_gpu_without_a_gpu_says_so(tmp_path):
