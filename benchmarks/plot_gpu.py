@@ -7,8 +7,9 @@ Usage::
         tf32=experiments/results/benchmark/h200_tf32_run3.json
 
 Each ``LABEL=FILE`` adds, for the report's first sharding, the training step (median with min-max) and,
-where the report has it, the step fed by batches built on the host; the right panel shows the GPU's
-utilization during the step. A dashed line marks the issue's target of 1M training examples/s.
+where the report has them, the step fed by batches built on the host (serially, and by a read-ahead
+thread); the right panel shows the GPU's utilization during the step. A grey dashed line marks the
+issue's target of 1M training examples/s.
 """
 
 from __future__ import annotations
@@ -46,10 +47,14 @@ def main(argv: list[str] | None = None) -> int:
         high = [r["training_step"][2] - m for m, r in zip(median, rows, strict=True)]
         step_label = f"{label}: step"
         line = rate_ax.errorbar(sizes, median, yerr=[low, high], marker="o", capsize=3, label=step_label)
-        fed = [r["training_from_arrow"][0] for r in rows if "training_from_arrow" in r]
-        if len(fed) == len(rows):
-            color = line[0].get_color()
-            rate_ax.plot(sizes, fed, marker="x", ls=":", color=color, label=f"{label}: fed by host")
+        color = line[0].get_color()
+        for key, style, text in (
+            ("training_from_arrow", ":", "fed serially"),
+            ("training_read_ahead", "--", "read-ahead"),
+        ):
+            fed = [r[key][0] for r in rows if key in r]
+            if len(fed) == len(rows):
+                rate_ax.plot(sizes, fed, marker="x", ls=style, color=color, label=f"{label}: {text}")
         util_ax.plot(sizes, [r["gpu_utilization"] for r in rows], marker="o", label=label)
     rate_ax.axhline(1e6, color="grey", ls="--", lw=1, label="target 1M/s")
     for ax in (rate_ax, util_ax):
