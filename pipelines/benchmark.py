@@ -289,18 +289,24 @@ def fmt(values: tuple[float, float, float]) -> str:
     return f"{median:>9,.0f}  ({low:,.0f}-{high:,.0f})"
 
 
-def print_device_table(report: dict[str, Any]) -> None:
-    """Prints :func:`recsys.benchmark.device_measurements`' report as a table."""
-    roof_p, roof_t = report["roofline_prediction"], report["roofline_training"]
-    largest = max(r["batch_size"] for r in report["batches"])
-    print(f"\nmatmul fp32 on the experts' shapes, batch {largest:,}: {report['matmul_gflops']:,.0f} GFLOP/s")
+def print_roofline(report: dict[str, Any], where: str, decimals: int) -> None:
+    """The head of both tables: the matmul rate (``where``: at which batch), FLOPs and roofline."""
+    print(f"\nmatmul fp32 on the experts' shapes{where}: {report['matmul_gflops']:,.{decimals}f} GFLOP/s")
     for name, value in report["matmul_per_shape"].items():
-        print(f"  {name}: {value:,.0f} GFLOP/s")
+        print(f"  {name}: {value:,.{decimals}f} GFLOP/s")
     print(
         f"FLOPs per example: forward {report['flops_forward'] / 1e6:.2f} MFLOP, training (3x) "
         f"{report['flops_training'] / 1e6:.2f} MFLOP"
     )
+    roof_p, roof_t = report["roofline_prediction"], report["roofline_training"]
     print(f"roofline: prediction {roof_p:,.0f} examples/s, training {roof_t:,.0f} examples/s\n")
+
+
+def print_device_table(report: dict[str, Any]) -> None:
+    """Prints :func:`recsys.benchmark.device_measurements`' report as a table."""
+    roof_p, roof_t = report["roofline_prediction"], report["roofline_training"]
+    largest = max(r["batch_size"] for r in report["batches"])
+    print_roofline(report, f", batch {largest:,}", decimals=0)
     print(f"{'measurement':48s} {'examples/s median (min-max)':>38s}  roofline  GPU util  peak mem")
     printed: set[int] = set()
     for row in report["batches"]:
@@ -394,14 +400,7 @@ def main(argv: list[str] | None = None) -> int:
     report["prediction"] = prediction(features, out, args.reps, args.threads)
 
     roof_p, roof_t = report["roofline_prediction"], report["roofline_training"]
-    print(f"\nmatmul fp32 on the experts' shapes: {report['matmul_gflops']:.1f} GFLOP/s")
-    for name, value in report["matmul_per_shape"].items():
-        print(f"  {name}: {value:.1f} GFLOP/s")
-    print(
-        f"FLOPs per example: forward {report['flops_forward'] / 1e6:.2f} MFLOP, training (3x) "
-        f"{report['flops_training'] / 1e6:.2f} MFLOP"
-    )
-    print(f"roofline: prediction {roof_p:,.0f} examples/s, training {roof_t:,.0f} examples/s\n")
+    print_roofline(report, "", decimals=1)
     print(f"{'measurement':58s} {'examples/s median (min-max)':>30s}  of roofline")
     rows = [
         (f"model forward, synthetic batch ({args.reps} reps)", report["model_forward"], roof_p),
