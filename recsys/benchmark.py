@@ -15,12 +15,13 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import itertools
 import socket
 import statistics
 import threading
 import time
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Self
 
 import numpy as np
 import pyarrow as pa
@@ -327,40 +328,56 @@ def sharded_training_step(
             dist.destroy_process_group()
 
 
-class GpuUtilization:
-    """The GPU's utilization (% of time a kernel ran, as NVML reports it) sampled while the block runs.
+class _Sampler:
+    """Calls :meth:`sample` every ``interval_s`` seconds on a background thread while the block runs."""
 
-    ``mean`` is the mean of the samples in percent, or None where NVML cannot be read (no pynvml).
-    """
-
-    def __init__(self, device: torch.device, interval_s: float = 0.05) -> None:
-        self.device, self.interval_s = device, interval_s
-        self.samples: list[float] = []
-        self.error: str | None = None
+    def __init__(self, interval_s: float) -> None:
+        self.interval_s = interval_s
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
+    def sample(self) -> bool:
+        """Takes one sample; False ends the sampling."""
+        raise NotImplementedError
+
     def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self.samples.append(float(torch.cuda.utilization(self.device)))
-            except Exception as error:  # pynvml missing or NVML unreadable: report why, measure on
-                self.error = f"{type(error).__name__}: {error}"
-                return
+        while not self._stop.is_set() and self.sample():
             self._stop.wait(self.interval_s)
 
-    @property
-    def mean(self) -> float | None:
-        """The mean utilization in percent (None: no sample)."""
-        return statistics.fmean(self.samples) if self.samples else None
-
-    def __enter__(self) -> GpuUtilization:
+    def __enter__(self) -> Self:
         self._thread.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join()
+
+
+class GpuUtilization(_Sampler):
+    """The GPU's utilization (% of time a kernel ran, as NVML reports it) sampled while the block runs.
+
+    ``mean`` is the mean of the samples in percent, or None where NVML cannot be read (no pynvml).
+    """
+
+    def __init__(self, device: torch.device, interval_s: float = 0.05) -> None:
+        super().__init__(interval_s)
+        self.device = device
+        self.samples: list[float] = []
+        self.error: str | None = None
+
+    def sample(self) -> bool:
+        """Reads the utilization once; on an error, keeps it and stops."""
+        try:
+            self.samples.append(float(torch.cuda.utilization(self.device)))
+        except Exception as error:  # pynvml missing or NVML unreadable: report why, measure on
+            self.error = f"{type(error).__name__}: {error}"
+            return False
+        return True
+
+    @property
+    def mean(self) -> float | None:
+        """The mean utilization in percent (None: no sample)."""
+        return statistics.fmean(self.samples) if self.samples else None
 
 
 def _from_arrow(
@@ -380,7 +397,7 @@ def _from_arrow(
     from recsys.data import batch_from_arrow
 
     tables = [model_ready_table(layout, size, seed=i) for i in range(4)]
-    turn = iter(range(10**9))
+    turn = itertools.count()
 
     def build() -> Batch:
         return batch_from_arrow(tables[next(turn) % len(tables)], layout)
@@ -479,6 +496,8 @@ def device_measurements(
                     with contextlib.ExitStack() as stack:
                         usage = stack.enter_context(GpuUtilization(device)) if cuda else None
                         step_rates = [size / s for s in timed(step, n, reps, sync)]
+                    # the step's own peak, before the feed measurements add their batches
+                    peak = torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None
                     if sharding == shardings[0]:
                         row.update(_from_arrow(step, layout, size, device, reps, iterations, sync))
             except Exception as error:  # one failing sharding (out of memory, say) leaves the others' rows
@@ -490,7 +509,7 @@ def device_measurements(
                     "steps_per_rep": n,
                     "gpu_utilization": usage.mean if usage else None,
                     "gpu_utilization_error": usage.error if usage else None,
-                    "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None,
+                    "peak_memory_gib": peak,
                 }
             )
     return {
@@ -500,7 +519,7 @@ def device_measurements(
     }
 
 
-class TreeMemory:
+class TreeMemory(_Sampler):
     """Peak memory of this process and its descendants (an embedded Ray's workers included).
 
     ``peak_rss`` and ``peak_pss`` are the peaks, in bytes, of the RSS and PSS (shared pages counted once)
@@ -508,31 +527,21 @@ class TreeMemory:
     """
 
     def __init__(self, interval_s: float = 0.5) -> None:
-        self.interval_s = interval_s
+        super().__init__(interval_s)
         self.peak_rss = self.peak_pss = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def _run(self) -> None:
+    def sample(self) -> bool:
+        """Sums the tree's memory once and keeps the peaks."""
         import psutil
 
         root = psutil.Process()
-        while not self._stop.is_set():
-            rss = pss = 0
-            for proc in [root, *root.children(recursive=True)]:
-                try:
-                    info = proc.memory_full_info()
-                    rss += info.rss
-                    pss += getattr(info, "pss", info.rss)  # shared pages counted once in all
-                except (psutil.NoSuchProcess, psutil.AccessDenied):
-                    continue
-            self.peak_rss, self.peak_pss = max(self.peak_rss, rss), max(self.peak_pss, pss)
-            self._stop.wait(self.interval_s)
-
-    def __enter__(self) -> TreeMemory:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
+        rss = pss = 0
+        for proc in [root, *root.children(recursive=True)]:
+            try:
+                info = proc.memory_full_info()
+                rss += info.rss
+                pss += getattr(info, "pss", info.rss)  # shared pages counted once in all
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                continue
+        self.peak_rss, self.peak_pss = max(self.peak_rss, rss), max(self.peak_pss, pss)
+        return True
