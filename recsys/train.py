@@ -828,11 +828,11 @@ def run_training(
             if address
             else max(os.cpu_count() or 1, config.run.num_workers * config.run.cpus_per_worker) + 2
         )
+        if not address:
+            embedded_ray_env()  # workers at the normal priority, not nice 15
         # The dashboard (on 127.0.0.1 only) serves the State API, which Ray Train's PlacementGroupCleaner
         # polls; without it the cleaner logged "Failed to query Ray Train Controller actor state" every
         # few seconds of every run (it also frees the CPUs of runs stopped early: see recsys.tune).
-        if not address:
-            embedded_ray_env()  # workers at the normal priority, not nice 15
         ray.init(address=address, num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1")
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False  # one bar per batch floods the logs

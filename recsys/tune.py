@@ -280,11 +280,11 @@ def _init_ray(config: Any, search: SearchSpec) -> None:
     # (see recsys.train.run_training). Logical CPUs only: the default ingest reads in the workers.
     per_trial = 1 + config.run.num_workers * config.run.cpus_per_worker + 2
     num_cpus = None if address else max(os.cpu_count() or 1, search.max_concurrent_trials * per_trial)
+    if not address:
+        embedded_ray_env()  # trials' workers at the normal priority, not nice 15
     # The dashboard serves the State API, through which Ray Train's PlacementGroupCleaner sees that the
     # controller of a trial ASHA stopped is gone and frees its workers' CPUs; without it, every stopped
     # trial leaked a placement group, and after two the next trial's Ray Data reads waited forever.
-    if not address:
-        embedded_ray_env()  # trials' workers at the normal priority, not nice 15
     ray.init(address=address, num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1")
 
 
