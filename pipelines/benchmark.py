@@ -32,7 +32,8 @@ With --use-gpu it measures the model alone on the first CUDA device instead (no 
 fp32 matmul rate on the experts' shapes, then for each of --batch-sizes the forward and, for each of
 --shardings, the training step of 3. (DMP over a one-process NCCL group, fused row-wise Adagrad on the
 tables) with the GPU's utilization (NVML) and its peak memory; for the first sharding also the host's
-batch construction from model-ready Arrow rows and the step fed by it, one batch after the other.
+batch construction from model-ready Arrow rows and the step fed by it, one batch after the other and
+from a read-ahead thread that pins the batches.
 
 The end-to-end scoring benchmark (read, features, model, write) of the e-commerce model is
 benchmarks/score_bench.py.

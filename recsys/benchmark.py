@@ -449,8 +449,8 @@ def device_measurements(
 
     For every batch size: the forward (eval, no grad) and, for every sharding of the tables, the training
     step of :func:`sharded_training_step`; for the first sharding also the host's batch construction from
-    model-ready Arrow rows (``batch_from_arrow``, one thread) and the step fed by it, batch by batch. Each
-    as examples/s (median, min, max of ``reps`` repetitions of about ``seconds_per_rep`` each), with the
+    model-ready Arrow rows (``batch_from_arrow``, one thread) and the step fed by it (``_from_arrow``).
+    Each as examples/s (median, min, max of ``reps`` repetitions of about ``seconds_per_rep`` each), with the
     GPU's utilization during the training repetitions and the peak memory allocated. Also the fp32 matmul
     rate on the experts' shapes and the FLOPs per example. A training step that fails leaves ``error`` in
     its row instead of the figures.
