@@ -60,7 +60,7 @@ def main() -> int:
 
     data = args.data or Path(tempfile.gettempdir()) / f"recsys-bench-{args.impressions}-{args.seed}"
     if not (data / "impressions.parquet").exists():
-        from features.generate import generate
+        from synth.generate import generate
 
         t = time.perf_counter()
         generate(data, args.impressions, args.seed)

@@ -1,6 +1,6 @@
 """Where a training step of the benchmark model spends its time on a GPU, at a few batch sizes.
 
-For each batch size: the step of ``recsys.benchmark.sharded_training_step`` (DMP over a one-process NCCL
+For each batch size: the step of ``benchmarks.measure.sharded_training_step`` (DMP over a one-process NCCL
 group, fused row-wise Adagrad on the tables, fused Adam) is timed with a synchronize per step, then run
 under ``torch.profiler`` (CPU and CUDA). Printed: wall ms per step, GPU kernel ms per step (the sum of the
 kernels' device time), kernel launches per step, and the operators with the most CPU time of their own
@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
-    from recsys.benchmark import sharded_training_step
+    from benchmarks.measure import sharded_training_step
 
     device = torch.device("cuda", 0)
     torch.cuda.set_device(device)

@@ -23,7 +23,7 @@ import time
 
 import torch
 
-from recsys.benchmark import (
+from benchmarks.measure import (
     BATCH,
     benchmark_layout,
     flops_per_example,
@@ -33,7 +33,7 @@ from recsys.benchmark import (
     train_step_parts,
 )
 from recsys.config import ModelConfig, builtin_config
-from recsys.data import Batch, FeatureLayout
+from recsys.data.batch import Batch, FeatureLayout
 from recsys.model import build_model
 
 

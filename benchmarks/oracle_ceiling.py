@@ -4,7 +4,7 @@ The oracle AUC of a generated data set scores the test rows with the true probab
 traits the data only hints at: each user's propensity, top-category preferences and price sensitivity, and
 each item's quality. A model learned from labels can at best estimate those traits from the user's and
 item's training rows. This script measures that limit: it fits, by penalized maximum likelihood, a model of
-the generator's exact functional form (see :mod:`features.generate`, "The truth"), with the exact
+the generator's exact functional form (see :mod:`synth.generate`, "The truth"), with the exact
 components computed from the raw tables and only the latent traits left to learn:
 
 * click: ``logit = b + a[user] + q[item] + A[user, top category] + s[user] * price deviation

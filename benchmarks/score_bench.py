@@ -4,7 +4,7 @@ Generates (or reuses) N candidate rows with their users, items and click history
 demo's shape (recsys/configs/ecommerce_mmoe.yaml: MMoE, 8 experts [256, 128], dim 16) with random weights
 on a spec fitted to that data (or takes --model URI --tracking-uri), then:
 
-* scores them with recsys.scoring.run_scoring (read, features, model, rank, write; Ray Data), sampling
+* scores them with recsys.scoring.job.run_scoring (read, features, model, rank, write; Ray Data), sampling
   the memory of this process and all its descendants (the local Ray and its workers) every 0.5 s;
 * checks rows in == rows out, and that every impression_id is in the output exactly once;
 * measures the bare model forward (recsys.package.score_ready, no_grad, eval mode) on model-ready rows
@@ -29,15 +29,15 @@ import polars as pl
 import pyarrow.parquet as pq
 import torch
 
+from benchmarks.measure import TreeMemory
 from features.config import FeatureConfig, builtin_config
 from features.pipeline import Tables, fit_spec
-from recsys.benchmark import TreeMemory
 from recsys.config import ModelConfig
 from recsys.config import builtin_config as builtin_model_config
-from recsys.data import FeatureLayout
+from recsys.data.batch import FeatureLayout
 from recsys.model import build_model
 from recsys.package import load_package, model_ready, save_package, score_ready
-from recsys.scoring import ScoreConfig, generate_candidates, run_scoring
+from recsys.scoring.job import ScoreConfig, generate_candidates, run_scoring
 
 GIB = 1024**3
 

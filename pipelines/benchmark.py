@@ -14,11 +14,11 @@ In one run, on the benchmark shape (recsys/benchmark.py: 16 categorical features
 2. measures the fp32 matmul GFLOP/s on the experts' shapes, counts the model's FLOPs per example and
    derives the roofline examples/s (all FLOPs at the measured matmul rate) for prediction and training;
 3. measures the model alone on a synthetic batch: forward (eval, no grad), and the training step exactly
-   as a Ray Train worker runs it (recsys.train.shard_model: DMP over a one-process group, fused row-wise
+   as a Ray Train worker runs it (recsys.train.loop.shard_model: DMP over a one-process group, fused row-wise
    Adagrad on the tables in backward, fused Adam) in a plain loop, without Ray or data loading;
 4. measures prediction on the data set's model-ready rows (recsys.package.score_ready: Arrow to tensors
    and the forward), a trained model's weights;
-5. trains end to end through recsys.train.run_training (Ray Train, TorchRec DMP with fused row-wise
+5. trains end to end through recsys.train.loop.run_training (Ray Train, TorchRec DMP with fused row-wise
    Adagrad; each worker reading its share of the Parquet files, or Ray Data streaming with --ingest
    ray_data; the cores shared out among the workers, as torch threads) for --epochs
    epochs: every epoch is one repetition of examples/s (the
@@ -115,8 +115,8 @@ CHUNK_ROWS = 1_000_000
 
 def prepare(out: Path, rows: int) -> Path:
     """The data set's features folder, built unless OUT already holds one of ``rows`` rows."""
+    from benchmarks.measure import feature_config, make_table
     from features.pipeline import Tables, build, scan_table
-    from recsys.benchmark import feature_config, make_table
 
     features = out / "features"
     marker = out / "rows.json"
@@ -142,7 +142,7 @@ def model_alone(reps: int) -> dict[str, Any]:
     """Matmul GFLOP/s, FLOPs per example, and the model's forward and training step on a synthetic batch."""
     import torch
 
-    from recsys.benchmark import (
+    from benchmarks.measure import (
         BATCH,
         benchmark_layout,
         flops_per_example,
@@ -188,9 +188,9 @@ def train_end_to_end(features: Path, out: Path, workers: int, epochs: int, inges
     import mlflow
     import pyarrow.parquet as pq
 
-    from recsys.benchmark import BATCH, TreeMemory, spread
-    from recsys.train import run_training
-    from recsys.train_config import TrainConfig
+    from benchmarks.measure import BATCH, TreeMemory, spread
+    from recsys.train.config import TrainConfig
+    from recsys.train.loop import run_training
 
     uri = f"sqlite:///{(out / 'mlflow.db').resolve()}"
     train_rows = sum(pq.read_metadata(f).num_rows for f in (features / "train").glob("*.parquet"))
@@ -254,7 +254,7 @@ def prediction(features: Path, out: Path, reps: int, threads: int) -> tuple[floa
     import pyarrow.parquet as pq
     import torch
 
-    from recsys.benchmark import BATCH, spread
+    from benchmarks.measure import BATCH, spread
     from recsys.package import load_package, score_ready
 
     packages = sorted((out / "ray").glob("*/model/package.json"), key=lambda p: p.stat().st_mtime)
@@ -304,7 +304,7 @@ def print_roofline(report: dict[str, Any], where: str, decimals: int) -> None:
 
 
 def print_device_table(report: dict[str, Any]) -> None:
-    """Prints :func:`recsys.benchmark.device_measurements`' report as a table."""
+    """Prints :func:`benchmarks.measure.device_measurements`' report as a table."""
     roof_p, roof_t = report["roofline_prediction"], report["roofline_training"]
     largest = max(r["batch_size"] for r in report["batches"])
     print_roofline(report, f", batch {largest:,}", decimals=0)
@@ -342,7 +342,7 @@ def gpu_main(args: argparse.Namespace) -> int:
     """``--use-gpu``: the model alone on the first CUDA device, at each batch size and sharding."""
     import torch
 
-    from recsys.benchmark import device_measurements
+    from benchmarks.measure import device_measurements
 
     if not torch.cuda.is_available():
         raise SystemExit(

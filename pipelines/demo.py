@@ -18,11 +18,11 @@ from pathlib import Path
 from typing import Any
 
 from features.config import FeatureConfig, builtin_config
-from features.generate import generate
 from features.pipeline import build, load_tables
-from recsys.scoring import ScoreConfig, generate_candidates, run_scoring, top_of_request
-from recsys.train import run_training
-from recsys.train_config import TrainConfig, builtin_train_config
+from recsys.scoring.job import ScoreConfig, generate_candidates, run_scoring, top_of_request
+from recsys.train.config import TrainConfig, builtin_train_config
+from recsys.train.loop import run_training
+from synth.generate import generate
 
 
 def run_demo(

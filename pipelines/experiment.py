@@ -2,10 +2,10 @@ r"""Run an experiment: a grid of training runs (data sets x models x settings x 
 
 Examples::
 
-    # a shipped spec (experiments/*.yaml), results in artifacts/experiments/gating:
+    # a shipped spec (recsys/experiments/specs/*.yaml), results in artifacts/experiments/gating:
     python -m pipelines.experiment --spec gating
     # a smoke run: tiny data, one seed
-    python -m pipelines.experiment --spec experiments/task_relatedness.yaml --quick --out /tmp/rel
+    python -m pipelines.experiment --spec recsys/experiments/specs/task_relatedness.yaml --quick --out /tmp/rel
     # against `mlflow server --host 127.0.0.1 --port 5000`:
     python -m pipelines.experiment --spec census --tracking-uri http://127.0.0.1:5000
 
@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fresh", action="store_true", help="train every run again (no reuse from OUT/runs)")
     args = parser.parse_args(argv)
 
-    from recsys.experiment import load_spec, run_experiment
+    from recsys.experiments.runner import load_spec, run_experiment
 
     try:
         spec = load_spec(args.spec)

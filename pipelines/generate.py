@@ -16,7 +16,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from features.generate import generate
+from synth.generate import generate
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -25,7 +25,7 @@ import argparse
 import json
 import sys
 
-from recsys.scoring import FORMULAS, ScoreConfig
+from recsys.scoring.job import FORMULAS, ScoreConfig
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -103,8 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     """Scores; exits 2 on bad input, 1 if a count differs, 0 otherwise."""
     args = parse_args(argv)
     from features.contract import ContractError
-    from recsys.scoring import run_scoring, top_of_request
-    from recsys.tracking import TrackingError
+    from recsys.scoring.job import run_scoring, top_of_request
+    from recsys.tracking.core import TrackingError
 
     try:
         config = ScoreConfig(

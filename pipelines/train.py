@@ -24,7 +24,7 @@ import json
 import sys
 from pathlib import Path
 
-from recsys.train_config import TrainConfig, builtin_train_config
+from recsys.train.config import TrainConfig, builtin_train_config
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -76,7 +76,7 @@ def load_config(args: argparse.Namespace) -> TrainConfig:
 def main(argv: list[str] | None = None) -> int:
     """Trains; bad input exits with status 2 and a one-line reason."""
     args = parse_args(argv)
-    from recsys.train import run_training
+    from recsys.train.loop import run_training
 
     try:
         config = load_config(args)

@@ -3,7 +3,7 @@ r"""Hyperparameter search with Ray Tune (ASHA early stopping), every trial an ML
 Examples::
 
     # embedded local Ray; features from `python -m pipelines.demo` (data/demo/features):
-    python -m pipelines.tune --config recsys/configs/tune_mmoe.yaml --search experiments/search_mmoe.yaml
+    python -m pipelines.tune --config recsys/configs/tune_mmoe.yaml --search recsys/experiments/specs/search_mmoe.yaml
     # 16 trials, against an MLflow server:
     python -m pipelines.tune --config tune_mmoe --search search_mmoe --num-samples 16 \
         --tracking-uri http://127.0.0.1:5000
@@ -36,9 +36,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--features", help="override the config's features folder")
     args = parser.parse_args(argv)
 
-    from recsys.experiment import shipped_spec
-    from recsys.train_config import TrainConfig, builtin_train_config
-    from recsys.tune import SearchSpec, run_search
+    from recsys.experiments.runner import shipped_spec
+    from recsys.experiments.search import SearchSpec, run_search
+    from recsys.train.config import TrainConfig, builtin_train_config
 
     try:
         path = Path(args.config)

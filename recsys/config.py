@@ -205,7 +205,7 @@ class ArchConfig:
         dropout: dropout after every hidden activation while training.
         interaction: ``none`` (the experts read the concatenated embeddings and dense features) or ``dot``
             (DLRM: the pairwise dot products of the embeddings and of the projected dense features are
-            appended; see :mod:`recsys.interaction`).
+            appended; see :mod:`recsys.modules.interaction`).
     """
 
     type: str = "mmoe"

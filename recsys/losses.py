@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from recsys.config import ModelConfig, TaskConfig
-from recsys.data import Batch
+from recsys.data.batch import Batch
 from recsys.model import RankingModel
 
 

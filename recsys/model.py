@@ -2,7 +2,7 @@
 
 :class:`RankingModel` is pure: it returns ``(logits, stats)`` and computes no loss (the training wrapper
 is :class:`recsys.losses.RankingTrain`, as TorchRec's ``DLRM`` / ``DLRMTrain``). :func:`build_model` is the
-adapter from a :class:`~recsys.config.ModelConfig` and a :class:`~recsys.data.FeatureLayout` to modules.
+adapter from a :class:`~recsys.config.ModelConfig` and a :class:`~recsys.data.batch.FeatureLayout` to modules.
 
 For batch scoring, :func:`export_model` gives a ``torch.export`` program of the whole unsharded model,
 embedding lookups included, taking ``(dense, values, lengths)``: plain tensors with a dynamic batch size,
@@ -13,7 +13,7 @@ TorchRec's ``EmbeddingBagCollection`` on CPU.
 
 Example:
     >>> from recsys.config import ModelConfig
-    >>> from recsys.data import FeatureLayout, SparseFeature
+    >>> from recsys.data.batch import FeatureLayout, SparseFeature
     >>> from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
     >>> layout = FeatureLayout(sparse=(SparseFeature("item", 10),), dense=("price",), labels=("click",))
     >>> cfg = ModelConfig.from_dict({"tasks": [{"name": "click"}], "embedding": {"dim": 4},
@@ -36,12 +36,12 @@ from torch import nn
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from recsys.config import ModelConfig
-from recsys.data import Batch, FeatureLayout
-from recsys.embedding import SparseArch, embedding_bag_collection
-from recsys.experts import MLP
-from recsys.gates import NoisyTopKGate, SoftmaxGate
-from recsys.interaction import DotInteraction
-from recsys.multitask import PLE, GatedExperts, MMoE, SharedBottom, SingleTask
+from recsys.data.batch import Batch, FeatureLayout
+from recsys.modules.embedding import SparseArch, embedding_bag_collection
+from recsys.modules.experts import MLP
+from recsys.modules.gates import NoisyTopKGate, SoftmaxGate
+from recsys.modules.interaction import DotInteraction
+from recsys.modules.multitask import PLE, GatedExperts, MMoE, SharedBottom, SingleTask
 
 _LN2 = math.log(2.0)
 

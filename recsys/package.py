@@ -10,7 +10,7 @@ A package is everything needed to score raw contract rows, and nothing that must
 :func:`save_package` writes the folder under a temporary name and renames it when complete.
 :func:`predict_frame` runs the training feature code (:mod:`features.pipeline`, :mod:`features.spec`) on raw
 rows, then the model, and returns one score column per task in the input's row order. This module does no
-MLflow; :mod:`recsys.tracking` logs a package as an MLflow model.
+MLflow; :mod:`recsys.tracking.core` logs a package as an MLflow model.
 
 Example:
     >>> save_package("out/model", model, model_config, spec, extra={"val_auc": 0.71})  # doctest: +SKIP
@@ -42,7 +42,7 @@ from features.contract import IMPRESSIONS, ITEMS, LABELS, USERS, TableContract, 
 from features.pipeline import Tables, derived, validate_tables
 from features.spec import FeatureSpec, output_exprs
 from recsys.config import ModelConfig, TaskConfig
-from recsys.data import FeatureLayout, batch_from_arrow
+from recsys.data.batch import FeatureLayout, batch_from_arrow
 from recsys.model import RankingModel, build_model
 
 FORMAT_VERSION = 1

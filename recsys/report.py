@@ -1,6 +1,6 @@
 """Plots of a training run's evaluation report (matplotlib, no display needed).
 
-Each function returns a figure; :mod:`recsys.tracking_session` logs them to MLflow.
+Each function returns a figure; :mod:`recsys.train.session` logs them to MLflow.
 """
 
 from __future__ import annotations

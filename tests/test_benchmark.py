@@ -8,8 +8,8 @@ import math
 
 import pytest
 
+from benchmarks.measure import benchmark_layout, cardinalities, flops_per_example, make_table
 from pipelines import benchmark
-from recsys.benchmark import benchmark_layout, cardinalities, flops_per_example, make_table
 from recsys.config import ModelConfig, builtin_config
 
 
@@ -28,8 +28,8 @@ def test_help_and_bad_options_name_the_option(capsys):
 def test_model_ready_rows_make_a_batch_of_the_layout():
     import torch
 
-    from recsys.benchmark import model_ready_table
-    from recsys.data import batch_from_arrow
+    from benchmarks.measure import model_ready_table
+    from recsys.data.batch import batch_from_arrow
 
     layout = benchmark_layout()
     batch = batch_from_arrow(model_ready_table(layout, 500, seed=1), layout)
@@ -69,7 +69,7 @@ def test_device_measurements_report_every_batch_size_and_a_failing_sharding(caps
     """The --use-gpu measurements, on the CPU: row-wise sharding needs CUDA, so its row holds the error."""
     import torch
 
-    from recsys.benchmark import device_measurements
+    from benchmarks.measure import device_measurements
 
     report = device_measurements(torch.device("cpu"), [64, 128], ["table_wise", "row_wise"], 3, 0.05)
     assert report["matmul_gflops"] > 0 and report["roofline_training"] < report["roofline_prediction"]

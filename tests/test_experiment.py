@@ -9,11 +9,10 @@ import mlflow
 import pytest
 
 from features.config import FeatureConfig, builtin_config
-from features.generate import generate
 from features.pipeline import build, load_tables
 from features.spec import FeatureSpec
 from recsys.config import ModelConfig
-from recsys.experiment import (
+from recsys.experiments.runner import (
     Cell,
     ExperimentSpec,
     ParameterCount,
@@ -31,7 +30,8 @@ from recsys.experiment import (
     run_experiment,
     summarize,
 )
-from recsys.train_config import TrainConfig
+from recsys.train.config import TrainConfig
+from synth.generate import generate
 
 MODEL = {
     "tasks": [{"name": "click"}, {"name": "purchase", "given": "click"}],

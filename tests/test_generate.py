@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from features import contract
-from features.generate import (
+from synth.generate import (
     COMPONENTS,
     W_CLICK,
     GenerateResult,

@@ -11,7 +11,7 @@ from features.config import FeatureConfig, builtin_config
 from features.pipeline import Tables, build
 from recsys.config import EmbeddingConfig, ModelConfig
 from recsys.config import builtin_config as model_config
-from recsys.data import FeatureLayout, SparseFeature, batch_from_arrow
+from recsys.data.batch import FeatureLayout, SparseFeature, batch_from_arrow
 from recsys.losses import RankingTrain
 from recsys.model import build_model
 

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from recsys.gates import (
+from recsys.modules.gates import (
     GateOutput,
     NoisyTopKGate,
     SoftmaxGate,

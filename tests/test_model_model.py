@@ -9,10 +9,10 @@ import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from recsys.config import ModelConfig
-from recsys.data import Batch, FeatureLayout, SparseFeature
-from recsys.interaction import DotInteraction
+from recsys.data.batch import Batch, FeatureLayout, SparseFeature
 from recsys.losses import RankingTrain
 from recsys.model import build_model, entire_space_logit, export_model
+from recsys.modules.interaction import DotInteraction
 
 LAYOUT = FeatureLayout(
     sparse=(

@@ -6,11 +6,11 @@ import pytest
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from recsys.data import FeatureLayout, SparseFeature
-from recsys.embedding import SparseArch, embedding_bag_collection, enable_sparse_gradients
-from recsys.experts import MLP, StackedExperts
-from recsys.gates import NoisyTopKGate, SoftmaxGate
-from recsys.multitask import PLE, MMoE, SharedBottom, SingleTask
+from recsys.data.batch import FeatureLayout, SparseFeature
+from recsys.modules.embedding import SparseArch, embedding_bag_collection, enable_sparse_gradients
+from recsys.modules.experts import MLP, StackedExperts
+from recsys.modules.gates import NoisyTopKGate, SoftmaxGate
+from recsys.modules.multitask import PLE, MMoE, SharedBottom, SingleTask
 
 TASKS = ["click", "purchase"]
 

@@ -10,10 +10,10 @@ import pytest
 from nbclient import NotebookClient
 
 from features.config import FeatureConfig, builtin_config
-from features.generate import generate
 from features.pipeline import build, load_tables
-from recsys.train import run_training
-from recsys.train_config import TrainConfig
+from recsys.train.config import TrainConfig
+from recsys.train.loop import run_training
+from synth.generate import generate
 
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 

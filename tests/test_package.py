@@ -15,7 +15,7 @@ from polars.testing import assert_frame_equal
 from features.config import FeatureConfig, builtin_config
 from features.pipeline import Tables, build, fit_spec
 from recsys.config import ModelConfig
-from recsys.data import FeatureLayout, batch_from_arrow
+from recsys.data.batch import FeatureLayout, batch_from_arrow
 from recsys.model import build_model
 from recsys.package import (
     MANIFEST,

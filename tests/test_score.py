@@ -13,10 +13,9 @@ from polars.testing import assert_frame_equal
 
 from features.config import FeatureConfig, builtin_config
 from features.contract import ContractError
-from features.generate import generate
 from features.pipeline import build, load_tables
 from recsys.package import save_package
-from recsys.scoring import (
+from recsys.scoring.job import (
     ScoreConfig,
     expected_rows_out,
     init_ray,
@@ -25,7 +24,8 @@ from recsys.scoring import (
     read_partition,
     run_scoring,
 )
-from recsys.tracking import CHAMPION, Tracker, log_model, register_model
+from recsys.tracking.core import CHAMPION, Tracker, log_model, register_model
+from synth.generate import generate
 from tests.test_package import TINY_MODEL, in_memory_package, joined
 
 MODEL = "tiny-ranker"

@@ -21,7 +21,7 @@ from mlflow import MlflowClient
 from features.config import FeatureConfig, builtin_config
 from features.pipeline import Tables, build
 from recsys.package import predict_frame, save_package
-from recsys.tracking import (
+from recsys.tracking.core import (
     CHALLENGER,
     CHAMPION,
     Tracker,
@@ -42,7 +42,9 @@ def free_port() -> int:
 
 def tracking_warnings(caplog) -> list[str]:
     return [
-        r.getMessage() for r in caplog.records if r.name == "recsys.tracking" and r.levelno >= logging.WARNING
+        r.getMessage()
+        for r in caplog.records
+        if r.name == "recsys.tracking.core" and r.levelno >= logging.WARNING
     ]
 
 
@@ -137,7 +139,7 @@ def test_a_restarted_job_reopens_its_run(store, caplog):
         run.info.status == "FINISHED" and run.info.run_name == "attempt" and run.data.tags["attempt"] == "2"
     )
     assert [m.value for m in MlflowClient(store).get_metric_history(run_id, "loss")] == [1.0, 0.5]
-    with caplog.at_level(logging.WARNING, logger="recsys.tracking"):
+    with caplog.at_level(logging.WARNING, logger="recsys.tracking.core"):
         fresh = again.start_run("new", run_id="0" * 32)
     assert fresh != "0" * 32 and "not found" in caplog.text
 
@@ -156,7 +158,7 @@ def test_run_block_ends_the_run_as_failed_on_an_error(store):
 def test_unreachable_store_warns_once_and_every_call_is_a_no_op(caplog, package):
     uri = f"http://127.0.0.1:{free_port()}"
     started = time.monotonic()
-    with caplog.at_level(logging.WARNING, logger="recsys.tracking"):
+    with caplog.at_level(logging.WARNING, logger="recsys.tracking.core"):
         tracker = Tracker(uri, "exp")
         assert tracker.start_run("r") is None
         tracker.log_params({"a": 1})
@@ -184,7 +186,7 @@ def test_unreachable_store_raises_when_required():
 def test_a_failing_call_warns_once_and_training_goes_on(store, caplog):
     tracker = Tracker(store, "exp", max_consecutive_failures=3)
     run_id = tracker.start_run()
-    with caplog.at_level(logging.WARNING, logger="recsys.tracking"):
+    with caplog.at_level(logging.WARNING, logger="recsys.tracking.core"):
         tracker.log_params({"lr": 0.1})
         tracker.log_params({"lr": 0.2})  # MLflow refuses to change a logged parameter
         tracker.log_params({"lr": 0.3})
@@ -235,7 +237,7 @@ def test_logged_model_loads_with_pyfunc_and_predicts_as_predict_frame(store, pac
     files = {p.relative_to(local).as_posix() for p in local.rglob("*") if p.is_file()}
     assert "MLmodel" in files and "artifacts/package/weights.pt" in files
     assert not [f for f in files if f.endswith((".pkl", ".pickle", ".cloudpickle"))]
-    assert any(f.endswith("pyfunc_model.py") for f in files) and "code/recsys/package.py" in files
+    assert any(f.endswith("tracking/pyfunc.py") for f in files) and "code/recsys/package.py" in files
 
 
 def test_registry_champion_moves_only_to_a_better_version(store, package, monkeypatch):
@@ -343,7 +345,7 @@ def test_tracking_over_http_with_a_real_mlflow_server(mlflow_server, package, mo
     optional.start_run("server-dies")
     stop_server()
     started = time.monotonic()
-    with caplog.at_level(logging.WARNING, logger="recsys.tracking"):
+    with caplog.at_level(logging.WARNING, logger="recsys.tracking.core"):
         for step in range(5):
             optional.log_metrics({"loss": 1.0}, step=step)
         optional.end_run()

@@ -11,11 +11,11 @@ import polars as pl
 import pytest
 
 from features.config import FeatureConfig, builtin_config
-from features.generate import generate
 from features.pipeline import build, load_tables
-from recsys.tracking import TrackingError
-from recsys.train import run_training
-from recsys.train_config import TrainConfig
+from recsys.tracking.core import TrackingError
+from recsys.train.config import TrainConfig
+from recsys.train.loop import run_training
+from synth.generate import generate
 
 pytestmark = pytest.mark.slow
 

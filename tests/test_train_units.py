@@ -10,10 +10,10 @@ import pytest
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
-from recsys.data import FeatureLayout, SparseFeature, batch_from_arrow
-from recsys.embedding import SparseArch, embedding_bag_collection
-from recsys.train import ParquetShard, _pad, padding_row, read_ahead
-from recsys.train_config import TrainConfig
+from recsys.data.batch import FeatureLayout, SparseFeature, batch_from_arrow
+from recsys.modules.embedding import SparseArch, embedding_bag_collection
+from recsys.train.config import TrainConfig
+from recsys.train.loop import ParquetShard, _pad, padding_row, read_ahead
 
 LAYOUT = FeatureLayout(
     sparse=(SparseFeature("a", 5), SparseFeature("b", 7), SparseFeature("c", 3)),
@@ -87,7 +87,7 @@ def test_train_config_errors_name_the_field_and_value(change, message):
 
 
 def test_shipped_train_configs_load():
-    from recsys.train_config import builtin_train_config
+    from recsys.train.config import builtin_train_config
 
     for name in ("train_demo", "train_census", "train_census_shared_bottom"):
         config = TrainConfig.from_yaml(builtin_train_config(name))

@@ -9,11 +9,11 @@ import mlflow
 import pytest
 
 from features.config import FeatureConfig, builtin_config
-from features.generate import generate
 from features.pipeline import build, load_tables
-from recsys.experiment import shipped_spec
-from recsys.train_config import TrainConfig, builtin_train_config
-from recsys.tune import Distribution, SearchSpec, apply_params, run_search
+from recsys.experiments.runner import shipped_spec
+from recsys.experiments.search import Distribution, SearchSpec, apply_params, run_search
+from recsys.train.config import TrainConfig, builtin_train_config
+from synth.generate import generate
 
 
 def test_shipped_search_loads_and_its_paths_are_fields_of_the_base_config():

@@ -12,7 +12,7 @@ all gates. Gates are built by a factory ``make_gate(in_dim, num_experts)``, so t
 softmax and noisy top-k gates.
 
 Example:
-    >>> from recsys.gates import SoftmaxGate
+    >>> from recsys.modules.gates import SoftmaxGate
     >>> mmoe = MMoE(in_dim=8, task_names=["click", "purchase"], num_experts=4, expert_hidden=[16],
     ...             make_gate=lambda d, e: SoftmaxGate(d, e))
     >>> reps, stats = mmoe(torch.randn(3, 8))
@@ -27,8 +27,8 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-from recsys.experts import MLP, StackedExperts
-from recsys.gates import expert_capacity, route_with_capacity, routing_stats
+from recsys.modules.experts import MLP, StackedExperts
+from recsys.modules.gates import expert_capacity, route_with_capacity, routing_stats
 
 GateFactory = Callable[[int, int], nn.Module]
 Output = tuple[list[torch.Tensor], dict[str, torch.Tensor]]
@@ -42,7 +42,7 @@ class GatedExperts(nn.Module):
     the experts' first layers are one wide GEMM.
 
     In dispatch mode (``capacity_factor`` set; top-k gates only) each gate routes its rows with
-    :func:`~recsys.gates.route_with_capacity`; the rows routed to each expert are gathered into one
+    :func:`~recsys.modules.gates.route_with_capacity`; the rows routed to each expert are gathered into one
     ``(E, S, D)`` buffer (S = the capacities of the gates that use the expert, summed) and all experts run
     as one batched matmul on it, so the work is ``E * S`` rows instead of ``E * B`` (S is the largest such
     sum; experts used by fewer gates pad). A row sent to one expert by two gates is computed twice. Without

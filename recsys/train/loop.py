@@ -24,7 +24,7 @@ Read top to bottom: :func:`run_training` (the driver) builds a Ray Train ``Torch
 5. at the end gathers the sharded tables into one unsharded model on rank 0, which saves it as a model
    package, logs it to MLflow and registers it.
 
-MLflow is only called by rank 0, through :mod:`recsys.tracking`.
+MLflow is only called by rank 0, through :mod:`recsys.tracking.core`.
 
 Lockstep: every forward pass of a sharded model exchanges embeddings between all workers, so every worker
 must run the same number of steps. Training steps go on while every worker still has a full batch; an
@@ -50,11 +50,11 @@ import pyarrow as pa
 import torch
 import torch.distributed as dist
 
-from recsys.data import FeatureLayout, batch_from_arrow
+from recsys.data.batch import FeatureLayout, batch_from_arrow
 from recsys.losses import RankingTrain
 from recsys.model import RankingModel, build_model
 from recsys.runtime import embedded_ray_env, model_process_env
-from recsys.train_config import TrainConfig
+from recsys.train.config import TrainConfig
 
 if TYPE_CHECKING:  # polars, which features.spec needs, is not needed to shard or step the model
     from features.spec import FeatureSpec
@@ -572,7 +572,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     tracker = None
     if rank == 0:
-        from recsys.tracking_session import RankZeroSession
+        from recsys.train.session import RankZeroSession
 
         tracker = RankZeroSession(loop_config, config, spec, sharded)
 
@@ -763,7 +763,7 @@ def run_training(
         require_tracking: fail if MLflow is unreachable (else training goes on without it, said once).
         resume: continue the latest run under ``run.storage_path`` (or ``run.name``) from its last checkpoint.
         callbacks: Ray Train callbacks of the run (e.g. Ray Tune's ``TuneReportCallback``, which passes each
-            epoch's report on to a Tune trial; see :mod:`recsys.tune`).
+            epoch's report on to a Tune trial; see :mod:`recsys.experiments.search`).
         start_from: a checkpoint folder of an earlier run (``<run>/checkpoint_*``, written with the same
             number of workers): a new run starts from its weights, optimizer state and place in the data
             (epoch, and batch within the epoch).
@@ -776,10 +776,10 @@ def run_training(
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from recsys.tracking import default_tracking_uri
+    from recsys.tracking.core import default_tracking_uri
 
     if require_tracking:
-        from recsys.tracking import Tracker
+        from recsys.tracking.core import Tracker
 
         # Fail here, in seconds, rather than in a worker that Ray Train would restart max_failures times.
         Tracker(tracking_uri or default_tracking_uri(), config.run.experiment, require=True)
@@ -832,7 +832,7 @@ def run_training(
             embedded_ray_env()  # workers at the normal priority, not nice 15
         # The dashboard (on 127.0.0.1 only) serves the State API, which Ray Train's PlacementGroupCleaner
         # polls; without it the cleaner logged "Failed to query Ray Train Controller actor state" every
-        # few seconds of every run (it also frees the CPUs of runs stopped early: see recsys.tune).
+        # few seconds of every run (it also frees the CPUs of runs stopped early: see recsys.experiments.search).
         ray.init(address=address, num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1")
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False  # one bar per batch floods the logs

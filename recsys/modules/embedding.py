@@ -2,7 +2,7 @@
 
 Example:
     >>> from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
-    >>> from recsys.data import FeatureLayout, SparseFeature
+    >>> from recsys.data.batch import FeatureLayout, SparseFeature
     >>> layout = FeatureLayout(sparse=(SparseFeature("item", 10),
     ...                                SparseFeature("hist", 10, multi_hot=True, table="item")))
     >>> arch = SparseArch(embedding_bag_collection(layout, dim=4, pooling="mean"), layout.keys)
@@ -20,7 +20,7 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from recsys.data import FeatureLayout
+from recsys.data.batch import FeatureLayout
 
 _POOLING = {"sum": PoolingType.SUM, "mean": PoolingType.MEAN}
 

@@ -24,7 +24,7 @@ from recsys.config import builtin_config as model_config_path
 EMBEDDING_OPTIMIZERS = ("rowwise_adagrad", "adam", "sgd")
 SHARDING_TYPES = ("table_wise", "column_wise", "table_column_wise", "row_wise", "auto")
 INGEST_MODES = ("parquet", "ray_data")
-CONFIG_DIR = Path(__file__).parent / "configs"
+CONFIG_DIR = Path(__file__).parents[1] / "configs"  # recsys/configs: model and training configs
 
 
 def _positive_int(where: str, name: str, value: Any, minimum: int = 1) -> None:

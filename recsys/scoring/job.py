@@ -7,7 +7,7 @@
    nothing is written. Scoring relaxes one rule: ``user_id`` and ``item_id`` may be null (a logged-out
    user, an item missing from the catalogue); such rows are scored through the out-of-vocabulary ids,
    as unseen ids are, and never dropped.
-2. **Resolve the model once** (:func:`recsys.tracking.resolve_model`): ``models:/NAME@champion`` becomes
+2. **Resolve the model once** (:func:`recsys.tracking.core.resolve_model`): ``models:/NAME@champion`` becomes
    ``models:/NAME/3`` at the start, and version 3 is what every partition uses, what the manifest, the
    ``model_version`` column and the MLflow run record, even if the alias moves during the run.
 3. **Plan partitions**: each input file is cut into contiguous row ranges of at most
@@ -115,7 +115,7 @@ class ScoreConfig:
         threads_per_actor: torch and polars threads of each actor.
         rows_per_partition: most rows per partition (one output file each).
         tracking_uri: the MLflow store of the registry and of the scoring run's log (default
-            :func:`recsys.tracking.default_tracking_uri`).
+            :func:`recsys.tracking.core.default_tracking_uri`).
         address: a Ray cluster to run on (default ``RAY_ADDRESS``, else an embedded local Ray).
         overwrite: rescore everything, even when a manifest of another run is there.
         max_partitions: stop after this many partitions are written (an interrupted run; for tests).
@@ -706,7 +706,7 @@ def init_ray(address: str | None = None, actors: int = 2) -> bool:
         ray.init(address=address, include_dashboard=False)
         return True
     # Headroom: the stages' actors take one CPU each, and Ray Data's own tasks need a free CPU besides,
-    # or they wait forever on a 2-core machine (as in recsys.train).
+    # or they wait forever on a 2-core machine (as in recsys.train.loop).
     ray.init(
         num_cpus=max(os.cpu_count() or 1, actors) + 2,
         include_dashboard=False,
@@ -737,7 +737,7 @@ class _Model:
 
 
 def _resolve(config: ScoreConfig, tracker: Any, workdir: Path) -> _Model:
-    from recsys.tracking import download_package, resolve_model
+    from recsys.tracking.core import download_package, resolve_model
 
     if Path(config.model).is_dir():
         path = Path(config.model).resolve()
@@ -782,7 +782,7 @@ def run_scoring(config: ScoreConfig) -> ScoreResult:
             ``overwrite``).
         TrackingError: the model cannot be resolved (its store is unreachable).
     """
-    from recsys.tracking import Tracker
+    from recsys.tracking.core import Tracker
 
     started = time.perf_counter()
     files = input_files(config.input)
@@ -1191,7 +1191,7 @@ class CandidateSet:
 
 
 def generate_candidates(out: str | Path, n_impressions: int, seed: int, **kwargs: Any) -> CandidateSet:
-    """Generates a candidate set with :func:`features.generate.generate`: labels dropped, kept as history.
+    """Generates a candidate set with :func:`synth.generate.generate`: labels dropped, kept as history.
 
     Writes ``OUT/impressions.parquet`` (no labels), ``OUT/users.parquet``, ``OUT/items.parquet`` and
     ``OUT/history.parquet`` (the labelled impressions: a row's history is the clicks before its ``ts``).
@@ -1200,9 +1200,9 @@ def generate_candidates(out: str | Path, n_impressions: int, seed: int, **kwargs
         out: the folder.
         n_impressions: candidate rows.
         seed: the generator's seed.
-        **kwargs: passed to :func:`features.generate.generate` (``chunk_rows``, ``progress``, ...).
+        **kwargs: passed to :func:`synth.generate.generate` (``chunk_rows``, ``progress``, ...).
     """
-    from features.generate import generate
+    from synth.generate import generate
 
     out = Path(out)
     world = out / ".world"

@@ -1,11 +1,11 @@
 """Hyperparameter search with Ray Tune: ASHA early stopping over full training runs, tracked in MLflow.
 
-A :class:`SearchSpec` (YAML, e.g. ``experiments/search_mmoe.yaml``) maps dotted paths of a train config
+A :class:`SearchSpec` (YAML, e.g. ``recsys/experiments/specs/search_mmoe.yaml``) maps dotted paths of a train config
 (``training.dense_lr``, ``model.arch.num_experts``, ...) to distributions. :func:`run_search`
 
 1. opens an MLflow parent run for the search;
 2. runs ``num_samples`` Tune trials. Each trial is a function trainable that calls
-   :func:`recsys.train.run_training` (the same code path as ``python -m pipelines.train``) with Ray Tune's
+   :func:`recsys.train.loop.run_training` (the same code path as ``python -m pipelines.train``) with Ray Tune's
    ``TuneReportCallback``: every epoch's Ray Train report (``valid_main_metric``, this epoch's main
    validation metric) reaches Tune, and the ASHA scheduler stops the trials that fall behind at each rung;
 3. every trial is its own MLflow child run (tag ``mlflow.parentRunId``); a trial that ASHA stopped never
@@ -34,11 +34,11 @@ import yaml
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from features.config import invalid
-from recsys.experiment import atomic_write
+from recsys.experiments.runner import atomic_write
 from recsys.runtime import embedded_ray_env
 
 DISTRIBUTIONS = ("loguniform", "uniform", "choice", "randint")
-METRIC = "valid_main_metric"  # what recsys.train reports to Ray Train at the end of every epoch
+METRIC = "valid_main_metric"  # what recsys.train.loop reports to Ray Train at the end of every epoch
 
 
 @dataclass(frozen=True)
@@ -218,8 +218,8 @@ def _trial(
     """One Tune trial: a full training run whose epoch reports reach Tune (see the module docstring)."""
     import ray.tune
 
-    from recsys.train import run_training
-    from recsys.train_config import TrainConfig
+    from recsys.train.config import TrainConfig
+    from recsys.train.loop import run_training
 
     trial_id = ray.tune.get_context().get_trial_id()
     config = TrainConfig.from_dict(apply_params(base, params)).replace(
@@ -277,7 +277,7 @@ def _init_ray(config: Any, search: SearchSpec) -> None:
     # Each running trial holds 1 CPU (the trial function) plus its Ray Train workers, and with
     # ``training.ingest: ray_data`` its Ray Data read tasks need 2 more logical CPUs; with 2 spare CPUs for
     # all trials together, a trial's reads waited past Ray Data's no-progress timeout on a loaded machine
-    # (see recsys.train.run_training). Logical CPUs only: the default ingest reads in the workers.
+    # (see recsys.train.loop.run_training). Logical CPUs only: the default ingest reads in the workers.
     per_trial = 1 + config.run.num_workers * config.run.cpus_per_worker + 2
     num_cpus = None if address else max(os.cpu_count() or 1, search.max_concurrent_trials * per_trial)
     if not address:
@@ -293,7 +293,7 @@ def _close_stopped_run(tracking_uri: str, experiment: str, run_dir: Path, failed
 
     ``KILLED`` and tagged ``tune.stopped_early`` when ASHA stopped it, ``FAILED`` when it failed.
     """
-    from recsys.tracking import Tracker
+    from recsys.tracking.core import Tracker
 
     state = run_dir / "tracking.json"
     if not state.exists():
@@ -317,7 +317,7 @@ def run_search(
     """Runs the search (see the module docstring).
 
     Args:
-        config: the base :class:`~recsys.train_config.TrainConfig` (its ``training.epochs`` is ASHA's
+        config: the base :class:`~recsys.train.config.TrainConfig` (its ``training.epochs`` is ASHA's
             ``max_t``, its ``main_metric`` the one compared).
         search: the search space and scheduler settings.
         out: the output folder: ``best.yaml``, ``trials.csv``, Ray Tune's and Ray Train's folders.
@@ -331,8 +331,8 @@ def run_search(
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search import BasicVariantGenerator
 
-    from recsys.tracking import Tracker
-    from recsys.train_config import TrainConfig
+    from recsys.tracking.core import Tracker
+    from recsys.train.config import TrainConfig
 
     started = time.perf_counter()
     if num_samples is not None:

@@ -1,4 +1,4 @@
-"""What rank 0 records of a training run, through :mod:`recsys.tracking` (the one MLflow module).
+"""What rank 0 records of a training run, through :mod:`recsys.tracking.core` (the one MLflow module).
 
 A :class:`RankZeroSession` opens (or, after a worker restart or ``--resume``, reopens) the MLflow run,
 logs the config, the feature spec and the sharding plan, train loss and throughput every N steps, the
@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from features.spec import FeatureSpec
-from recsys.train_config import TrainConfig
+from recsys.train.config import TrainConfig
 
 
 class RankZeroSession:
@@ -28,7 +28,7 @@ class RankZeroSession:
     def __init__(
         self, loop_config: dict[str, Any], config: TrainConfig, spec: FeatureSpec, sharded: Any
     ) -> None:
-        from recsys.tracking import Tracker
+        from recsys.tracking.core import Tracker
 
         self.config = config
         self.spec = spec
@@ -98,7 +98,7 @@ class RankZeroSession:
         """Test metrics, the report, the model package, its registration, and ``result.json``."""
         from recsys.package import save_package
         from recsys.report import calibration_figure, expert_load_figure, loss_figure
-        from recsys.tracking import log_model, register_model
+        from recsys.tracking.core import log_model, register_model
 
         step = int(meta["step"])
         self.tracker.log_metrics(_scalars(metrics), step=step)

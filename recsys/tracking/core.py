@@ -14,7 +14,7 @@ to 120 s for an answer. A tracker runs every call with the settings ``MLFLOW_HTT
 reads them at each request): no retry and a 5 s timeout for the probe, ``max_retries`` retries with 1-2-4 s
 backoff and ``timeout_s`` for the calls.
 
-Models are logged as MLflow "models from code" (:mod:`recsys.pyfunc_model`) with the package folder of
+Models are logged as MLflow "models from code" (:mod:`recsys.tracking.pyfunc`) with the package folder of
 :mod:`recsys.package` as an artifact: loading one runs that file and loads the weights with
 ``weights_only=True``, and unpickles nothing.
 
@@ -72,8 +72,8 @@ MAX_PARAM_LENGTH = 6000
 PROBE_TIMEOUT_S = 5
 CHAMPION, CHALLENGER = "champion", "challenger"
 METRIC_TAG_PREFIX = "validation."  # a model version's tag holding its validation metric
-PYFUNC_FILE = Path(__file__).with_name("pyfunc_model.py")
-PACKAGE_ARTIFACT = "package"  # the artifact key recsys.pyfunc_model loads the package from
+PYFUNC_FILE = Path(__file__).with_name("pyfunc.py")
+PACKAGE_ARTIFACT = "package"  # the artifact key recsys.tracking.pyfunc loads the package from
 
 
 class TrackingError(RuntimeError):
@@ -563,7 +563,7 @@ def log_model(
 ) -> str | None:
     """Logs a model package as an MLflow pyfunc model of the active run ("models from code").
 
-    The logged model holds ``recsys/pyfunc_model.py`` (run at load time), the package folder as the
+    The logged model holds ``recsys/tracking/pyfunc.py`` (run at load time), the package folder as the
     artifact ``package``, the ``recsys`` and ``features`` code, pinned requirements and the raw-column
     signature; ``mlflow.pyfunc.load_model(uri).predict(frame)`` gives :func:`recsys.package.predict_frame`'s
     scores as a pandas DataFrame.
@@ -876,6 +876,6 @@ def download_package(tracker: Tracker, model: ResolvedModel, dst: str | Path) ->
     if package is None or not package.is_dir():
         raise FileNotFoundError(
             f"model: {model.pinned_uri} has no {PACKAGE_ARTIFACT!r} artifact; log models with "
-            "recsys.tracking.log_model"
+            "recsys.tracking.core.log_model"
         )
     return package

@@ -29,7 +29,7 @@ import torch
 
 from features.config import FeatureConfig
 from recsys.config import ModelConfig
-from recsys.data import Batch, FeatureLayout, SparseFeature
+from recsys.data.batch import Batch, FeatureLayout, SparseFeature
 
 if TYPE_CHECKING:  # the model measurements run without polars (on a GPU machine that lacks it)
     import polars as pl
@@ -79,7 +79,7 @@ def model_ready_table(layout: FeatureLayout, rows: int, seed: int) -> pa.Table:
     """Random model-ready rows of ``layout``, as the feature pipeline writes them (numpy and Arrow only).
 
     Int64 id columns, a List(Int64) bag of 10 to 30 ids, Float32 numeric and label columns: the input of
-    :func:`recsys.data.batch_from_arrow`.
+    :func:`recsys.data.batch.batch_from_arrow`.
     """
     rng = np.random.default_rng(seed)
     columns: dict[str, pa.Array] = {}
@@ -247,8 +247,8 @@ def train_step_parts(model: torch.nn.Module, config: ModelConfig) -> tuple[torch
     Returns:
         ``(train, dense_optimizer, sparse_optimizer)``; ``train(batch)`` returns ``(loss, outputs)``.
     """
-    from recsys.embedding import enable_sparse_gradients
     from recsys.losses import RankingTrain
+    from recsys.modules.embedding import enable_sparse_gradients
 
     model.train()
     train = RankingTrain.from_config(model, config)
@@ -268,7 +268,7 @@ def sharded_training_step(
 ) -> Iterator[Callable[[], tuple[float, float, float]]]:
     """A training step of the benchmark model as a Ray Train worker runs it, in a plain loop in this process.
 
-    The model is built by :func:`recsys.train.shard_model` (TorchRec ``DistributedModelParallel`` over a
+    The model is built by :func:`recsys.train.loop.shard_model` (TorchRec ``DistributedModelParallel`` over a
     one-process group, gloo on CPU and NCCL on a GPU, tables trained by the fused row-wise Adagrad applied
     in backward, fused Adam on the dense parameters) and steps on one synthetic batch: no Ray, no data
     loading. The gap between its examples/s and end-to-end training is what Ray and data loading cost.
@@ -286,8 +286,8 @@ def sharded_training_step(
     """
     import torch.distributed as dist
 
-    from recsys.train import shard_model
-    from recsys.train_config import TrainConfig
+    from recsys.train.config import TrainConfig
+    from recsys.train.loop import shard_model
 
     device = device or torch.device("cpu")
     owned = not dist.is_initialized()
@@ -394,7 +394,7 @@ def _from_arrow(
     Serially (one thread, no overlap), and by a read-ahead thread that builds and pins the batches, which
     are then copied to the device without blocking.
     """
-    from recsys.data import batch_from_arrow
+    from recsys.data.batch import batch_from_arrow
 
     tables = [model_ready_table(layout, size, seed=i) for i in range(4)]
     turn = itertools.count()
@@ -413,7 +413,7 @@ def _from_arrow(
 
     def overlapped(steps: int) -> float:
         """Seconds per step, batches built (and pinned) on a read-ahead thread, copied without blocking."""
-        from recsys.train import read_ahead
+        from recsys.train.loop import read_ahead
 
         source = read_ahead((pinned(build()) for _ in range(steps + 1)), depth=4)
         step(next(source).to(device, non_blocking=True))  # the thread is running from here on

@@ -1,13 +1,13 @@
 """Experiments: grids of training runs (data sets x models x settings x seeds) that anyone reruns.
 
-An :class:`ExperimentSpec` (YAML, ``experiments/*.yaml``) names the data sets (generated, e.g. at several
+An :class:`ExperimentSpec` (YAML, ``recsys/experiments/specs/*.yaml``) names the data sets (generated, e.g. at several
 task correlations, or a flat table such as the census data), the model variants and the settings to cross
 them with, and the seeds. :func:`run_experiment`
 
 1. prepares every data set once (generate, build features), cached under ``OUT/data``;
 2. sizes the variants marked ``match_params`` so that their dense parameter count (everything but the
    embedding tables, which all variants share) is the closest to the reference variant's;
-3. opens one MLflow parent run and trains every cell and seed through :func:`recsys.train.run_training`
+3. opens one MLflow parent run and trains every cell and seed through :func:`recsys.train.loop.run_training`
    (the same code path as ``python -m pipelines.train``), each a child run (tag ``mlflow.parentRunId``);
 4. writes the results table (mean +- std over seeds; CSV and Markdown), the advantage of every variant over
    a baseline (paired by seed), a findings text and PNG plots into ``OUT``, and logs them to the parent run.
@@ -19,7 +19,7 @@ The second half of the module reads a training run back from MLflow (metric hist
 expert load per epoch) for notebooks and reports.
 
 Example:
-    >>> spec = ExperimentSpec.from_yaml("experiments/gating.yaml")  # doctest: +SKIP
+    >>> spec = ExperimentSpec.from_yaml("recsys/experiments/specs/gating.yaml")  # doctest: +SKIP
     >>> result = run_experiment(spec, Path("artifacts/experiments/gating"), quick=True)  # doctest: +SKIP
     >>> print(result.markdown)  # doctest: +SKIP
 """
@@ -48,7 +48,7 @@ import yaml
 
 from features.config import from_mapping, invalid
 
-SPEC_DIR = Path(__file__).resolve().parents[1] / "experiments"
+SPEC_DIR = Path(__file__).parent / "specs"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
@@ -71,7 +71,7 @@ def _mapping(where: str, name: str, value: Any) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class GeneratedData:
-    """Arguments of :func:`features.generate.generate` for a generated data set.
+    """Arguments of :func:`synth.generate.generate` for a generated data set.
 
     Attributes:
         impressions: rows to generate.
@@ -268,7 +268,7 @@ class ExperimentSpec:
                 raise ValueError(f"experiment.{key}: missing required field")
         base = data["base"]
         if isinstance(base, str):
-            from recsys.train_config import builtin_train_config
+            from recsys.train.config import builtin_train_config
 
             path = Path(base) if base.endswith((".yaml", ".yml")) else builtin_train_config(base)
             base = yaml.safe_load(path.read_text())
@@ -319,7 +319,7 @@ class ExperimentSpec:
 
 
 def shipped_spec(name: str) -> Path:
-    """Path of a shipped experiment spec (``experiments/<name>.yaml``)."""
+    """Path of a shipped experiment spec (``recsys/experiments/specs/<name>.yaml``)."""
     path = SPEC_DIR / f"{name}.yaml"
     if not path.exists():
         names = sorted(p.stem for p in SPEC_DIR.glob("*.yaml"))
@@ -385,8 +385,8 @@ def prepare_dataset(dataset: DatasetSpec, root: Path, max_rows: int = 0) -> Prep
         max_rows: a table data set keeps its first ``max_rows`` rows (0: all).
     """
     from features.config import FeatureConfig, builtin_config
-    from features.generate import generate
     from features.pipeline import Tables, build, load_tables, scan_table
+    from synth.generate import generate
 
     folder = root / dataset.name
     features_path = Path(dataset.features)
@@ -448,7 +448,7 @@ def count_parameters(model_config: Any, spec: Any) -> ParameterCount:
         model_config: a :class:`~recsys.config.ModelConfig`.
         spec: the data set's :class:`~features.spec.FeatureSpec`.
     """
-    from recsys.data import FeatureLayout
+    from recsys.data.batch import FeatureLayout
     from recsys.model import build_model
 
     layout = FeatureLayout.from_spec(spec, model_config.embedding)
@@ -559,7 +559,7 @@ def _run_configs(
 ) -> list[tuple[Cell, int, Any, ParameterCount]]:
     """Every run of the grid: its cell, seed, train config and parameter count."""
     from features.spec import FeatureSpec
-    from recsys.train_config import TrainConfig
+    from recsys.train.config import TrainConfig
 
     runs = []
     for dataset in spec.datasets:
@@ -1000,8 +1000,8 @@ def run_experiment(
         The records, summaries, report and files.
     """
     from recsys.report import plt
-    from recsys.tracking import Tracker
-    from recsys.train import run_training
+    from recsys.tracking.core import Tracker
+    from recsys.train.loop import run_training
 
     started = time.perf_counter()
     if quick:
@@ -1150,7 +1150,7 @@ def run_metric_history(
         run_id: the run.
         experiment: an experiment name for the tracker (the run may be in any experiment).
     """
-    from recsys.tracking import Tracker
+    from recsys.tracking.core import Tracker
 
     client = Tracker(tracking_uri, experiment).client
     run = client.get_run(run_id)
@@ -1206,7 +1206,7 @@ def run_test_predictions(
     import polars as pl
 
     from features.spec import FeatureSpec
-    from recsys.tracking import Tracker
+    from recsys.tracking.core import Tracker
 
     client = Tracker(tracking_uri, experiment).client
     with tempfile.TemporaryDirectory() as tmp:
@@ -1230,7 +1230,7 @@ def latest_run(tracking_uri: str, experiment: str, run_id: str = "") -> dict[str
     Raises:
         ValueError: the experiment has no finished training run.
     """
-    from recsys.tracking import Tracker
+    from recsys.tracking.core import Tracker
 
     tracker = Tracker(tracking_uri, experiment)
     client = tracker.client

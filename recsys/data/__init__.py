@@ -1,0 +1,1 @@
+"""From model-ready Parquet to model inputs: the feature layout, the batch builder, the shard reader."""

@@ -1,0 +1,1 @@
+"""Experiments: specs (package data under ``specs/``), data, the grid runner, statistics, reports, search."""
