@@ -54,9 +54,7 @@ def check_int(where: str, name: str, value: Any, minimum: int = 1) -> None:
 def check_number(
     where: str, name: str, value: Any, *, low: float = 0.0, low_open: bool = True, high: float | None = None
 ) -> None:
-    """Raises unless ``value`` is a finite number above ``low`` (at least ``low`` if not ``low_open``)
-    and at most ``high``.
-    """
+    """Raises unless ``value`` is a finite number > ``low`` (>= if not ``low_open``) and <= ``high``."""
     above = is_number(value) and (value > low if low_open else value >= low)
     if not above or (high is not None and value > high):
         bound = f"{'>' if low_open else '>='} {low:g}" + ("" if high is None else f" and <= {high:g}")

@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from features.contract import ContractError
     from recsys.scoring.job import run_scoring, top_of_request
-    from recsys.tracking.core import TrackingError
+    from recsys.tracking import TrackingError
 
     try:
         config = ScoreConfig(

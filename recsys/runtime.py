@@ -56,3 +56,53 @@ def embedded_ray_env() -> None:
     against 24.8k and 24.6k at nice 15 (alternating runs). Call it before ``ray.init``.
     """
     os.environ.setdefault("RAY_worker_niceness", "0")
+
+
+PURPOSES = ("training", "tuning", "scoring")
+
+
+def init_ray(purpose: str, *, num_cpus: int | None = None, object_store_memory: int | None = None) -> bool:
+    """Connects to the cluster ``RAY_ADDRESS`` names, or starts an embedded local one: the one bootstrap.
+
+    An embedded cluster listens on 127.0.0.1 only and runs its workers at the normal priority
+    (:func:`embedded_ray_env`). Training and tuning start its dashboard (on 127.0.0.1): it serves the State
+    API, which Ray Train's PlacementGroupCleaner polls; without it the cleaner logged "Failed to query Ray
+    Train Controller actor state" every few seconds, and the CPUs of trials ASHA stopped were never freed.
+    Scoring needs no dashboard. Worker output reaches this process, where :mod:`features.console` keeps the
+    run's story on screen and the rest in the log file.
+
+    Args:
+        purpose: ``training``, ``tuning`` or ``scoring``.
+        num_cpus: logical CPUs of an embedded cluster (default: this machine's); ignored for a cluster.
+        object_store_memory: bytes of an embedded cluster's object store (default: Ray's).
+
+    Returns:
+        True if this call started or connected Ray (the caller shuts it down), False if it was running.
+    """
+    import logging
+
+    import ray
+
+    from features import console
+
+    if purpose not in PURPOSES:
+        raise ValueError(f"init_ray: purpose: expected one of {list(PURPOSES)}, got {purpose!r}")
+    if ray.is_initialized():
+        return False
+    address = os.environ.get("RAY_ADDRESS")
+    dashboard = {"include_dashboard": purpose != "scoring"}
+    if purpose != "scoring":
+        dashboard["dashboard_host"] = "127.0.0.1"
+    if address:
+        ray.init(address=address, logging_level=logging.WARNING, **dashboard)
+    else:
+        embedded_ray_env()
+        ray.init(
+            num_cpus=num_cpus,
+            object_store_memory=object_store_memory,
+            _node_ip_address="127.0.0.1",  # local only: nothing listens on other interfaces
+            logging_level=logging.WARNING,
+            **dashboard,
+        )
+    console.route_ray_output()
+    return True

@@ -24,7 +24,7 @@ from recsys.scoring.job import (
     read_partition,
     run_scoring,
 )
-from recsys.tracking.core import CHAMPION, Tracker, log_model, register_model
+from recsys.tracking import CHAMPION, Tracker, log_model, register_model
 from synth.generate import generate
 from tests.test_package import TINY_MODEL, in_memory_package, joined
 

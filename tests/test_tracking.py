@@ -21,7 +21,7 @@ from mlflow import MlflowClient
 from features.config import FeatureConfig, builtin_config
 from features.pipeline import Tables, build
 from recsys.package import predict_frame, save_package
-from recsys.tracking.core import (
+from recsys.tracking import (
     CHALLENGER,
     CHAMPION,
     Tracker,

@@ -12,7 +12,7 @@ import pytest
 
 from features.config import FeatureConfig, builtin_config
 from features.pipeline import build, load_tables
-from recsys.tracking.core import TrackingError
+from recsys.tracking import TrackingError
 from recsys.train.config import TrainConfig
 from recsys.train.loop import run_training
 from synth.generate import generate

@@ -1000,7 +1000,7 @@ def run_experiment(
         The records, summaries, report and files.
     """
     from recsys.report import plt
-    from recsys.tracking.core import Tracker
+    from recsys.tracking import Tracker
     from recsys.train.loop import run_training
 
     started = time.perf_counter()
@@ -1150,7 +1150,7 @@ def run_metric_history(
         run_id: the run.
         experiment: an experiment name for the tracker (the run may be in any experiment).
     """
-    from recsys.tracking.core import Tracker
+    from recsys.tracking import Tracker
 
     client = Tracker(tracking_uri, experiment).client
     run = client.get_run(run_id)
@@ -1206,7 +1206,7 @@ def run_test_predictions(
     import polars as pl
 
     from features.spec import FeatureSpec
-    from recsys.tracking.core import Tracker
+    from recsys.tracking import Tracker
 
     client = Tracker(tracking_uri, experiment).client
     with tempfile.TemporaryDirectory() as tmp:
@@ -1230,7 +1230,7 @@ def latest_run(tracking_uri: str, experiment: str, run_id: str = "") -> dict[str
     Raises:
         ValueError: the experiment has no finished training run.
     """
-    from recsys.tracking.core import Tracker
+    from recsys.tracking import Tracker
 
     tracker = Tracker(tracking_uri, experiment)
     client = tracker.client

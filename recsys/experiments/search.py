@@ -293,7 +293,7 @@ def _close_stopped_run(tracking_uri: str, experiment: str, run_dir: Path, failed
 
     ``KILLED`` and tagged ``tune.stopped_early`` when ASHA stopped it, ``FAILED`` when it failed.
     """
-    from recsys.tracking.core import Tracker
+    from recsys.tracking import Tracker
 
     state = run_dir / "tracking.json"
     if not state.exists():
@@ -331,7 +331,7 @@ def run_search(
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search import BasicVariantGenerator
 
-    from recsys.tracking.core import Tracker
+    from recsys.tracking import Tracker
     from recsys.train.config import TrainConfig
 
     started = time.perf_counter()

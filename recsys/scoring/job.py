@@ -737,7 +737,7 @@ class _Model:
 
 
 def _resolve(config: ScoreConfig, tracker: Any, workdir: Path) -> _Model:
-    from recsys.tracking.core import download_package, resolve_model
+    from recsys.tracking import download_package, resolve_model
 
     if Path(config.model).is_dir():
         path = Path(config.model).resolve()
@@ -782,7 +782,7 @@ def run_scoring(config: ScoreConfig) -> ScoreResult:
             ``overwrite``).
         TrackingError: the model cannot be resolved (its store is unreachable).
     """
-    from recsys.tracking.core import Tracker
+    from recsys.tracking import Tracker
 
     started = time.perf_counter()
     files = input_files(config.input)

@@ -776,10 +776,10 @@ def run_training(
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from recsys.tracking.core import default_tracking_uri
+    from recsys.tracking import default_tracking_uri
 
     if require_tracking:
-        from recsys.tracking.core import Tracker
+        from recsys.tracking import Tracker
 
         # Fail here, in seconds, rather than in a worker that Ray Train would restart max_failures times.
         Tracker(tracking_uri or default_tracking_uri(), config.run.experiment, require=True)

@@ -28,7 +28,7 @@ class RankZeroSession:
     def __init__(
         self, loop_config: dict[str, Any], config: TrainConfig, spec: FeatureSpec, sharded: Any
     ) -> None:
-        from recsys.tracking.core import Tracker
+        from recsys.tracking import Tracker
 
         self.config = config
         self.spec = spec
@@ -98,7 +98,7 @@ class RankZeroSession:
         """Test metrics, the report, the model package, its registration, and ``result.json``."""
         from recsys.package import save_package
         from recsys.report import calibration_figure, expert_load_figure, loss_figure
-        from recsys.tracking.core import log_model, register_model
+        from recsys.tracking import log_model, register_model
 
         step = int(meta["step"])
         self.tracker.log_metrics(_scalars(metrics), step=step)

@@ -1,0 +1,140 @@
+"""A quiet console: the run's story on screen, library chatter in the run's log file.
+
+A command line wraps its work in :func:`session`. Inside it, file descriptors 1 and 2 point at the log file,
+so everything written to them (FBGEMM's C++ messages, TBE settings, the planner's tables, warnings, Ray's
+own output and what its workers print) lands there. The story reaches the screen through :func:`story`
+and :func:`progress` only. Errors still reach the screen in full: the session restores the screen before an
+exception leaves it, and the traceback goes into the log as well.
+
+Ray workers and actors cannot write to the screen of the command that started them: their ``story`` lines
+carry a mark (an invisible separator), and :func:`route_ray_output` (called by ``recsys.runtime.init_ray``)
+replaces Ray's printer of worker output in the driver by one that puts marked lines on the screen and the
+rest in the log. Without a session (tests, notebooks, ``--verbose``) everything prints as it always did.
+
+Example:
+    >>> with session("run.log", verbose=True):  # doctest: +SKIP
+    ...     story("epoch 1: valid/click_auc 0.7123")
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import traceback
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import IO, Any
+
+MARK = "\u2063"  # INVISIBLE SEPARATOR: starts a story line printed by a Ray worker or actor
+
+
+class _Session:
+    def __init__(self, log: IO[str], terminal: IO[str]) -> None:
+        self.log = log
+        self.terminal = terminal
+
+    def story(self, message: str) -> None:
+        for stream in (self.terminal, self.log):
+            stream.write(message + "\n")
+            stream.flush()
+
+
+_session: _Session | None = None
+
+
+def story(message: str) -> None:
+    """Prints one line of the run's story (on screen and into the log)."""
+    if _session is not None:
+        _session.story(message)
+    else:
+        print(MARK + message, flush=True)
+
+
+def terminal() -> IO[str]:
+    """The stream progress bars write to: the screen inside a session, else ``sys.stderr``."""
+    return _session.terminal if _session is not None else sys.stderr
+
+
+def progress(iterable: Iterable[Any] | None = None, **kwargs: Any) -> Any:
+    """A tqdm progress bar on the screen (see :func:`terminal`); keyword arguments go to tqdm."""
+    from tqdm.auto import tqdm
+
+    kwargs.setdefault("file", terminal())
+    kwargs.setdefault("dynamic_ncols", True)
+    return tqdm(iterable, **kwargs)
+
+
+@contextlib.contextmanager
+def session(log_file: str | Path, *, verbose: bool = False) -> Iterator[Path]:
+    """Sends file descriptors 1 and 2 to ``log_file`` (appended) for the block; yields its path.
+
+    With ``verbose`` nothing is redirected: the story and the chatter are both on screen.
+    """
+    global _session
+    path = Path(log_file).resolve()
+    if verbose or _session is not None:
+        yield path
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    terminal_stream = os.fdopen(os.dup(2), "w", buffering=1)
+    log = open(path, "a", buffering=1)  # noqa: SIM115 - closed below, after the descriptors are restored
+    os.dup2(log.fileno(), 1)
+    os.dup2(log.fileno(), 2)
+    _session = _Session(log, terminal_stream)
+    try:
+        yield path
+    except BaseException:
+        log.write(traceback.format_exc())
+        raise
+    finally:
+        _session = None
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        for fd in saved:
+            os.close(fd)
+        terminal_stream.close()
+        log.close()
+
+
+def route_ray_output() -> None:
+    """In a session, routes what Ray workers print: marked story lines to the screen, the rest to the log.
+
+    Replaces the handler ``ray.init`` registers with Ray's driver-side dispatcher of worker output (Ray's
+    own printer still formats the chatter, with its ``(pid=...)`` prefixes, into the log). Progress bars
+    of ``ray.experimental.tqdm_ray`` are drawn on the screen.
+    """
+    if _session is None:
+        return
+    from ray._private import worker as ray_worker
+
+    dispatcher = ray_worker.global_worker_stdstream_dispatcher
+    dispatcher.remove_handler("ray_print_logs")
+    dispatcher.add_handler("ray_print_logs", _print_ray_lines)
+
+
+def _print_ray_lines(data: dict[str, Any]) -> None:
+    from ray._private import worker as ray_worker
+    from ray.experimental.tqdm_ray import RAY_TQDM_MAGIC
+
+    session_ = _session
+    lines = data.get("lines", [])
+    if session_ is None:
+        ray_worker.print_worker_logs(data, sys.stderr if data.get("is_err") else sys.stdout)
+        return
+    rest = []
+    for line in lines:
+        if line.startswith(MARK):
+            session_.story(line[len(MARK) :])
+        elif RAY_TQDM_MAGIC in line:
+            with contextlib.redirect_stderr(session_.terminal):
+                ray_worker.process_tqdm(line)
+        else:
+            rest.append(line)
+    if rest:
+        ray_worker.print_worker_logs({**data, "lines": rest}, session_.log)
