@@ -30,12 +30,13 @@ MARK = "\u2063"  # INVISIBLE SEPARATOR: starts a story line printed by a Ray wor
 
 
 class _Session:
-    def __init__(self, log: IO[str], terminal: IO[str]) -> None:
+    def __init__(self, log: IO[str], out: IO[str], err: IO[str]) -> None:
         self.log = log
-        self.terminal = terminal
+        self.out = out  # the screen's standard output: the story
+        self.err = err  # the screen's standard error: progress bars and errors
 
-    def story(self, message: str) -> None:
-        for stream in (self.terminal, self.log):
+    def story(self, message: str, *, error: bool = False) -> None:
+        for stream in (self.err if error else self.out, self.log):
             stream.write(message + "\n")
             stream.flush()
 
@@ -48,12 +49,30 @@ def story(message: str) -> None:
     if _session is not None:
         _session.story(message)
     else:
-        print(MARK + message, flush=True)
+        print((MARK if _in_ray_worker() else "") + message, flush=True)
+
+
+def _in_ray_worker() -> bool:
+    """True in a process that Ray started for a task or an actor (its output is forwarded, not shown)."""
+    ray = sys.modules.get("ray")
+    if ray is None or not ray.is_initialized():
+        return False
+    from ray._private import worker as ray_worker
+
+    return ray_worker.global_worker.mode == ray_worker.WORKER_MODE
+
+
+def error(message: str) -> None:
+    """Prints an error line on the screen's standard error (and into the log)."""
+    if _session is not None:
+        _session.story(message, error=True)
+    else:
+        print(message, file=sys.stderr, flush=True)
 
 
 def terminal() -> IO[str]:
     """The stream progress bars write to: the screen inside a session, else ``sys.stderr``."""
-    return _session.terminal if _session is not None else sys.stderr
+    return _session.err if _session is not None else sys.stderr
 
 
 def progress(iterable: Iterable[Any] | None = None, **kwargs: Any) -> Any:
@@ -65,11 +84,27 @@ def progress(iterable: Iterable[Any] | None = None, **kwargs: Any) -> Any:
     return tqdm(iterable, **kwargs)
 
 
+def _screen(stream: IO[str], fd: int) -> tuple[IO[str], bool]:
+    """The screen behind ``stream``: a new stream on a copy of ``fd`` if ``stream`` writes to ``fd``.
+
+    A stream that writes elsewhere (pytest's ``capsys``, a notebook) stays the screen. The second value
+    says whether a new stream was opened (and is to be closed).
+    """
+    try:
+        if stream.fileno() == fd:
+            return os.fdopen(os.dup(fd), "w", buffering=1), True
+    except (AttributeError, OSError, ValueError):
+        pass
+    return stream, False
+
+
 @contextlib.contextmanager
 def session(log_file: str | Path, *, verbose: bool = False) -> Iterator[Path]:
-    """Sends file descriptors 1 and 2 to ``log_file`` (appended) for the block; yields its path.
+    """Sends everything written to standard output and error to ``log_file`` (appended) for the block.
 
-    With ``verbose`` nothing is redirected: the story and the chatter are both on screen.
+    Both the file descriptors 1 and 2 (so what C++ libraries and child processes write) and Python's
+    ``sys.stdout`` and ``sys.stderr`` go to the log; :func:`story`, :func:`error` and :func:`progress`
+    reach the screen. With ``verbose`` nothing is redirected. Yields the log's path.
     """
     global _session
     path = Path(log_file).resolve()
@@ -79,12 +114,13 @@ def session(log_file: str | Path, *, verbose: bool = False) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     sys.stdout.flush()
     sys.stderr.flush()
-    saved = os.dup(1), os.dup(2)
-    terminal_stream = os.fdopen(os.dup(2), "w", buffering=1)
-    log = open(path, "a", buffering=1)  # noqa: SIM115 - closed below, after the descriptors are restored
+    (out, own_out), (err, own_err) = _screen(sys.stdout, 1), _screen(sys.stderr, 2)
+    saved_fds, saved_streams = (os.dup(1), os.dup(2)), (sys.stdout, sys.stderr)
+    log = open(path, "a", buffering=1)  # noqa: SIM115 - closed below, after the screen is back
     os.dup2(log.fileno(), 1)
     os.dup2(log.fileno(), 2)
-    _session = _Session(log, terminal_stream)
+    sys.stdout = sys.stderr = log
+    _session = _Session(log, out, err)
     try:
         yield path
     except BaseException:
@@ -92,13 +128,15 @@ def session(log_file: str | Path, *, verbose: bool = False) -> Iterator[Path]:
         raise
     finally:
         _session = None
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os.dup2(saved[0], 1)
-        os.dup2(saved[1], 2)
-        for fd in saved:
+        log.flush()
+        sys.stdout, sys.stderr = saved_streams
+        os.dup2(saved_fds[0], 1)
+        os.dup2(saved_fds[1], 2)
+        for fd in saved_fds:
             os.close(fd)
-        terminal_stream.close()
+        for stream, own in ((out, own_out), (err, own_err)):
+            if own:
+                stream.close()
         log.close()
 
 
@@ -132,7 +170,7 @@ def _print_ray_lines(data: dict[str, Any]) -> None:
         if line.startswith(MARK):
             session_.story(line[len(MARK) :])
         elif RAY_TQDM_MAGIC in line:
-            with contextlib.redirect_stderr(session_.terminal):
+            with contextlib.redirect_stderr(session_.err):
                 ray_worker.process_tqdm(line)
         else:
             rest.append(line)

@@ -7,7 +7,7 @@ the fitted spec), trains the demo model (``recsys/configs/train_demo.yaml``) wit
 embedded local Ray, tracked in a local MLflow store (``OUT/mlflow.db``), registers it, scores a fresh
 generated candidate set (``OUT/candidates``) with the champion into ``OUT/scores``, and prints the MLflow
 run, the registered model version, the test metrics, the scoring row counts and the top items of one
-request.
+request. Library output goes to ``OUT/demo.log`` (``--verbose``: on screen too).
 """
 
 from __future__ import annotations
@@ -17,8 +17,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from features import console
 from features.config import FeatureConfig, builtin_config
 from features.pipeline import build, load_tables
+from pipelines.cli import add_console_flags, quiet_console
 from recsys.scoring.job import ScoreConfig, generate_candidates, run_scoring, top_of_request
 from recsys.train.config import TrainConfig, builtin_train_config
 from recsys.train.loop import run_training
@@ -32,13 +34,13 @@ def run_demo(
     out = out.resolve()
     raw, feats = out / "raw", out / "features"
     gen = generate(raw, impressions, seed)
-    print(
+    console.story(
         f"generated {impressions:,} impressions into {raw} "
         f"(click rate {gen.click_rate:.3f}, purchase rate {gen.purchase_rate:.4f})"
     )
     config = FeatureConfig.from_yaml(builtin_config("ecommerce"))
     spec, result = build(config, load_tables(raw), feats, overwrite=True)
-    print(f"features: {result.rows} rows in {result.seconds:.1f} s, spec {spec.content_hash[:12]}")
+    console.story(f"features: {result.rows} rows in {result.seconds:.1f} s, spec {spec.content_hash[:12]}")
     train = TrainConfig.from_yaml(builtin_train_config("train_demo")).replace(
         features=str(feats),
         truth=str(raw / "truth.parquet"),
@@ -85,28 +87,36 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=7, help="generator seed")
     parser.add_argument("--num-workers", type=int, default=2, help="Ray Train workers")
     parser.add_argument("--candidates", type=int, default=50_000, help="candidate rows to score")
+    add_console_flags(parser, "OUT/demo.log")
     args = parser.parse_args(argv)
-    made = run_demo(Path(args.out), args.impressions, args.seed, args.num_workers, args.candidates)
+    with quiet_console(args, Path(args.out) / "demo.log"):
+        made = run_demo(Path(args.out), args.impressions, args.seed, args.num_workers, args.candidates)
+        _print_summary(made)
+    return 0
+
+
+def _print_summary(made: dict[str, Any]) -> None:
     summary, scored = made.pop("summary"), made.pop("scored")
-    print("\ndone.")
+    say = console.story
+    say("done.")
     for name, value in made.items():
-        print(f"  {name:12s} {value}")
+        say(f"  {name:12s} {value}")
     run_id, uri = summary.get("mlflow_run_id"), made["tracking_uri"]
-    print(f"  {'mlflow run':12s} {run_id}  (see it: mlflow ui --backend-store-uri {uri})")
-    print(
+    say(f"  {'mlflow run':12s} {run_id}  (see it: mlflow ui --backend-store-uri {uri})")
+    say(
         f"  {'registered':12s} {summary.get('registered_model')} version {summary.get('version')} "
         f"(alias {summary.get('alias')})"
     )
-    print("  test metrics:")
+    say("  test metrics:")
     for name, value in sorted(summary.get("test", {}).items()):
-        print(f"    {name:28s} {value:.4f}")
-    print(
+        if "/load/" not in name:
+            say(f"    {name:28s} {value:.4f}")
+    say(
         f"  scoring: {scored.rows_in:,} candidate rows in, {scored.rows_out:,} out with {scored.pinned_uri} "
         f"into {scored.output}"
     )
-    print("  top items of one request:")
-    print(top_of_request(scored.output, k=5))
-    return 0
+    say("  top items of one request:")
+    say(str(top_of_request(scored.output, k=5)))
 
 
 if __name__ == "__main__":

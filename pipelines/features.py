@@ -17,15 +17,17 @@ import argparse
 import sys
 from pathlib import Path
 
-from features.config import FeatureConfig, builtin_config
+from features import console
+from features.checks import config_path
+from features.config import CONFIG_DIR, FeatureConfig
 from features.contract import ContractError
 from features.pipeline import Tables, build, fit_spec, load_tables, scan_table, transform
 from features.spec import FeatureSpec
+from pipelines.cli import add_console_flags, fail, quiet_console
 
 
 def _config(value: str) -> FeatureConfig:
-    path = Path(value)
-    return FeatureConfig.from_yaml(path if path.suffix in (".yaml", ".yml") else builtin_config(value))
+    return FeatureConfig.from_yaml(config_path(value, CONFIG_DIR, "feature config"))
 
 
 def _tables(args: argparse.Namespace, source: str) -> Tables:
@@ -77,43 +79,49 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
     for p in sub.choices.values():
         p.add_argument("--no-progress", action="store_true", help="no progress bar")
+        add_console_flags(p, "beside the output: OUT.log, or SPEC.log for fit")
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Runs one subcommand; bad input exits with status 2 and a one-line reason."""
     args = parse_args(argv)
-    try:
-        if args.command == "fit":
-            config = _config(args.config)
-            spec = fit_spec(config, _tables(args, config.source))
-            path = spec.save(args.spec)
-            print(f"spec: {path} (content hash {spec.content_hash[:12]})")
-            return 0
-        if args.command == "transform":
-            spec = FeatureSpec.load(args.spec)
-            result = transform(
-                spec,
-                _tables(args, spec.feature_config.source),
-                args.out,
-                split=False if args.no_split else None,
-                overwrite=args.overwrite,
-                progress=not args.no_progress,
-            )
-        else:
-            config = _config(args.config)
-            spec, result = build(
-                config,
-                _tables(args, config.source),
-                args.out,
-                overwrite=args.overwrite,
-                progress=not args.no_progress,
-            )
-    except (ContractError, ValueError, FileNotFoundError, FileExistsError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    target = Path(args.spec if args.command == "fit" else args.out)
+    with quiet_console(args, target.parent / f"{target.name}.log"):
+        try:
+            return _run(args)
+        except (ContractError, ValueError, FileNotFoundError, FileExistsError) as exc:
+            return fail(exc)
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.command == "fit":
+        config = _config(args.config)
+        spec = fit_spec(config, _tables(args, config.source))
+        path = spec.save(args.spec)
+        console.story(f"spec: {path} (content hash {spec.content_hash[:12]})")
+        return 0
+    if args.command == "transform":
+        spec = FeatureSpec.load(args.spec)
+        result = transform(
+            spec,
+            _tables(args, spec.feature_config.source),
+            args.out,
+            split=False if args.no_split else None,
+            overwrite=args.overwrite,
+            progress=not args.no_progress,
+        )
+    else:
+        config = _config(args.config)
+        spec, result = build(
+            config,
+            _tables(args, config.source),
+            args.out,
+            overwrite=args.overwrite,
+            progress=not args.no_progress,
+        )
     total = sum(result.rows.values())
-    print(
+    console.story(
         f"features: {result.out_dir} ({total:,} rows in {result.seconds:.1f} s; "
         + ", ".join(f"{k}={v:,}" for k, v in result.rows.items())
         + ")"

@@ -14,17 +14,22 @@ Examples::
     ray job submit --address http://127.0.0.1:8265 --working-dir . -- \
         python -m pipelines.train --config recsys/configs/train_demo.yaml
 
-The config is YAML (recsys/train_config.py) or a shipped name (train_demo, train_census).
+The config is YAML (recsys/train/config.py) or a shipped name (train_demo, train_census). Library output
+goes to a log file beside the run's checkpoints (``--verbose``: on screen too).
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import json
 import sys
 from pathlib import Path
 
-from recsys.train.config import TrainConfig, builtin_train_config
+from features import console
+from features.checks import config_path
+from pipelines.cli import add_console_flags, fail, quiet_console
+from recsys.train.config import CONFIG_DIR, TrainConfig
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -52,15 +57,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--epochs", type=int, help="override training.epochs")
     parser.add_argument("--features", help="override the features folder")
+    add_console_flags(parser, "<run.storage_path>/train-<time>.log")
     return parser.parse_args(argv)
 
 
 def load_config(args: argparse.Namespace) -> TrainConfig:
     """The config file with the command line's overrides."""
-    path = Path(args.config)
-    config = TrainConfig.from_yaml(
-        path if path.suffix in (".yaml", ".yml") else builtin_train_config(args.config)
-    )
+    config = TrainConfig.from_yaml(config_path(args.config, CONFIG_DIR, "train config"))
     run, training, top = {}, {}, {}
     if args.num_workers is not None:
         run["num_workers"] = args.num_workers
@@ -76,22 +79,26 @@ def load_config(args: argparse.Namespace) -> TrainConfig:
 def main(argv: list[str] | None = None) -> int:
     """Trains; bad input exits with status 2 and a one-line reason."""
     args = parse_args(argv)
-    from recsys.train.loop import run_training
-
     try:
         config = load_config(args)
-        result = run_training(
-            config,
-            tracking_uri=args.tracking_uri,
-            require_tracking=args.require_tracking,
-            resume=args.resume,
-            start_from=args.from_checkpoint,
-        )
     except (ValueError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(f"\nrun: {result.run_name} (checkpoints in {result.storage})")
-    print(json.dumps(result.summary, indent=1, sort_keys=True, default=str))
+        return fail(exc)
+    log = Path(config.run.storage_path) / f"train-{dt.datetime.now():%Y%m%d-%H%M%S}.log"
+    with quiet_console(args, log):
+        from recsys.train.loop import run_training
+
+        try:
+            result = run_training(
+                config,
+                tracking_uri=args.tracking_uri,
+                require_tracking=args.require_tracking,
+                resume=args.resume,
+                start_from=args.from_checkpoint,
+            )
+        except (ValueError, FileNotFoundError) as exc:
+            return fail(exc)
+        console.story(f"run: {result.run_name} (checkpoints in {result.storage})")
+        console.story(json.dumps(result.summary, indent=1, sort_keys=True, default=str))
     return 0
 
 
