@@ -413,7 +413,7 @@ def _from_arrow(
 
     def overlapped(steps: int) -> float:
         """Seconds per step, batches built (and pinned) on a read-ahead thread, copied without blocking."""
-        from recsys.train.loop import read_ahead
+        from recsys.data.shard import read_ahead
 
         source = read_ahead((pinned(build()) for _ in range(steps + 1)), depth=4)
         step(next(source).to(device, non_blocking=True))  # the thread is running from here on

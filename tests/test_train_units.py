@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -11,9 +12,9 @@ import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from recsys.data.batch import FeatureLayout, SparseFeature, batch_from_arrow
+from recsys.data.shard import ParquetShard, pad, padding_row, read_ahead
 from recsys.modules.embedding import SparseArch, embedding_bag_collection
 from recsys.train.config import TrainConfig
-from recsys.train.loop import ParquetShard, _pad, padding_row, read_ahead
 
 LAYOUT = FeatureLayout(
     sparse=(SparseFeature("a", 5), SparseFeature("b", 7), SparseFeature("c", 3)),
@@ -53,8 +54,8 @@ def test_sparse_arch_orders_features_by_the_output_keys_not_by_position():
 
 
 def test_padding_rows_make_a_valid_batch():
-    pad = _pad(padding_row(LAYOUT, ["impression_id"]), 4)
-    batch = batch_from_arrow(pad, LAYOUT)
+    padding = pad(padding_row(LAYOUT, ["impression_id"]), 4)
+    batch = batch_from_arrow(padding, LAYOUT)
     assert batch.dense.shape == (4, 1) and batch.sparse.lengths().tolist() == [1] * 12
     table = pa.table(
         {
@@ -65,7 +66,7 @@ def test_padding_rows_make_a_valid_batch():
             "click": pa.array([1.0, 0.0], pa.float32()),
         }
     )
-    padded = _pad(table, 5)
+    padded = pad(table, 5)
     assert padded.num_rows == 5 and padded.column("a").to_pylist() == [1, 2, 1, 1, 1]
 
 
@@ -188,10 +189,8 @@ def test_read_ahead_raises_the_producers_error_and_stops_with_its_consumer():
 
     reader = read_ahead(endless(), depth=2)
     assert [next(reader) for _ in range(3)] == [0, 1, 2]
-    reader.close()  # joins the producer thread
-    count = len(produced)
-    assert count <= 3 + 2 + 1  # read at most depth ahead (+1 waiting to be put)
-    import time
-
-    time.sleep(0.3)
-    assert len(produced) == count
+    (thread,) = [t for t in threading.enumerate() if t.name == "parquet-read-ahead"]
+    assert thread.is_alive()  # blocked on the full queue, the endless producer waits for its consumer
+    reader.close()  # stops and joins the producer thread
+    assert not thread.is_alive()
+    assert len(produced) <= 3 + 2 + 1  # read at most depth ahead (+1 waiting to be put)

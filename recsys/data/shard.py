@@ -1,0 +1,288 @@
+"""One worker's share of a split, read straight from its Parquet files, and batches in lockstep.
+
+:class:`ParquetShard` cuts a split's rows into one contiguous range per worker, worked out by every worker
+alike from the Parquet metadata (no coordinator), and yields fixed-size Arrow batches, optionally shuffled
+within a buffer, read ahead on a background thread (:func:`read_ahead`). :func:`lockstep_batches` makes
+every worker take the same number of batches, as the collectives of a sharded model need: training stops
+when any worker runs out of full batches; evaluation goes on while any worker has rows, the others feeding
+a padding batch (:func:`padding_row`) whose predictions are dropped.
+
+Reading directly needs no coordinator: Ray Data's split coordinator took ~70% of a core on the 2-core
+machine at 20M rows (193 files), and its read tasks ran in other processes competing for the same cores.
+"""
+
+from __future__ import annotations
+
+import atexit
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import torch
+import torch.distributed as dist
+
+from recsys.data.batch import FeatureLayout
+
+
+def pad(table: pa.Table, size: int) -> pa.Table:
+    """``table`` with its first row repeated up to ``size`` rows (padding rows are dropped later)."""
+    index = np.concatenate([np.arange(table.num_rows), np.zeros(size - table.num_rows, dtype=np.int64)])
+    return table.take(pa.array(index))
+
+
+def _any_rank(flag: bool, op: dist.ReduceOp) -> bool:
+    value = torch.tensor([1 if flag else 0])
+    dist.all_reduce(value, op=op)
+    return bool(value.item())
+
+
+def padding_row(layout: FeatureLayout, key_columns: list[str]) -> pa.Table:
+    """One row of zeros (out-of-vocabulary ids, empty bags) with the model's and the keys' columns."""
+    columns: dict[str, pa.Array] = {}
+    for feature in layout.sparse:
+        columns[feature.name] = pa.array(
+            [[]] if feature.multi_hot else [0], pa.large_list(pa.int64()) if feature.multi_hot else pa.int64()
+        )
+    for name in (*layout.dense, *layout.labels):
+        columns[name] = pa.array([0.0], pa.float32())
+    for name in key_columns:
+        columns[name] = pa.array([0], pa.int64())
+    return pa.table(columns)
+
+
+def lockstep_batches(
+    shard: Any,
+    batch_size: int,
+    *,
+    complete: bool,
+    padding: pa.Table | None = None,
+    max_steps: int = 0,
+    shuffle_rows: int = 0,
+    seed: int = 0,
+) -> Iterator[tuple[pa.Table, int]]:
+    """Arrow batches of exactly ``batch_size`` rows, the same number on every worker.
+
+    Args:
+        shard: this worker's rows: a :class:`ParquetShard` or a Ray Data ``DataIterator``.
+        batch_size: rows per batch.
+        complete: evaluation mode: go on while any worker has rows (others yield padding, and partial
+            batches are padded); else stop when any worker runs out of full batches (training).
+        padding: evaluation mode: the row a worker without rows repeats (see :func:`padding_row`).
+        max_steps: stop after this many batches (0: no cap).
+        shuffle_rows: shuffle within a buffer of this many rows (0: read order).
+        seed: the shuffle's seed.
+
+    Yields:
+        ``(table, n_real)``: the batch and how many of its first rows are real.
+    """
+    batches = shard.iter_batches(
+        batch_size=batch_size,
+        batch_format="pyarrow",
+        drop_last=not complete,
+        prefetch_batches=2,
+        local_shuffle_buffer_size=shuffle_rows or None,
+        local_shuffle_seed=seed if shuffle_rows else None,
+    )
+    it = iter(batches)
+    steps = 0
+    while not max_steps or steps < max_steps:
+        table = next(it, None)
+        has = table is not None and table.num_rows > 0
+        go_on = _any_rank(has, dist.ReduceOp.MAX if complete else dist.ReduceOp.MIN)
+        if not go_on:
+            return
+        if has:
+            n_real = table.num_rows
+            if n_real < batch_size:
+                table = pad(table, batch_size)
+        else:
+            # This worker is out of rows: it feeds padding so that the others can finish.
+            table, n_real = pad(padding, batch_size), 0
+        steps += 1
+        yield table, n_real
+
+
+class ParquetShard:
+    """One worker's share of a split's rows, read straight from its Parquet files.
+
+    The split's row groups, in sorted file order (or, with ``order_seed``, in an order drawn from it), make
+    one sequence of rows; it is cut into ``world`` contiguous ranges of sizes differing by at most one, and
+    rank ``r`` reads range ``r``, row group by row group in slices of at most 65,536 rows (memory flat in the
+    split's size). Every worker works out the same order from the Parquet metadata alone, so the ranges
+    cover every row once, with no coordinator. It offers the part of Ray Data's
+    ``DataIterator.iter_batches`` that training and evaluation use: batches of a fixed size, optionally
+    shuffled within a buffer of rows, read ahead on a background thread (Parquet decoding and Arrow's
+    ``take`` release the GIL, so reading overlaps the training step).
+
+    Args:
+        directory: the split's folder of Parquet files.
+        rank: this worker's rank.
+        world: the number of workers.
+        order_seed: draw the order of the row groups from this seed (None: file order).
+
+    Example:
+        >>> shard = ParquetShard("features/train", rank=0, world=2, order_seed=7)
+        >>> for table in shard.iter_batches(1024, drop_last=True, local_shuffle_buffer_size=100_000,
+        ...                                 local_shuffle_seed=7):
+        ...     ...  # pyarrow.Table of 1024 rows
+    """
+
+    READ_ROWS = 65_536
+
+    def __init__(self, directory: str | Path, rank: int, world: int, order_seed: int | None = None) -> None:
+        import pyarrow.parquet as pq
+
+        files = sorted(Path(directory).glob("*.parquet"))
+        if not files:
+            raise FileNotFoundError(f"{directory}: no Parquet files")
+        self.groups: list[tuple[Path, int, int]] = []  # (file, row group, rows)
+        for path in files:
+            meta = pq.read_metadata(path)
+            self.groups += [(path, g, meta.row_group(g).num_rows) for g in range(meta.num_row_groups)]
+        if order_seed is not None:
+            order = np.random.default_rng(order_seed).permutation(len(self.groups))
+            self.groups = [self.groups[i] for i in order]
+        total = sum(n for _, _, n in self.groups)
+        self.start, self.stop = total * rank // world, total * (rank + 1) // world
+
+    @property
+    def num_rows(self) -> int:
+        """The rows of this worker's range."""
+        return self.stop - self.start
+
+    def _tables(self) -> Iterator[pa.Table]:
+        import pyarrow.parquet as pq
+
+        offset = 0
+        for path, group, n in self.groups:
+            lo, hi = max(self.start, offset), min(self.stop, offset + n)
+            if lo < hi:
+                pos = offset
+                batches = pq.ParquetFile(path).iter_batches(batch_size=self.READ_ROWS, row_groups=[group])
+                for chunk in batches:
+                    a, b = max(lo, pos), min(hi, pos + chunk.num_rows)
+                    if a < b:
+                        yield pa.Table.from_batches([chunk.slice(a - pos, b - a)])
+                    pos += chunk.num_rows
+                    if pos >= hi:
+                        break
+            offset += n
+
+    def _batches(self, batch_size: int, drop_last: bool, shuffle_rows: int, seed: int) -> Iterator[pa.Table]:
+        rng = np.random.default_rng(seed)
+        # Rows wait in the buffer until it holds ``shuffle_rows`` (at least one batch); the buffer is then
+        # permuted and cut into batches, and what is left over (less than a batch) starts the next buffer.
+        fill = max(batch_size, shuffle_rows)
+        buffer: list[pa.Table] = []
+        buffered = 0
+
+        def cut(final: bool) -> Iterator[pa.Table]:
+            nonlocal buffer, buffered
+            whole = pa.concat_tables(buffer)
+            if shuffle_rows:
+                whole = whole.take(pa.array(rng.permutation(whole.num_rows)))
+            n_full = whole.num_rows // batch_size * batch_size
+            for start in range(0, n_full, batch_size):
+                yield whole.slice(start, batch_size).combine_chunks()
+            rest = whole.slice(n_full)
+            buffer, buffered = [rest], rest.num_rows
+            if final and buffered and not drop_last:
+                yield rest.combine_chunks()
+
+        for table in self._tables():
+            buffer.append(table)
+            buffered += table.num_rows
+            if buffered >= fill:
+                yield from cut(final=False)
+        if buffered:
+            yield from cut(final=True)
+
+    def iter_batches(
+        self,
+        batch_size: int,
+        drop_last: bool = False,
+        prefetch_batches: int = 2,
+        local_shuffle_buffer_size: int | None = None,
+        local_shuffle_seed: int | None = None,
+        **_: Any,
+    ) -> Iterator[pa.Table]:
+        """Arrow tables of ``batch_size`` rows (the last one shorter unless ``drop_last``).
+
+        Args:
+            batch_size: rows per batch.
+            drop_last: leave out the last, shorter batch.
+            prefetch_batches: batches read ahead on a background thread (0: read on the caller's thread).
+            local_shuffle_buffer_size: shuffle within a buffer of this many rows (None or 0: read order).
+            local_shuffle_seed: the shuffle's seed; the same seed gives the same batches.
+        """
+        batches = self._batches(
+            batch_size, drop_last, local_shuffle_buffer_size or 0, local_shuffle_seed or 0
+        )
+        return read_ahead(batches, prefetch_batches) if prefetch_batches else batches
+
+
+def read_ahead(items: Iterator[Any], depth: int) -> Iterator[Any]:
+    """``items``, produced on a background thread up to ``depth`` ahead of the consumer.
+
+    An exception of the producer is raised in the consumer; a consumer that stops early (a generator
+    closed or dropped) stops the producer too.
+    """
+    import queue
+    import threading
+
+    slots: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    done = object()
+
+    def put(entry: tuple[Any, BaseException | None]) -> bool:
+        while not stop.is_set():
+            try:
+                slots.put(entry, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False  # the consumer is gone
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if not put((item, None)):
+                    return
+            put((done, None))
+        except BaseException as error:  # handed to the consumer, raised there
+            put((done, error))
+
+    def consume() -> Iterator[Any]:
+        # Started on the first ``next``, so that a reader never iterated leaves no thread behind.
+        thread = threading.Thread(target=produce, name="parquet-read-ahead", daemon=True)
+        _READERS.add((stop, thread))
+        thread.start()
+        try:
+            while True:
+                item, error = slots.get()
+                if item is done:
+                    if error is not None:
+                        raise error
+                    return
+                yield item
+        finally:
+            stop.set()
+            thread.join()
+            _READERS.discard((stop, thread))
+
+    return consume()
+
+
+_READERS: set[tuple[Any, Any]] = set()  # read-ahead threads still running: (stop event, thread)
+
+
+@atexit.register
+def _stop_readers() -> None:
+    # A daemon thread still inside Arrow's C++ code when the interpreter finalizes aborts the process
+    # ("terminate called without an active exception"): stop and join the ones whose consumer is still
+    # alive at exit (each notices within 0.1 s).
+    for stop, thread in list(_READERS):
+        stop.set()
+        thread.join(timeout=5)
