@@ -2,7 +2,7 @@
 
 Writes impressions.parquet, users.parquet, items.parquet (the data contract) and truth.parquet
 (impression_id, p_click, p_purchase_given_click, p_purchase) into --out. The same --seed gives
-byte-identical files. The truth model is described in features/generate.py.
+byte-identical files. The truth model is described in synth/world.py.
 
 Examples::
 

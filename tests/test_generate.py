@@ -14,15 +14,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from features import contract
-from synth.generate import (
-    COMPONENTS,
-    W_CLICK,
-    GenerateResult,
-    _Guided,
-    _remember_clicks,
-    generate,
-    purchase_weights,
-)
+from synth.generate import COMPONENTS, W_CLICK, GenerateResult, generate, purchase_weights
+from synth.truth import remember_clicks
+from synth.world import Guided
 
 N = 20_000
 SEED = 7
@@ -210,14 +204,14 @@ def test_guided_search_equals_searchsorted() -> None:
         query = np.concatenate([rng.random(2_000) * 3.0, values[:-1], np.nextafter(values[:-1], 0), [0.0]])
         query = query[(query >= 0) & (query < 3.0)]
         expected = np.minimum(np.searchsorted(values, query, side="right"), m - 1)
-        np.testing.assert_array_equal(_Guided.build(values, 3.0).search(query), expected)
+        np.testing.assert_array_equal(Guided.build(values, 3.0).search(query), expected)
 
 
 def test_remember_clicks_keeps_each_users_latest_click() -> None:
     last = np.array([-1, 4, 7, -1])
-    _remember_clicks(last, [(np.array([0, 2, 0]), np.array([1, 2, 3])), (np.array([2]), np.array([9]))])
+    remember_clicks(last, [(np.array([0, 2, 0]), np.array([1, 2, 3])), (np.array([2]), np.array([9]))])
     np.testing.assert_array_equal(last, [3, 4, 9, -1])  # user 1 did not click: keeps 4; user 3 has none
-    _remember_clicks(last, [])
+    remember_clicks(last, [])
     np.testing.assert_array_equal(last, [3, 4, 9, -1])
 
 
