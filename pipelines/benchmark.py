@@ -5,7 +5,7 @@ Examples::
     python -m pipelines.benchmark                       # 1M rows, 3 repetitions, 3 training epochs
     python -m pipelines.benchmark --rows 200000 --out /tmp/bench --workers 1 2
 
-In one run, on the benchmark shape (recsys/benchmark.py: 16 categorical features of cardinality 8 to
+In one run, on the benchmark shape (benchmarks/measure.py: 16 categorical features of cardinality 8 to
 200,000 plus one multi-hot bag, 8 numeric, embedding dim 16; MMoE 8 experts [256, 128], towers [64],
 2 tasks; batch 2048; fp32) it
 
@@ -185,10 +185,10 @@ def model_alone(reps: int) -> dict[str, Any]:
 
 def train_end_to_end(features: Path, out: Path, workers: int, epochs: int, ingest: str) -> dict[str, Any]:
     """Trains the benchmark model through run_training; examples/s per epoch and the test AUCs."""
-    import mlflow
     import pyarrow.parquet as pq
 
     from benchmarks.measure import BATCH, TreeMemory, spread
+    from recsys.tracking import Tracker
     from recsys.train.config import TrainConfig
     from recsys.train.loop import run_training
 
@@ -226,7 +226,7 @@ def train_end_to_end(features: Path, out: Path, workers: int, epochs: int, inges
     with TreeMemory(interval_s=1.0) as memory:  # the driver, the embedded Ray and its workers
         result = run_training(config, tracking_uri=uri)
     wall = time.perf_counter() - started
-    history = mlflow.MlflowClient(uri).get_metric_history(
+    history = Tracker(uri, "benchmark", require=True).client.get_metric_history(
         result.summary["mlflow_run_id"], "train/examples_per_s"
     )
     per_epoch: dict[int, list[float]] = {}

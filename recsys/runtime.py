@@ -3,9 +3,8 @@
 glibc's ``malloc`` serves every block above its mmap threshold (128 KiB at first, adapting up to 32 MiB)
 with a fresh ``mmap`` and gives it back to the kernel when freed. A training step allocates and frees the
 same activations every time (a ``(2048, 2048)`` float tensor is 16 MiB), so each step page-faults them in
-again: on the 2-core benchmark machine that cost ~10% of a training step (28.1k -> 31.0k examples/s with
-``benchmarks/step_profile.py``). Keeping such blocks in the heap, and not trimming it, lets steps reuse
-them. The memory kept is bounded by the peak of one step, so memory stays flat in the number of rows.
+again (measured in docs/performance.md). Keeping such blocks in the heap, and not trimming it, lets steps
+reuse them. The memory kept is bounded by the peak of one step, so memory stays flat in the number of rows.
 Tunables are read when a process starts, hence an environment variable for the processes Ray starts.
 
 Example:
@@ -50,10 +49,9 @@ def embedded_ray_env() -> None:
     """Environment for a Ray cluster this process starts itself (``ray.init`` without an address).
 
     Ray starts its workers at nice 15 (``RAY_worker_niceness``), below its own processes (raylet, GCS,
-    dashboard, log monitor), whose many small wake-ups then preempt the training threads. A cluster
-    started to train has no other work: its workers run at the normal priority, unless the variable is
-    already set. 1 worker with 2 threads on 2 cores, 1M rows: 25.2k and 25.8k examples/s
-    against 24.8k and 24.6k at nice 15 (alternating runs). Call it before ``ray.init``.
+    dashboard, log monitor), whose many small wake-ups then preempt the training threads (measured in
+    docs/performance.md). A cluster started to train has no other work: its workers run at the normal
+    priority, unless the variable is already set. Call it before ``ray.init``.
     """
     os.environ.setdefault("RAY_worker_niceness", "0")
 
