@@ -27,10 +27,17 @@ from recsys.tracking import (
     Tracker,
     TrackingError,
     default_tracking_uri,
+    expert_load_history,
     flatten_params,
+    latest_run,
     log_model,
+    metric_history,
     register_model,
+    run_metric_history,
+    sqlite_tracking_uri,
 )
+from recsys.tracking.models import PYFUNC_FILE
+from recsys.tracking.settings import mlflow_settings
 from tests.test_package import TINY_MODEL, in_memory_package, joined
 
 
@@ -44,7 +51,7 @@ def tracking_warnings(caplog) -> list[str]:
     return [
         r.getMessage()
         for r in caplog.records
-        if r.name == "recsys.tracking.core" and r.levelno >= logging.WARNING
+        if r.name.startswith("recsys.tracking") and r.levelno >= logging.WARNING
     ]
 
 
@@ -71,6 +78,69 @@ def test_default_tracking_uri_is_a_sqlite_file_here_unless_the_environment_says(
     assert default_tracking_uri() == f"sqlite:///{tmp_path.resolve()}/mlflow.db"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.example:5000")
     assert default_tracking_uri() == "http://mlflow.example:5000"
+
+
+def test_sqlite_tracking_uri_is_absolute(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert sqlite_tracking_uri("out") == f"sqlite:///{tmp_path.resolve()}/out/mlflow.db"
+
+
+MLFLOW_ENV = (
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT",
+    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR",
+)
+
+
+def test_mlflow_settings_apply_to_http_stores_only_and_restore_the_environment(monkeypatch):
+    for name in MLFLOW_ENV:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "77")
+    with mlflow_settings("sqlite:///x.db", max_retries=0, timeout_s=5):
+        assert os.environ.get("MLFLOW_HTTP_REQUEST_MAX_RETRIES") is None
+        assert os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] == "77"
+    with mlflow_settings("http://127.0.0.1:1", max_retries=0, timeout_s=5, progress_bar=False):
+        assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "0"
+        assert os.environ["MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR"] == "1"
+        assert os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] == "5"
+        assert os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] == "false"
+    assert os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] == "77"
+    assert all(os.environ.get(n) is None for n in MLFLOW_ENV if n != "MLFLOW_HTTP_REQUEST_TIMEOUT")
+
+
+def test_a_tracker_leaves_the_environment_as_it_was(store, package):
+    before = {name: os.environ.get(name) for name in MLFLOW_ENV}
+    tracker = Tracker(store, "exp", require=True)
+    with tracker.run("env"):
+        tracker.log_metrics({"loss": 1.0})
+        log_model(tracker, package[0])
+    assert {name: os.environ.get(name) for name in MLFLOW_ENV} == before
+    assert PYFUNC_FILE.is_file() and PYFUNC_FILE.name == "pyfunc.py"
+
+
+def test_runs_are_read_back_without_creating_anything(store):
+    tracker = Tracker(store, "exp", require=True)
+    with tracker.run("read-me") as run_id:
+        tracker.log_params({"features": "data/features"})
+        tracker.log_metrics(
+            {"valid/moe/click/load/expert0": 0.75, "valid/moe/click/load/expert1": 0.25}, step=4
+        )
+        tracker.log_metrics(
+            {"valid/moe/click/load/expert0": 0.5, "valid/moe/click/load/expert1": 0.5}, step=2
+        )
+        tracker.log_metrics({"loss": 0.5}, step=2)
+    assert metric_history(store, run_id, "loss") == [(2, 0.5)]
+    history = run_metric_history(store, run_id)
+    assert history["valid/moe/click/load/expert0"] == [(2, 0.5), (4, 0.75)]
+    loads = expert_load_history(history, "valid")
+    np.testing.assert_allclose(loads["moe/click"], [[0.5, 0.5], [0.75, 0.25]])  # (evaluations, experts)
+    assert expert_load_history(history, "test") == {}
+    latest = latest_run(store, "exp")
+    assert latest["run_id"] == run_id and latest["params"] == {"features": "data/features"}
+    with pytest.raises(ValueError, match="experiment 'nope' at .*: no finished training run"):
+        latest_run(store, "nope")
+    assert MlflowClient(store).get_experiment_by_name("nope") is None  # reading created nothing
 
 
 def test_flatten_params():
@@ -139,7 +209,7 @@ def test_a_restarted_job_reopens_its_run(store, caplog):
         run.info.status == "FINISHED" and run.info.run_name == "attempt" and run.data.tags["attempt"] == "2"
     )
     assert [m.value for m in MlflowClient(store).get_metric_history(run_id, "loss")] == [1.0, 0.5]
-    with caplog.at_level(logging.WARNING, logger="recsys.tracking.core"):
+    with caplog.at_level(logging.WARNING, logger="recsys.tracking"):
         fresh = again.start_run("new", run_id="0" * 32)
     assert fresh != "0" * 32 and "not found" in caplog.text
 
@@ -158,7 +228,7 @@ def test_run_block_ends_the_run_as_failed_on_an_error(store):
 def test_unreachable_store_warns_once_and_every_call_is_a_no_op(caplog, package):
     uri = f"http://127.0.0.1:{free_port()}"
     started = time.monotonic()
-    with caplog.at_level(logging.WARNING, logger="recsys.tracking.core"):
+    with caplog.at_level(logging.WARNING, logger="recsys.tracking"):
         tracker = Tracker(uri, "exp")
         assert tracker.start_run("r") is None
         tracker.log_params({"a": 1})
@@ -186,7 +256,7 @@ def test_unreachable_store_raises_when_required():
 def test_a_failing_call_warns_once_and_training_goes_on(store, caplog):
     tracker = Tracker(store, "exp", max_consecutive_failures=3)
     run_id = tracker.start_run()
-    with caplog.at_level(logging.WARNING, logger="recsys.tracking.core"):
+    with caplog.at_level(logging.WARNING, logger="recsys.tracking"):
         tracker.log_params({"lr": 0.1})
         tracker.log_params({"lr": 0.2})  # MLflow refuses to change a logged parameter
         tracker.log_params({"lr": 0.3})
@@ -345,7 +415,7 @@ def test_tracking_over_http_with_a_real_mlflow_server(mlflow_server, package, mo
     optional.start_run("server-dies")
     stop_server()
     started = time.monotonic()
-    with caplog.at_level(logging.WARNING, logger="recsys.tracking.core"):
+    with caplog.at_level(logging.WARNING, logger="recsys.tracking"):
         for step in range(5):
             optional.log_metrics({"loss": 1.0}, step=step)
         optional.end_run()

@@ -3,7 +3,7 @@
 MLflow copies this file into the logged model and runs it when the model is loaded, instead of unpickling a
 Python object: :meth:`RankingPyfuncModel.load_context` rebuilds the model from the package folder (logged
 as the artifact ``package``), whose weights load with ``torch.load(weights_only=True)``. The model is
-logged by :func:`recsys.tracking.core.log_model`.
+logged by :func:`recsys.tracking.models.log_model`.
 
 Example:
     >>> model = mlflow.pyfunc.load_model("models:/ecommerce-ranker@champion")  # doctest: +SKIP
@@ -18,7 +18,7 @@ import mlflow
 import pandas as pd
 
 from recsys.package import DEFAULT_BATCH_SIZE, LoadedPackage, load_package, predict_frame
-from recsys.tracking.core import PACKAGE_ARTIFACT
+from recsys.tracking.models import PACKAGE_ARTIFACT
 
 
 class RankingPyfuncModel(mlflow.pyfunc.PythonModel):

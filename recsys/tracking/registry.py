@@ -1,0 +1,274 @@
+"""The model registry: versions with a ``champion`` and a ``challenger``, and model URIs resolved once.
+
+A resolved model is pinned to one concrete version, whose package :func:`download_package` fetches.
+
+Example:
+    >>> register_model(tracker, "models:/m-123", "ecommerce-ranker", "val/auc_click", 0.71)  # doctest: +SKIP
+    RegisteredVersion(version='1', alias='champion', previous_champion_metric=None)
+    >>> model = resolve_model(tracker, "models:/ecommerce-ranker@champion")  # doctest: +SKIP
+    >>> download_package(tracker, model, "scoring/package")  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlflow
+from mlflow.exceptions import MlflowException
+from mlflow.models import Model
+from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, RESOURCE_DOES_NOT_EXIST, ErrorCode
+
+from recsys.tracking.client import Tracker, TrackingError, short_error
+from recsys.tracking.models import PACKAGE_ARTIFACT
+
+log = logging.getLogger(__name__)
+
+CHAMPION, CHALLENGER = "champion", "challenger"
+METRIC_TAG_PREFIX = "validation."  # a model version's tag holding its validation metric
+
+
+@dataclass(frozen=True)
+class RegisteredVersion:
+    """A new registered model version.
+
+    Attributes:
+        version: the version number.
+        alias: ``champion`` if it beat the champion (or is the first), else ``challenger``.
+        previous_champion_metric: the champion's metric it was compared with (None without a champion, or
+            when the champion has no such metric).
+    """
+
+    version: str
+    alias: str
+    previous_champion_metric: float | None
+
+
+def _champion_metric(
+    client: mlflow.MlflowClient, name: str, metric_name: str
+) -> tuple[str | None, float | None]:
+    """The champion version of a registered model and its stored metric (None where missing)."""
+    aliases = client.get_registered_model(name).aliases
+    version = aliases.get(CHAMPION)
+    if version is None:
+        return None, None
+    tag = client.get_model_version(name, version).tags.get(METRIC_TAG_PREFIX + metric_name)
+    return str(version), float(tag) if tag is not None else None
+
+
+def register_model(
+    tracker: Tracker,
+    model_uri: str,
+    name: str,
+    metric_name: str,
+    metric_value: float,
+    higher_is_better: bool = True,
+) -> RegisteredVersion | None:
+    """Registers a logged model as a new version and moves ``champion`` to it only if it is better.
+
+    The version's validation metric is stored as its tag ``validation.<metric_name>``, so that later
+    comparisons read it from the registry, whatever happened to the run. The new version becomes
+    ``champion`` if there is none, or if its metric is strictly better than the champion's; otherwise it
+    becomes ``challenger``. A champion without this metric (registered by other means) is kept, and the
+    new version is its challenger: promote it by hand if it should win.
+
+    Args:
+        tracker: the tracker.
+        model_uri: the model, e.g. from :func:`log_model` (``models:/<model_id>``).
+        name: the registered model's name (created if missing).
+        metric_name: the validation metric that decides, e.g. ``val/auc_click``.
+        metric_value: the new version's value of it.
+        higher_is_better: True for AUC-like metrics, False for losses.
+
+    Returns:
+        The version and the alias it got, or None when tracking is off or the call failed.
+
+    Raises:
+        ValueError: ``metric_value`` is not a finite number.
+    """
+    try:
+        value = float(metric_value)
+    except (TypeError, ValueError):
+        value = math.nan
+    if not math.isfinite(value):
+        raise ValueError(f"metric_value: expected a finite number, got {metric_value!r}")
+    if not tracker.enabled:
+        return None
+    client = tracker.client
+
+    def register() -> RegisteredVersion:
+        try:
+            client.create_registered_model(name)
+        except MlflowException as e:
+            if e.error_code != ErrorCode.Name(RESOURCE_ALREADY_EXISTS):
+                raise
+        source, model_id, run_id = model_uri, None, tracker.run_id
+        if model_uri.startswith("models:/m-"):
+            # The SQLite registry would resolve a models:/<model_id> source through the process-global
+            # tracking URI, not this client's: resolve it here and pass the storage location itself.
+            model_id = model_uri.removeprefix("models:/")
+            logged = client.get_logged_model(model_id)
+            source, run_id = logged.artifact_location, run_id or logged.source_run_id
+        champion, previous = _champion_metric(client, name, metric_name)
+        version = client.create_model_version(
+            name,
+            source=source,
+            run_id=run_id,
+            tags={METRIC_TAG_PREFIX + metric_name: repr(value), "higher_is_better": str(higher_is_better)},
+            model_id=model_id,
+        ).version
+        if champion is None:
+            better = True
+        elif previous is None:
+            log.warning(
+                "registered model %r: champion v%s has no tag %r; v%s becomes the challenger",
+                name,
+                champion,
+                METRIC_TAG_PREFIX + metric_name,
+                version,
+            )
+            better = False
+        else:
+            better = value > previous if higher_is_better else value < previous
+        alias = CHAMPION if better else CHALLENGER
+        client.set_registered_model_alias(name, alias, str(version))
+        return RegisteredVersion(str(version), alias, previous)
+
+    return tracker.guarded("register_model", register)
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    """A model URI pinned to one concrete model: what a scoring run records.
+
+    Attributes:
+        uri: the URI as given (``models:/NAME@alias``, ``models:/NAME/3``, ``runs:/RUN/model``).
+        pinned_uri: the URI of exactly this model, which later alias moves do not change
+            (``models:/NAME/3``, or ``runs:/RUN/model``).
+        name: the registered model's name (None for a ``runs:/`` URI).
+        version: the registered version (None for a ``runs:/`` URI).
+        run_id: the run that logged the model (None where the registry does not say).
+        artifact_uri: where the logged model's files are.
+    """
+
+    uri: str
+    pinned_uri: str
+    name: str | None
+    version: str | None
+    run_id: str | None
+    artifact_uri: str
+
+
+def parse_model_uri(uri: str) -> tuple[str, str, str]:
+    """Splits a model URI into its kind and two parts.
+
+    ``("alias", NAME, ALIAS)``, ``("version", NAME, VERSION)`` or ``("run", RUN_ID, ARTIFACT_PATH)``.
+
+    Raises:
+        ValueError: any other form; the message names the URI.
+    """
+    expected = "expected models:/NAME@ALIAS, models:/NAME/VERSION or runs:/RUN_ID/PATH"
+    if uri.startswith("models:/"):
+        rest = uri.removeprefix("models:/").strip("/")
+        if "@" in rest and "/" not in rest:
+            name, alias = rest.split("@", 1)
+            if name and alias:
+                return "alias", name, alias
+        parts = rest.split("/")
+        if len(parts) == 2 and parts[0] and parts[1].isdigit():
+            return "version", parts[0], parts[1]
+    elif uri.startswith("runs:/"):
+        parts = uri.removeprefix("runs:/").strip("/").split("/", 1)
+        if len(parts) == 2 and all(parts):
+            return "run", parts[0], parts[1]
+    raise ValueError(f"model: {uri!r} is not a model URI; {expected}")
+
+
+def resolve_model(tracker: Tracker, uri: str) -> ResolvedModel:
+    """Resolves a model URI once, through the registry, to one concrete model.
+
+    An alias is read once here: a caller that keeps the returned :class:`ResolvedModel` keeps scoring with
+    the same version even if the alias moves meanwhile.
+
+    Args:
+        tracker: a tracker on the store that holds the registry (it must be reachable).
+        uri: ``models:/NAME@ALIAS``, ``models:/NAME/VERSION`` or ``runs:/RUN_ID/PATH``.
+
+    Returns:
+        The pinned model.
+
+    Raises:
+        ValueError: a malformed URI, or an unknown model, alias, version or run (the message names it).
+        TrackingError: the store cannot be reached.
+    """
+    kind, a, b = parse_model_uri(uri)
+    if not tracker.enabled:
+        raise TrackingError(
+            f"model: cannot resolve {uri!r}: MLflow at {tracker.tracking_uri} is unreachable "
+            "(give a reachable --tracking-uri, or a local package folder)"
+        )
+    client = tracker.client
+    try:
+        with tracker.settings():
+            if kind == "run":
+                client.get_run(a)  # fails clearly for an unknown run
+                return ResolvedModel(uri, uri, None, None, a, f"runs:/{a}/{b}")
+            if kind == "alias":
+                version = client.get_model_version_by_alias(a, b)
+            else:
+                version = client.get_model_version(a, b)
+            source = version.source
+            if source.startswith("models:/m-"):
+                source = client.get_logged_model(source.removeprefix("models:/")).artifact_location
+    except MlflowException as e:
+        if e.error_code == ErrorCode.Name(RESOURCE_DOES_NOT_EXIST) or "not found" in str(e).lower():
+            raise ValueError(
+                f"model: {uri!r} not found in {tracker.tracking_uri} ({short_error(e)})"
+            ) from None
+        raise TrackingError(
+            f"model: resolving {uri!r} at {tracker.tracking_uri} failed: {short_error(e)}"
+        ) from e
+    number = str(version.version)
+    return ResolvedModel(uri, f"models:/{a}/{number}", a, number, version.run_id, source)
+
+
+def download_package(tracker: Tracker, model: ResolvedModel, dst: str | Path) -> Path:
+    """Downloads the model package (the logged model's artifact ``package``) of a resolved model.
+
+    Args:
+        tracker: a tracker on the store of ``model``.
+        model: from :func:`resolve_model`.
+        dst: an empty or missing folder to download into.
+
+    Returns:
+        The package folder, ready for :func:`recsys.package.load_package`.
+
+    Raises:
+        FileNotFoundError: the logged model holds no package (not logged by :func:`log_model`).
+    """
+    dst = Path(dst)
+    dst.mkdir(parents=True, exist_ok=True)
+    with tracker.settings(progress_bar=False):  # a progress bar per file floods the log
+        local = Path(
+            mlflow.artifacts.download_artifacts(
+                artifact_uri=model.artifact_uri.rstrip("/"),
+                dst_path=str(dst),
+                tracking_uri=tracker.tracking_uri,
+                registry_uri=tracker.tracking_uri,
+            )
+        )
+    # The artifact keeps its folder's name (artifacts/<name>); MLmodel says which one is the package.
+    artifacts = {}
+    if (local / "MLmodel").is_file():
+        flavor = Model.load(str(local / "MLmodel")).flavors.get("python_function", {})
+        artifacts = flavor.get("artifacts") or {}
+    relative = (artifacts.get(PACKAGE_ARTIFACT) or {}).get("path")
+    package = local / relative if relative else None
+    if package is None or not package.is_dir():
+        raise FileNotFoundError(
+            f"model: {model.pinned_uri} has no {PACKAGE_ARTIFACT!r} artifact; log models with "
+            "recsys.tracking.log_model"
+        )
+    return package
