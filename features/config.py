@@ -26,32 +26,27 @@ Example:
 from __future__ import annotations
 
 import datetime as dt
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+# invalid, from_mapping and shipped_config live in features.checks; other modules still import them from here.
+from features.checks import (
+    check_choice,
+    check_int,
+    from_mapping,
+    invalid,
+    is_int,
+    is_number,
+    shipped_config,
+)
+
 CATEGORICAL, NUMERIC, MULTI_HOT = "categorical", "numeric", "multi_hot"
 FEATURE_KINDS = (CATEGORICAL, NUMERIC, MULTI_HOT)
 TRANSFORMS = ("log1p", "standardize", "bucketize")
 SOURCES = ("ecommerce", "flat")
-
-
-def invalid(where: str, field_name: str, value: Any, expected: str) -> ValueError:
-    """The ValueError for a bad config value: ``where.field: expected ..., got value``."""
-    return ValueError(f"{where}.{field_name}: {expected}, got {value!r}")
-
-
-def from_mapping(cls: type, data: Any, where: str) -> Any:
-    """Builds dataclass ``cls`` from ``data``, rejecting unknown keys by name."""
-    if not isinstance(data, dict):
-        raise ValueError(f"{where}: expected a mapping, got {data!r}")
-    known = {f.name for f in fields(cls)}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise ValueError(f"{where}: unknown field(s) {unknown}; known fields are {sorted(known)}")
-    return cls(**data)
 
 
 @dataclass(frozen=True)
@@ -79,8 +74,7 @@ class LabelConfig:
         if not self.column:
             object.__setattr__(self, "column", self.name)
         object.__setattr__(self, "positive_values", tuple(self.positive_values))
-        if self.kind not in ("binary", "regression"):
-            raise invalid(where, "kind", self.kind, "expected 'binary' or 'regression'")
+        check_choice(where, "kind", self.kind, ("binary", "regression"))
         if self.kind == "regression" and (self.positive_values or self.positive_prefix):
             raise invalid(where, "kind", self.kind, "positive_values/positive_prefix need kind 'binary'")
         if self.positive_values and self.positive_prefix:
@@ -129,18 +123,14 @@ class FeatureDef:
         where = f"features[{self.name}]"
         if not isinstance(self.name, str) or not self.name:
             raise invalid("features", "name", self.name, "expected a non-empty string")
-        if self.kind not in FEATURE_KINDS:
-            raise invalid(where, "kind", self.kind, f"expected one of {list(FEATURE_KINDS)}")
+        check_choice(where, "kind", self.kind, FEATURE_KINDS)
         if not self.source:
             object.__setattr__(self, "source", self.name)
         object.__setattr__(self, "transforms", tuple(self.transforms))
         object.__setattr__(self, "boundaries", tuple(float(b) for b in self.boundaries))
-        for name in ("min_count", "max_size", "hash_buckets", "num_buckets", "max_length"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise invalid(where, name, value, "expected a non-negative integer")
-        if self.min_count < 1:
-            raise invalid(where, "min_count", self.min_count, "expected an integer >= 1")
+        check_int(where, "min_count", self.min_count, minimum=1)
+        for name in ("max_size", "hash_buckets", "num_buckets", "max_length"):
+            check_int(where, name, getattr(self, name), minimum=0)
         if self.kind == NUMERIC:
             self._check_numeric(where)
         else:
@@ -170,10 +160,7 @@ class FeatureDef:
         elif self.boundaries or self.num_buckets:
             raise invalid(where, "transforms", list(self.transforms), "boundaries need a bucketize transform")
         fill = self.fill_null
-        if not (
-            fill in ("mean", "median", "zero")
-            or (isinstance(fill, int | float) and not isinstance(fill, bool))
-        ):
+        if not (fill in ("mean", "median", "zero") or is_number(fill)):
             raise invalid(where, "fill_null", fill, "expected 'mean', 'median', 'zero' or a number")
 
     @property
@@ -209,12 +196,9 @@ class SplitConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.method not in ("time", "hash"):
-            raise invalid("split", "method", self.method, "expected 'time' or 'hash'")
+        check_choice("split", "method", self.method, ("time", "hash"))
         for name in ("validation_days", "test_days"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 0:
-                raise invalid("split", name, value, "expected a non-negative integer")
+            check_int("split", name, getattr(self, name), minimum=0)
         for name in ("valid_start", "test_start"):
             value = getattr(self, name)
             if value:
@@ -228,7 +212,7 @@ class SplitConfig:
             raise invalid("split", "valid_start", self.valid_start, "expected valid_start <= test_start")
         for name in ("validation_fraction", "test_fraction"):
             value = getattr(self, name)
-            if not isinstance(value, int | float) or not 0 <= value < 1:
+            if not is_number(value) or not 0 <= value < 1:
                 raise invalid("split", name, value, "expected a number in [0, 1)")
         if self.validation_fraction + self.test_fraction >= 1:
             raise invalid("split", "test_fraction", self.test_fraction, "validation + test must be < 1")
@@ -248,10 +232,9 @@ class HistoryConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "windows_days", tuple(self.windows_days))
-        if not isinstance(self.max_length, int) or self.max_length < 1:
-            raise invalid("history", "max_length", self.max_length, "expected an integer >= 1")
+        check_int("history", "max_length", self.max_length, minimum=1)
         for d in self.windows_days:
-            if not isinstance(d, int) or d < 1:
+            if not is_int(d) or d < 1:
                 raise invalid("history", "windows_days", list(self.windows_days), "expected integers >= 1")
 
 
@@ -283,13 +266,11 @@ class FeatureConfig:
     rows_per_file: int = 1_000_000
 
     def __post_init__(self) -> None:
-        if self.source not in SOURCES:
-            raise invalid("config", "source", self.source, f"expected one of {list(SOURCES)}")
+        check_choice("config", "source", self.source, SOURCES)
         object.__setattr__(self, "passthrough", tuple(self.passthrough))
         if not self.features:
             raise invalid("config", "features", list(self.features), "expected at least one feature")
-        if not isinstance(self.rows_per_file, int) or self.rows_per_file < 1:
-            raise invalid("config", "rows_per_file", self.rows_per_file, "expected an integer >= 1")
+        check_int("config", "rows_per_file", self.rows_per_file, minimum=1)
         names = [f.name for f in self.features] + [lab.name for lab in self.labels] + list(self.passthrough)
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
@@ -348,15 +329,6 @@ class FeatureConfig:
 
 
 CONFIG_DIR = Path(__file__).parent / "configs"
-
-
-def shipped_config(directory: Path, name: str, what: str = "config") -> Path:
-    """Path of the YAML config ``name`` shipped in ``directory``; the error lists the shipped names."""
-    path = directory / f"{name}.yaml"
-    if not path.exists():
-        shipped = sorted(p.stem for p in directory.glob("*.yaml"))
-        raise ValueError(f"{what}: no shipped config {name!r}; shipped configs are {shipped}")
-    return path
 
 
 def builtin_config(name: str) -> Path:

@@ -31,9 +31,9 @@ from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
 
 import polars as pl
-from tqdm.auto import tqdm
 
 from features.config import FeatureConfig
+from features.console import progress as progress_bar
 from features.contract import ContractError, validate
 from features.derive import derive_ecommerce_indexed
 from features.spec import _P, FeatureSpec, _stable_hash, fit, output_exprs
@@ -312,7 +312,9 @@ def write_dataset(
     try:
         counts: dict[str, int] = {}
         label_means: dict[str, dict[str, float]] = {}
-        bar = tqdm(total=rows.height, unit="row", unit_scale=True, desc="transform", disable=not progress)
+        bar = progress_bar(
+            total=rows.height, unit="row", unit_scale=True, desc="transform", disable=not progress
+        )
         for name in SPLITS if split else (ALL,):
             subset = rows.filter(split_expr(spec.split) == name) if split else rows
             sums = dict.fromkeys(spec.label_names(), 0.0)

@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,6 +24,7 @@ import polars as pl
 
 from features.config import CATEGORICAL, MULTI_HOT, NUMERIC, FeatureConfig, FeatureDef, LabelConfig
 from features.derive import HIST_STATE, gather_lists
+from features.files import atomic_write
 
 FORMAT_VERSION = 1
 # Stable integer hash: ((x mod P) * A + C) mod P, with P the Mersenne prime 2^31 - 1. Every intermediate
@@ -116,11 +115,7 @@ class FeatureSpec:
     def save(self, path: str | Path) -> Path:
         """Writes the spec atomically (temporary file, then rename)."""
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-        with os.fdopen(fd, "w") as fh:
-            fh.write(self.to_json())
-        os.replace(tmp, path)
+        atomic_write(path, self.to_json())
         return path
 
     @classmethod

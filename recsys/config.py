@@ -23,14 +23,22 @@ Example:
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from features.config import from_mapping, invalid, shipped_config
+from features.checks import (
+    check_choice,
+    check_int,
+    check_number,
+    from_mapping,
+    invalid,
+    is_int,
+    is_number,
+    shipped_config,
+)
 
 POOLINGS = ("sum", "mean")
 ARCHS = ("mmoe", "ple", "shared_bottom", "single_task")
@@ -40,25 +48,12 @@ TASK_KINDS = ("binary", "regression")
 INTERACTIONS = ("none", "dot")
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _check_int(where: str, name: str, value: Any, minimum: int) -> None:
-    if not _is_int(value) or value < minimum:
-        raise invalid(where, name, value, f"expected an integer >= {minimum}")
-
-
 def _check_sizes(where: str, name: str, value: Any, allow_empty: bool) -> tuple[int, ...]:
     if not isinstance(value, list | tuple) or (not value and not allow_empty):
         raise invalid(
             where, name, value, "expected a list of layer sizes" + ("" if allow_empty else " (non-empty)")
         )
-    if not all(_is_int(v) and v >= 1 for v in value):
+    if not all(is_int(v) and v >= 1 for v in value):
         raise invalid(where, name, list(value), "expected layer sizes that are integers >= 1")
     return tuple(value)
 
@@ -84,9 +79,8 @@ class EmbeddingConfig:
 
     def __post_init__(self) -> None:
         where = "model.embedding"
-        _check_int(where, "dim", self.dim, 1)
-        if self.pooling not in POOLINGS:
-            raise invalid(where, "pooling", self.pooling, f"expected one of {list(POOLINGS)}")
+        check_int(where, "dim", self.dim, minimum=1)
+        check_choice(where, "pooling", self.pooling, POOLINGS)
         if not isinstance(self.share_vocab_tables, bool):
             raise invalid(where, "share_vocab_tables", self.share_vocab_tables, "expected true or false")
         groups = self.shared_tables
@@ -126,12 +120,10 @@ class TaskConfig:
         if not isinstance(self.name, str) or not self.name:
             raise invalid("model.tasks", "name", self.name, "expected a non-empty string")
         where = f"model.tasks[{self.name}]"
-        if self.kind not in TASK_KINDS:
-            raise invalid(where, "kind", self.kind, f"expected one of {list(TASK_KINDS)}")
+        check_choice(where, "kind", self.kind, TASK_KINDS)
         if not self.label:
             object.__setattr__(self, "label", self.name)
-        if not _is_number(self.weight) or self.weight < 0:
-            raise invalid(where, "weight", self.weight, "expected a number >= 0")
+        check_number(where, "weight", self.weight, low=0.0, low_open=False)
         if not isinstance(self.given, str):
             raise invalid(where, "given", self.given, "expected a task name")
         if self.given and self.kind != "binary":
@@ -170,20 +162,15 @@ class GateConfig:
 
     def __post_init__(self) -> None:
         where = "model.gate"
-        if self.type not in GATES:
-            raise invalid(where, "type", self.type, f"expected one of {list(GATES)}")
-        _check_int(where, "k", self.k, 1)
-        if not _is_number(self.temperature) or self.temperature <= 0:
-            raise invalid(where, "temperature", self.temperature, "expected a number > 0")
+        check_choice(where, "type", self.type, GATES)
+        check_int(where, "k", self.k, minimum=1)
+        check_number(where, "temperature", self.temperature)
         for name in ("noise", "dispatch"):
             if not isinstance(getattr(self, name), bool):
                 raise invalid(where, name, getattr(self, name), "expected true or false")
-        if not _is_number(self.load_balance_weight) or self.load_balance_weight < 0:
-            raise invalid(where, "load_balance_weight", self.load_balance_weight, "expected a number >= 0")
-        if not _is_number(self.capacity_factor) or self.capacity_factor <= 0:
-            raise invalid(where, "capacity_factor", self.capacity_factor, "expected a number > 0")
-        if self.overflow not in OVERFLOWS:
-            raise invalid(where, "overflow", self.overflow, f"expected one of {list(OVERFLOWS)}")
+        check_number(where, "load_balance_weight", self.load_balance_weight, low=0.0, low_open=False)
+        check_number(where, "capacity_factor", self.capacity_factor)
+        check_choice(where, "overflow", self.overflow, OVERFLOWS)
         if self.dispatch and self.type != "noisy_topk":
             raise invalid(where, "dispatch", self.dispatch, "dispatch needs type 'noisy_topk'")
 
@@ -220,14 +207,12 @@ class ArchConfig:
 
     def __post_init__(self) -> None:
         where = "model.arch"
-        if self.interaction not in INTERACTIONS:
-            raise invalid(where, "interaction", self.interaction, f"expected one of {list(INTERACTIONS)}")
-        if self.type not in ARCHS:
-            raise invalid(where, "type", self.type, f"expected one of {list(ARCHS)}")
-        _check_int(where, "num_experts", self.num_experts, 1)
-        _check_int(where, "num_shared_experts", self.num_shared_experts, 0)
-        _check_int(where, "num_task_experts", self.num_task_experts, 0)
-        _check_int(where, "num_levels", self.num_levels, 1)
+        check_choice(where, "interaction", self.interaction, INTERACTIONS)
+        check_choice(where, "type", self.type, ARCHS)
+        check_int(where, "num_experts", self.num_experts, minimum=1)
+        check_int(where, "num_shared_experts", self.num_shared_experts, minimum=0)
+        check_int(where, "num_task_experts", self.num_task_experts, minimum=0)
+        check_int(where, "num_levels", self.num_levels, minimum=1)
         if self.type == "ple" and self.num_shared_experts + self.num_task_experts == 0:
             raise invalid(
                 where, "num_task_experts", self.num_task_experts, "ple needs at least one expert per gate"
@@ -236,7 +221,7 @@ class ArchConfig:
             self, "expert_hidden", _check_sizes(where, "expert_hidden", self.expert_hidden, False)
         )
         object.__setattr__(self, "tower_hidden", _check_sizes(where, "tower_hidden", self.tower_hidden, True))
-        if not _is_number(self.dropout) or not 0 <= self.dropout < 1:
+        if not is_number(self.dropout) or not 0 <= self.dropout < 1:
             raise invalid(where, "dropout", self.dropout, "expected a number in [0, 1)")
 
     def experts_per_gate(self) -> int:
