@@ -37,7 +37,8 @@ from recsys.config import builtin_config as builtin_model_config
 from recsys.data.batch import FeatureLayout
 from recsys.model import build_model
 from recsys.package import load_package, model_ready, save_package, score_ready
-from recsys.scoring.job import ScoreConfig, generate_candidates, run_scoring
+from recsys.scoring import ScoreConfig, run_scoring
+from synth.candidates import generate_candidates
 
 GIB = 1024**3
 

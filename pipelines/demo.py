@@ -21,9 +21,10 @@ from features import console
 from features.config import FeatureConfig, builtin_config
 from features.pipeline import build, load_tables
 from pipelines.cli import add_console_flags, quiet_console
-from recsys.scoring.job import ScoreConfig, generate_candidates, run_scoring, top_of_request
+from recsys.scoring import ScoreConfig, run_scoring, top_of_request
 from recsys.train.config import TrainConfig, builtin_train_config
 from recsys.train.loop import run_training
+from synth.candidates import generate_candidates
 from synth.generate import generate
 
 

@@ -6,26 +6,33 @@ Examples::
     python -m pipelines.score --model models:/ecommerce-ranker@champion \
         --input data/cands/impressions.parquet --history data/demo/raw/impressions.parquet \
         --output data/scores --tracking-uri sqlite:///data/demo/mlflow.db
-    # a pinned version, the best 10 per request, ranked by p_click * p_purchase^0.5:
+    # a pinned version, the best 10 per request, ranked by p_click * p_purchase^0.5, logged to MLflow:
     python -m pipelines.score --model models:/ecommerce-ranker/3 --input 'cands/*.parquet' \
-        --output out --top-k 10 --alpha 0.5
+        --output out --top-k 10 --alpha 0.5 --experiment ecommerce-ranker-scoring
     # the same command as a job on a Ray cluster (input and output on a shared filesystem):
     ray job submit --address http://127.0.0.1:8265 --working-dir . -- python -m pipelines.score ...
 
 Rerunning the same command after a crash skips the finished partitions (OUT/manifest.json) and scores
 the rest; an output folder of another model version, input or settings is refused unless --overwrite.
-Output: OUT/part-XXXXX.parquet with impression_id, request_id, user_id, item_id, p_click, p_purchase,
-score, rank (1 = best within request_id) and model_version. Exit status: 0 when every count agrees, 1 when
-a count differs or partitions are left, 2 on bad input (nothing written).
+Output: OUT/part-XXXXX.parquet with impression_id, request_id, user_id, item_id, one p_<task> per task of
+the model (p_click, p_purchase for the demo model), score, rank (1 = best within request_id) and
+model_version. The run is logged to MLflow only with --experiment; without it nothing is created in the
+store. Library output goes to OUT.log (beside the output folder; --verbose: on screen too). Exit status:
+0 when every count agrees, 1 when a count differs or partitions are left, 2 on bad input (nothing
+written).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+from pathlib import Path
 
-from recsys.scoring.job import FORMULAS, ScoreConfig
+from features import console
+from pipelines.cli import add_console_flags, fail, quiet_console
+from recsys.scoring import PRODUCT, ScoreConfig, ScoreResult
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -58,12 +65,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--top-k", type=int, help="keep the best K rows of each request (default: all)")
     parser.add_argument(
         "--score-formula",
-        choices=FORMULAS,
         default=defaults.score_formula,
-        help="product: p_click * p_purchase^alpha (default); click: p_click; purchase: p_purchase",
+        help=f"{PRODUCT} (default): the first task's probability times the others' to the power alpha "
+        "(p_click * p_purchase^alpha for the demo model); or a task's name (click, purchase, ...): that "
+        "task's output alone",
     )
     parser.add_argument(
-        "--alpha", type=float, default=defaults.alpha, help="exponent of p_purchase (default 1)"
+        "--alpha",
+        type=float,
+        default=defaults.alpha,
+        help="exponent of the later tasks in product, p_purchase for the demo model (default 1)",
     )
     parser.add_argument(
         "--batch-size",
@@ -91,11 +102,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help=f"most rows per partition and output file ({defaults.rows_per_partition:,})",
     )
     parser.add_argument("--tracking-uri", help="MLflow store (default: $MLFLOW_TRACKING_URI or ./mlflow.db)")
-    parser.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
+    parser.add_argument(
+        "--experiment", help="MLflow experiment to log the scoring run in (default: none, not logged)"
+    )
+    parser.add_argument(
+        "--address", help="Ray cluster address; sets RAY_ADDRESS (default: $RAY_ADDRESS, else a local Ray)"
+    )
     parser.add_argument(
         "--overwrite", action="store_true", help="rescore everything, replacing another run's output"
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_console_flags(parser, "OUT.log, beside the output folder")
     return parser.parse_args(argv)
 
 
@@ -103,50 +120,63 @@ def main(argv: list[str] | None = None) -> int:
     """Scores; exits 2 on bad input, 1 if a count differs, 0 otherwise."""
     args = parse_args(argv)
     from features.contract import ContractError
-    from recsys.scoring.job import run_scoring, top_of_request
+    from recsys.scoring import run_scoring
     from recsys.tracking import TrackingError
 
-    try:
-        config = ScoreConfig(
-            model=args.model,
-            input=args.input,
-            output=args.output,
-            users=args.users,
-            items=args.items,
-            history=args.history,
-            top_k=args.top_k,
-            score_formula=args.score_formula,
-            alpha=args.alpha,
-            batch_size=args.batch_size,
-            concurrency=args.concurrency,
-            threads_per_actor=args.threads_per_actor,
-            rows_per_partition=args.rows_per_partition,
-            tracking_uri=args.tracking_uri,
-            address=args.address,
-            overwrite=args.overwrite,
-            progress=not args.no_progress,
-        )
-        result = run_scoring(config)
-    except (ContractError, ValueError, FileNotFoundError, TrackingError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(
+    if args.address:
+        os.environ["RAY_ADDRESS"] = args.address  # read by the one Ray bootstrap, recsys.runtime.init_ray
+    output = Path(args.output)
+    with quiet_console(args, output.parent / f"{output.name}.log"):
+        try:
+            result = run_scoring(_config(args))
+        except (ContractError, ValueError, FileNotFoundError, TrackingError) as exc:
+            return fail(exc)
+        _print_result(result)
+    return 0 if result.ok else 1
+
+
+def _config(args: argparse.Namespace) -> ScoreConfig:
+    return ScoreConfig(
+        model=args.model,
+        input=args.input,
+        output=args.output,
+        users=args.users,
+        items=args.items,
+        history=args.history,
+        top_k=args.top_k,
+        score_formula=args.score_formula,
+        alpha=args.alpha,
+        batch_size=args.batch_size,
+        concurrency=args.concurrency,
+        threads_per_actor=args.threads_per_actor,
+        rows_per_partition=args.rows_per_partition,
+        tracking_uri=args.tracking_uri,
+        experiment=args.experiment,
+        overwrite=args.overwrite,
+        progress=not args.no_progress,
+    )
+
+
+def _print_result(result: ScoreResult) -> None:
+    from recsys.scoring import top_of_request
+
+    say = console.story
+    say(
         f"\nscored with {result.pinned_uri} (from {result.model_uri}): {result.rows_in:,} rows in, "
         f"{result.rows_out:,} rows out ({result.expected_out:,} expected), {result.partitions} partitions "
         f"({result.partitions_skipped} skipped as done), {result.seconds:.1f} s, "
         f"{result.rows_per_s:,.0f} rows/s"
     )
-    print(f"output: {result.output} (manifest {result.manifest})")
+    say(f"output: {result.output} (manifest {result.manifest})")
     if result.run_id:
-        print(f"mlflow run: {result.run_id}")
+        say(f"mlflow run: {result.run_id}")
     if result.problems:
-        print("count problems:\n  " + "\n  ".join(result.problems), file=sys.stderr)
+        console.error("count problems:\n  " + "\n  ".join(result.problems))
     if not result.complete:
-        print("incomplete: rerun the same command to finish", file=sys.stderr)
+        console.error("incomplete: rerun the same command to finish")
     if result.ok:
-        print(json.dumps({k: round(v, 5) for k, v in result.summary.items()}, sort_keys=True))
-        print(top_of_request(result.output))
-    return 0 if result.ok else 1
+        say(json.dumps({k: round(v, 5) for k, v in result.summary.items()}, sort_keys=True))
+        say(str(top_of_request(result.output)))
 
 
 if __name__ == "__main__":

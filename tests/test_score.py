@@ -7,28 +7,37 @@ import json
 import mlflow
 import numpy as np
 import polars as pl
+import pyarrow.parquet as pq
 import pytest
 from mlflow import MlflowClient
 from polars.testing import assert_frame_equal
 
 from features.config import FeatureConfig, builtin_config
-from features.contract import ContractError
+from features.contract import LABELS, ContractError
 from features.pipeline import build, load_tables
+from recsys.config import TaskConfig
 from recsys.package import save_package
-from recsys.scoring.job import (
-    ScoreConfig,
-    expected_rows_out,
-    init_ray,
-    plan_partitions,
-    rank_requests,
-    read_partition,
-    run_scoring,
+from recsys.runtime import init_ray
+from recsys.scoring import ScoreConfig, ScoreFormula, ScoreSettings, run_scoring
+from recsys.scoring.manifest import (
+    MANIFEST,
+    Manifest,
+    ModelRecord,
+    MovedRequests,
+    PartitionRecord,
+    load_manifest,
+    open_output,
 )
+from recsys.scoring.partitions import plan_partitions, read_partition
+from recsys.scoring.ranking import expected_rows_out, rank_requests
+from recsys.scoring.stage import OBJECT_STORE_BYTES, embedded_cpus
 from recsys.tracking import CHAMPION, Tracker, log_model, register_model
+from synth.candidates import generate_candidates
 from synth.generate import generate
 from tests.test_package import TINY_MODEL, in_memory_package, joined
 
 MODEL = "tiny-ranker"
+TASKS = (TaskConfig("click"), TaskConfig("purchase", given="click"))  # the tiny model's tasks
 
 
 def write_parts(frame: pl.DataFrame, path, row_group_size: int) -> None:
@@ -80,7 +89,8 @@ def test_rank_is_a_permutation_per_request_with_deterministic_ties():
             "p_purchase": [0.1, 0.1, 0.1, 0.05, 0.05, 0.2],
         }
     )
-    ranked = rank_requests(scored, "product", 1.0, None)
+    product = ScoreFormula.for_tasks("product", 1.0, TASKS)
+    ranked = rank_requests(scored, product, None)
     assert ranked.select("request_id", "impression_id", "rank").rows() == [
         (1, 3, 1),  # tie with 4 at 0.05: the smaller impression_id first
         (1, 4, 2),
@@ -90,22 +100,103 @@ def test_rank_is_a_permutation_per_request_with_deterministic_ties():
         (3, 9, 1),
     ]
     np.testing.assert_allclose(ranked["score"][:3].to_numpy(), [0.05, 0.05, 0.02])
-    by_click = rank_requests(scored, "click", 1.0, 1)
+    by_click = rank_requests(scored, ScoreFormula.for_tasks("click", 1.0, TASKS), 1)
     assert by_click.select("request_id", "impression_id").rows() == [(1, 3), (2, 1), (3, 9)]
     assert (
         expected_rows_out(scored["request_id"], 2) == 5 and expected_rows_out(scored["request_id"], None) == 6
     )
-    alpha0 = rank_requests(scored, "product", 0.0, None)
+    alpha0 = rank_requests(scored, ScoreFormula.for_tasks("product", 0.0, TASKS), None)
     np.testing.assert_allclose(alpha0["score"].drop_nulls().to_numpy(), [0.5, 0.5, 0.2, 0.1, 0.3])
 
 
 def test_score_config_rejects_bad_values():
     with pytest.raises(ValueError, match="top_k: expected an integer >= 1, got 0"):
         ScoreConfig(model="m", input="i", output="o", top_k=0)
-    with pytest.raises(ValueError, match="score_formula: expected one of .*, got 'sum'"):
-        ScoreConfig(model="m", input="i", output="o", score_formula="sum")
     with pytest.raises(ValueError, match="alpha: expected a finite number, got nan"):
         ScoreConfig(model="m", input="i", output="o", alpha=float("nan"))
+    with pytest.raises(ValueError, match="score.score_formula: expected a non-empty string, got ''"):
+        ScoreConfig(model="m", input="i", output="o", score_formula="")
+    with pytest.raises(ValueError, match="score.batch_size: expected an integer >= 1, got -1"):
+        ScoreConfig(model="m", input="i", output="o", batch_size=-1)
+
+
+def test_score_formula_fits_the_models_own_tasks():
+    # A formula is checked against the tasks the model declares, once the model is resolved.
+    with pytest.raises(ValueError, match=r"score_formula: expected one of .*, got 'sum'"):
+        ScoreFormula.for_tasks("sum", 1.0, TASKS)
+    with pytest.raises(ValueError, match=r"\['product', 'click', 'purchase'\].*got 'sum'"):
+        ScoreFormula.for_tasks("sum", 1.0, TASKS)
+    watch = (TaskConfig("click"), TaskConfig("watch_time", kind="regression"))
+    with pytest.raises(
+        ValueError, match=r"'product' .* \['click', 'watch_time'\] include \['watch_time \(regression\)'\]"
+    ):
+        ScoreFormula.for_tasks("product", 1.0, watch)
+    by_watch = ScoreFormula.for_tasks("watch_time", 1.0, watch)
+    assert by_watch.columns == ("pred_watch_time",)
+    # Other task names work the same: the first task times the product of the later ones ** alpha.
+    three = (TaskConfig("view"), TaskConfig("like"), TaskConfig("share"))
+    formula = ScoreFormula.for_tasks("product", 0.5, three)
+    assert formula.columns == ("p_view", "p_like", "p_share")
+    scored = pl.DataFrame(
+        {
+            "impression_id": [1, 2],
+            "request_id": [1, 1],
+            "p_view": [0.5, 0.9],
+            "p_like": [0.4, 0.1],
+            "p_share": [0.25, 0.1],
+        }
+    )
+    ranked = rank_requests(scored, formula, None)
+    np.testing.assert_allclose(ranked["score"].to_numpy(), [0.5 * 0.1**0.5, 0.9 * 0.01**0.5])
+    assert ranked["impression_id"].to_list() == [1, 2]
+
+
+def test_manifest_reads_back_and_refuses_another_run(tmp_path):
+    record = ModelRecord("models:/m@champion", "models:/m/1", "m", "1", "r1", "abc")
+    fresh = Manifest(
+        record, "1", "fp", {"input": ["a.parquet"]}, "none", ScoreSettings("product", 1.0, None, 10), 5
+    )
+    out = open_output(tmp_path / "out", fresh, overwrite=False)
+    entry = PartitionRecord(
+        "part-00000.parquet", "a.parquet", 0, 5, 5, 5, 5, 5, MovedRequests(0, 0), "1", "done", 0.1
+    )
+    out.record(0, entry, tmp_path / "out" / MANIFEST)
+    back = load_manifest(tmp_path / "out" / MANIFEST)
+    assert (
+        back == out
+        and json.loads((tmp_path / "out" / MANIFEST).read_text())["partitions"]["0"]["rows_out"] == 5
+    )
+    # Its file is missing: not finished, so a rerun scores it again.
+    assert back.finished(tmp_path / "out") == set()
+    moved = Manifest(
+        ModelRecord("models:/m@champion", "models:/m/2", "m", "2", "r2", "abc"),
+        "2",
+        "fp",
+        {},
+        "none",
+        ScoreSettings("product", 0.5, None, 10),
+        5,
+    )
+    with pytest.raises(
+        ValueError, match=r"scored with 'models:/m/1'.*to 'models:/m/2'.*settings: .*--overwrite"
+    ):
+        open_output(tmp_path / "out", moved, overwrite=False)
+    (tmp_path / "out" / MANIFEST).write_text(json.dumps({"format": 0}))
+    with pytest.raises(ValueError, match=r"format: 0, expected 1"):
+        open_output(tmp_path / "out", fresh, overwrite=False)
+
+
+def test_candidates_are_the_generated_impressions_without_labels(tmp_path):
+    cands = generate_candidates(tmp_path / "cands", 500, seed=4, progress=False, chunk_rows=100)
+    impressions = pl.read_parquet(cands.impressions)
+    history = pl.read_parquet(cands.history)
+    assert cands.rows == impressions.height == history.height == 500
+    assert not set(LABELS) & set(impressions.columns) and set(LABELS) <= set(history.columns)
+    assert_frame_equal(impressions, history.drop(*LABELS))
+    assert (
+        pq.ParquetFile(cands.impressions).num_row_groups == pq.ParquetFile(cands.history).num_row_groups > 1
+    )
+    assert cands.users.exists() and cands.items.exists() and not (tmp_path / "cands" / ".world").exists()
 
 
 # ------------------------------------------------------------------------------------ end to end
@@ -154,7 +245,7 @@ def world(raw_world):
     cands.slice(1700).write_parquet(inputs / "c1.parquet", row_group_size=300)
     users.write_parquet(inputs / "users.parquet")
     items.write_parquet(inputs / "items.parquet")
-    ray_started = init_ray(actors=2)
+    ray_started = init_ray("scoring", num_cpus=embedded_cpus(2), object_store_memory=OBJECT_STORE_BYTES)
     yield {
         "root": root,
         "store": store,
@@ -190,7 +281,7 @@ def read_output(out) -> pl.DataFrame:
 
 @pytest.fixture(scope="module")
 def full_run(world):
-    result = run_scoring(config_for(world, "full"))
+    result = run_scoring(config_for(world, "full", experiment=f"{MODEL}-scoring"))
     return result, read_output(result.output)
 
 

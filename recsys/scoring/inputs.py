@@ -1,0 +1,207 @@
+"""The input of a scoring run: candidate files, the users, items and history tables, all checked first.
+
+Every table is validated against the data contract (:func:`features.contract.validate`) before any work:
+a missing column or a wrong type fails with the table, the column and a value named, and nothing is
+written. Scoring relaxes one rule: ``user_id`` and ``item_id`` may be null (a logged-out user, an item
+missing from the catalogue); such rows are scored through the out-of-vocabulary ids, as unseen ids are,
+and never dropped.
+
+History features (the user's recent clicks as of each row's ``ts``) come from ``history`` (impressions
+with ``click``) when given; else from the input's own labels when it carries ``click`` (as in training);
+else they are empty (no clicks), and the run says so.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import polars as pl
+import pyarrow.parquet as pq
+
+from features.contract import IMPRESSIONS, LABELS, ContractError, validate
+from features.pipeline import input_paths
+from recsys.package import HISTORY_COLUMNS
+from recsys.scoring.config import ScoreConfig
+
+NULLABLE_IDS = ("user_id", "item_id")  # null ids are scored through the out-of-vocabulary path
+BESIDE = ("users", "items", "history")  # tables that may sit beside the input files, and are not input
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """The validated input of a run.
+
+    Attributes:
+        files: the candidate Parquet files, in input order.
+        rows: candidate rows in all.
+        users: the users table.
+        items: the items table.
+        history: (H, ``HISTORY_COLUMNS``) click events for the history features.
+        history_source: where they come from, in words.
+        groups: the files of each table (``input``, ``users``, ``items``, and ``history`` when given).
+        fingerprint: a content fingerprint of all of them: a rerun on changed files is refused.
+    """
+
+    files: list[Path]
+    rows: int
+    users: pl.DataFrame
+    items: pl.DataFrame
+    history: pl.DataFrame
+    history_source: str
+    groups: dict[str, list[Path]]
+    fingerprint: str
+
+
+def read_inputs(config: ScoreConfig) -> Inputs:
+    """Finds and validates the input of ``config``.
+
+    Raises:
+        ContractError: a table breaks the contract (the message names the table, the column and a value).
+        FileNotFoundError: an input is missing.
+    """
+    files = input_files(config.input)
+    groups = {
+        "input": files,
+        "users": _table_files(_beside(files, config.users, "users")),
+        "items": _table_files(_beside(files, config.items, "items")),
+    }
+    if config.history:
+        groups["history"] = _table_files(Path(config.history))
+    has_labels = _validate_input(files)
+    users = _validated_table(groups["users"], "users")
+    items = _validated_table(groups["items"], "items")
+    history, source = _history(config, files, has_labels)
+    rows = sum(pq.read_metadata(f).num_rows for f in files)
+    return Inputs(files, rows, users, items, history, source, groups, _fingerprint(groups))
+
+
+def input_files(path: str) -> list[Path]:
+    """The Parquet files of an input: a file, a folder's ``*.parquet`` (recursive), or a glob's matches.
+
+    ``users.parquet``, ``items.parquet`` and ``history.parquet`` in a folder or glob are tables beside the
+    input, not input, and are left out.
+
+    Raises:
+        FileNotFoundError: no file matches.
+    """
+    try:
+        files = input_paths(path)
+    except FileNotFoundError:
+        files = []
+    if os.path.isdir(path) or any(ch in path for ch in "*?["):
+        files = [f for f in files if Path(f).name not in {f"{name}.parquet" for name in BESIDE}]
+    if not files:
+        raise FileNotFoundError(f"input: no Parquet file at {path!r}")
+    return [Path(f).resolve() for f in files]
+
+
+def _beside(files: list[Path], explicit: str | None, name: str) -> Path:
+    path = Path(explicit) if explicit else files[0].parent / f"{name}.parquet"
+    if not path.exists():
+        how = f"--{name} {explicit}" if explicit else f"no --{name}, and no {path}"
+        raise FileNotFoundError(f"{name}: {how} not found; give the {name} table with --{name}")
+    return path
+
+
+def _table_files(path: Path) -> list[Path]:
+    return input_files(str(path)) if path.is_dir() else [path.resolve()]
+
+
+def file_fingerprint(path: Path) -> str:
+    """A content fingerprint of a Parquet file: its name, size and footer (schema, row groups, statistics).
+
+    Reading the footer only keeps it cheap for large files; any rewrite changes the footer's offsets or
+    statistics.
+    """
+    digest = hashlib.sha256()
+    size = path.stat().st_size
+    digest.update(f"{path.name}:{size}:".encode())
+    with open(path, "rb") as fh:
+        fh.seek(max(0, size - 8))
+        tail = fh.read(8)
+        footer = int.from_bytes(tail[:4], "little") if len(tail) == 8 and tail[4:] == b"PAR1" else 0
+        fh.seek(max(0, size - 8 - footer))
+        digest.update(fh.read(footer + 8))
+    return digest.hexdigest()
+
+
+def _fingerprint(groups: dict[str, list[Path]]) -> str:
+    digest = hashlib.sha256()
+    for name, files in groups.items():
+        digest.update(name.encode())
+        for f in files:
+            digest.update(file_fingerprint(f).encode())
+    return digest.hexdigest()[:32]
+
+
+def _scan(files: list[Path]) -> pl.LazyFrame:
+    return pl.scan_parquet([str(f) for f in files])
+
+
+def _validate_input(files: list[Path]) -> bool:
+    """Validates each candidate file, then the key across files; returns whether the input has labels.
+
+    Raises:
+        ContractError: naming the file, the column and a value.
+    """
+    has_labels = None
+    for f in files:
+        labels = all(c in pl.scan_parquet(str(f)).collect_schema() for c in LABELS)
+        if has_labels is not None and labels != has_labels:
+            raise ContractError(
+                f"input {f}: some input files have the label columns {list(LABELS)}, others not"
+            )
+        has_labels = labels
+        _validate_candidates(f, labels)
+    if len(files) > 1:
+        stats = _scan(files).select(pl.len(), pl.col("impression_id").n_unique()).collect().row(0)
+        if stats[0] != stats[1]:
+            raise ContractError(
+                f"impressions.impression_id: key is not unique across the input files: "
+                f"{stats[0] - stats[1]} duplicate row(s)"
+            )
+    return bool(has_labels)
+
+
+def _validate_candidates(file: Path, labels: bool) -> None:
+    """Validates one candidate file against the impressions contract, null ids allowed."""
+    lf = pl.scan_parquet(str(file))
+    schema = lf.collect_schema()
+    # Null user and item ids are allowed when scoring (out-of-vocabulary); only their null rule is waived.
+    checked = lf.with_columns(
+        pl.col(c).fill_null(-1) for c in NULLABLE_IDS if c in schema and schema[c].is_integer()
+    )
+    try:
+        validate(checked, "impressions", labels=labels)
+    except ContractError as e:
+        raise ContractError(f"input {file}:\n{e}") from None
+
+
+def _validated_table(files: list[Path], table: str) -> pl.DataFrame:
+    try:
+        return validate(_scan(files), table).collect()
+    except ContractError as e:
+        raise ContractError(f"{table} {files[0] if len(files) == 1 else files}:\n{e}") from None
+
+
+def _history(config: ScoreConfig, files: list[Path], has_labels: bool) -> tuple[pl.DataFrame, str]:
+    """The click events for the history features, and where they come from."""
+    if config.history:
+        hist_files = _table_files(Path(config.history))
+        try:
+            lf = validate(_scan(hist_files), "impressions")
+        except ContractError as e:
+            raise ContractError(f"history {config.history}:\n{e}") from None
+        source = f"history {config.history}"
+    elif has_labels:
+        lf, source = _scan(files), "the input's own labels"
+    else:
+        empty = pl.DataFrame(
+            schema={c.name: c.dtype for c in IMPRESSIONS.columns if c.name in HISTORY_COLUMNS}
+        )
+        return empty, "none (no --history and no labels in the input): history features are empty"
+    # Only clicks make history (features.derive.click_history); the rest is not needed.
+    return lf.filter(pl.col("click") == 1).select(HISTORY_COLUMNS).collect(), source

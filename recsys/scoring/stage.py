@@ -1,0 +1,180 @@
+"""The Ray Data stage of a scoring run: partitions in, narrow scored rows out, on as many actors as CPUs.
+
+One dataset over the partitions to do, mapped by :class:`ScoreStage` (``map_batches`` with a callable
+class; ``concurrency`` actors, one per CPU by default, each with the model loaded once and the users,
+items and click-history tables). An actor reads a partition, runs the training feature code
+(:func:`recsys.package.model_ready`: :func:`features.pipeline.derived` then
+:func:`features.spec.output_exprs`) and the model (``batch_size`` rows per call), and returns the key
+columns and one output column per task. Ranking and writing happen on the driver
+(:mod:`recsys.scoring.writer`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+
+from features.pipeline import Tables
+from recsys.package import load_package, model_ready, output_column, score_ready
+from recsys.runtime import init_ray, model_process_env
+from recsys.scoring.config import ScoreConfig
+from recsys.scoring.inputs import Inputs
+from recsys.scoring.partitions import PARTITION, Partition, read_partition
+
+KEY_COLUMNS = ("impression_id", "request_id", "user_id", "item_id")
+# A bounded object store bounds the tables and scored blocks in flight, and so the memory.
+OBJECT_STORE_BYTES = 2 * 1024**3
+
+
+def embedded_cpus(cpus_taken: int) -> int:
+    """Logical CPUs of an embedded Ray for actors taking ``cpus_taken`` CPUs at once.
+
+    Headroom: the actors take their CPUs, and Ray Data's own tasks need a free CPU besides, or they wait
+    forever on a 2-core machine (as in :mod:`recsys.train`).
+    """
+    return max(os.cpu_count() or 1, cpus_taken) + 2
+
+
+@contextlib.contextmanager
+def ray_for(config: ScoreConfig) -> Iterator[None]:
+    """Ray for the block: the cluster ``RAY_ADDRESS`` names, else an embedded one, shut down after.
+
+    A Ray already running in this process is used as it is, and left running.
+    """
+    taken = (config.concurrency or os.cpu_count() or 1) * config.threads_per_actor
+    started = init_ray("scoring", num_cpus=embedded_cpus(taken), object_store_memory=OBJECT_STORE_BYTES)
+    try:
+        yield
+    finally:
+        if started:
+            import ray
+
+            ray.shutdown()
+
+
+def package_files(directory: Path) -> dict[str, bytes]:
+    """The package folder as bytes, so that actors on any node can rebuild it (no shared disk needed)."""
+    return {p.name: p.read_bytes() for p in directory.iterdir() if p.is_file()}
+
+
+def _materialize(files: dict[str, bytes]) -> Path:
+    directory = Path(tempfile.mkdtemp(prefix="recsys-package-"))
+    for name, data in files.items():
+        (directory / name).write_bytes(data)
+    return directory
+
+
+class ScoreStage:
+    """Ray Data stage: partition specs in; per partition, key columns and one ``p_<task>`` per task out.
+
+    Each actor does all the work of a partition: it reads the rows, runs the training feature code
+    (:func:`recsys.package.model_ready`) and the model (:func:`recsys.package.score_ready`, ``batch_size``
+    rows per call). The model is rebuilt once per actor from the package bytes in the object store; the
+    users, items and click-history tables are fetched once per actor. The feature rows never leave the
+    actor: only the narrow scored rows go to the driver.
+
+    One stage rather than a feature stage feeding a model stage: two stages' actors fight over the cores
+    of a small machine, and every feature block would be copied through the object store.
+
+    Args:
+        shared: object references of ``package`` (file name -> bytes) and the ``users``, ``items`` and
+            ``history`` Arrow tables.
+        batch_size: rows per model call.
+        threads: torch threads of the actor.
+    """
+
+    def __init__(self, shared: dict[str, Any], batch_size: int, threads: int) -> None:
+        import ray
+        import torch
+
+        torch.set_num_threads(threads)
+        package_dir = _materialize(ray.get(shared["package"]))
+        self.package = load_package(package_dir)
+        shutil.rmtree(package_dir, ignore_errors=True)
+        self.batch_size = batch_size
+        self.columns = {t.name: output_column(t) for t in self.package.model_config.tasks}
+        self.users = pl.from_arrow(ray.get(shared["users"]))
+        self.items = pl.from_arrow(ray.get(shared["items"]))
+        self.history = pl.from_arrow(ray.get(shared["history"]))
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> Iterator[pa.Table]:
+        """Yields (rows, keys + one column per task + ``__partition``) Arrow tables, one per partition."""
+        for raw in batch["partition"]:
+            part = Partition.from_json(raw)
+            ready = self._model_ready(read_partition(part))
+            scores = score_ready(self.package, ready, self.batch_size)
+            out = ready.select(list(KEY_COLUMNS)).append_column(
+                PARTITION, pa.array(np.full(ready.num_rows, part.index, np.int64))
+            )
+            for task, column in self.columns.items():
+                out = out.append_column(column, pa.array(scores[task], pa.float64()))
+            yield out
+
+    def _model_ready(self, rows: pl.DataFrame) -> pa.Table:
+        """The model's input rows for candidate ``rows``, by the training feature code."""
+        # A user's history states depend on that user's clicks only: the rest need not be derived.
+        history = self.history.filter(pl.col("user_id").is_in(rows["user_id"].drop_nulls().unique()))
+        tables = Tables(rows.lazy(), self.users.lazy(), self.items.lazy(), history.lazy())
+        return model_ready(self.package.spec, tables).to_arrow()
+
+
+def scored_frames(
+    config: ScoreConfig, package: dict[str, bytes], inputs: Inputs, work: list[Partition]
+) -> Iterator[pl.DataFrame]:
+    """The Ray Data pipeline: partitions -> :class:`ScoreStage` -> scored rows (inside :func:`ray_for`).
+
+    Yields:
+        (B, keys + one column per task + ``__partition``) frames, in no particular order.
+    """
+    import ray
+
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False  # one bar per operator floods the screen; ours is per partition
+    context.print_on_execution_start = False
+    tables = {"users": inputs.users, "items": inputs.items, "history": inputs.history}
+    shared = {"package": ray.put(package)} | {k: ray.put(v.to_arrow()) for k, v in tables.items()}
+    threads = config.threads_per_actor
+    specs = [{"partition": p.to_json()} for p in work]
+    dataset = ray.data.from_items(specs, override_num_blocks=len(specs)).map_batches(
+        ScoreStage,
+        fn_constructor_kwargs={"shared": shared, "batch_size": config.batch_size, "threads": threads},
+        batch_size=1,  # one partition per call
+        batch_format="numpy",
+        # One partition per actor at a time: a partition queued behind a busy actor while another is
+        # idle (or still starting) would leave a core idle for a whole partition.
+        compute=ray.data.ActorPoolStrategy(
+            size=min(_actors(config), len(specs)), max_tasks_in_flight_per_actor=1
+        ),
+        num_cpus=threads,
+        # Polars sizes its thread pool when imported: set before the actor's process starts.
+        runtime_env={
+            "env_vars": {
+                "POLARS_MAX_THREADS": str(threads),
+                "OMP_NUM_THREADS": str(threads),
+                **model_process_env(),
+            }
+        },
+    )
+    for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0):
+        yield pl.from_arrow(batch)
+
+
+def _actors(config: ScoreConfig) -> int:
+    """Scoring actors: as configured, else one per CPU of this machine (local Ray) or of the cluster."""
+    import ray
+
+    if config.concurrency is not None:
+        return config.concurrency
+    if not os.environ.get("RAY_ADDRESS"):
+        return max(1, (os.cpu_count() or 1) // config.threads_per_actor)
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+    return max(1, (cpus - 1) // config.threads_per_actor)  # one CPU left to Ray Data's own tasks
