@@ -17,24 +17,21 @@ from typing import Any
 
 import yaml
 
-from features.config import from_mapping, invalid, shipped_config
+from features.checks import (
+    check_choice,
+    check_int,
+    check_number,
+    config_path,
+    from_mapping,
+    invalid,
+    shipped_config,
+)
 from recsys.config import ModelConfig
-from recsys.config import builtin_config as model_config_path
 
 EMBEDDING_OPTIMIZERS = ("rowwise_adagrad", "adam", "sgd")
 SHARDING_TYPES = ("table_wise", "column_wise", "table_column_wise", "row_wise", "auto")
 INGEST_MODES = ("parquet", "ray_data")
 CONFIG_DIR = Path(__file__).parents[1] / "configs"  # recsys/configs: model and training configs
-
-
-def _positive_int(where: str, name: str, value: Any, minimum: int = 1) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise invalid(where, name, value, f"expected an integer >= {minimum}")
-
-
-def _positive_number(where: str, name: str, value: Any) -> None:
-    if not isinstance(value, int | float) or isinstance(value, bool) or not value > 0:
-        raise invalid(where, name, value, "expected a number > 0")
 
 
 @dataclass(frozen=True)
@@ -82,30 +79,22 @@ class TrainingSettings:
 
     def __post_init__(self) -> None:
         w = "training"
-        _positive_int(w, "epochs", self.epochs)
-        _positive_int(w, "batch_size", self.batch_size)
-        _positive_number(w, "dense_lr", self.dense_lr)
-        _positive_number(w, "embedding_lr", self.embedding_lr)
-        if self.embedding_optimizer not in EMBEDDING_OPTIMIZERS:
-            raise invalid(
-                w,
-                "embedding_optimizer",
-                self.embedding_optimizer,
-                f"expected one of {list(EMBEDDING_OPTIMIZERS)}",
-            )
-        if self.sharding not in SHARDING_TYPES:
-            raise invalid(w, "sharding", self.sharding, f"expected one of {list(SHARDING_TYPES)}")
-        _positive_int(w, "seed", self.seed, 0)
-        _positive_int(w, "log_every_steps", self.log_every_steps)
+        check_int(w, "epochs", self.epochs)
+        check_int(w, "batch_size", self.batch_size)
+        check_number(w, "dense_lr", self.dense_lr)
+        check_number(w, "embedding_lr", self.embedding_lr)
+        check_choice(w, "embedding_optimizer", self.embedding_optimizer, EMBEDDING_OPTIMIZERS)
+        check_choice(w, "sharding", self.sharding, SHARDING_TYPES)
+        check_int(w, "seed", self.seed, minimum=0)
+        check_int(w, "log_every_steps", self.log_every_steps)
         for name in (
             "checkpoint_every_steps",
             "early_stopping_patience",
             "max_steps_per_epoch",
             "shuffle_rows",
         ):
-            _positive_int(w, name, getattr(self, name), 0)
-        if self.ingest not in INGEST_MODES:
-            raise invalid(w, "ingest", self.ingest, f"expected one of {list(INGEST_MODES)}")
+            check_int(w, name, getattr(self, name), minimum=0)  # 0: off
+        check_choice(w, "ingest", self.ingest, INGEST_MODES)
         if not isinstance(self.main_metric, str) or self.main_metric.count("/") != 1:
             raise invalid(w, "main_metric", self.main_metric, "expected 'task/metric', e.g. 'click/auc'")
 
@@ -121,7 +110,8 @@ class RunSettings:
         use_gpu: one GPU per worker, NCCL instead of gloo.
         storage_path: where Ray Train keeps checkpoints (a local folder or a cluster storage URI).
         name: the run's name under ``storage_path`` (default: model name and start time).
-        max_failures: worker failures to recover from (from the latest checkpoint) before giving up.
+        max_failures: worker failures to recover from (from the latest checkpoint) before giving up (-1:
+            without limit).
         cpus_per_worker: CPUs reserved per worker (and torch threads in it).
         parent_run_id: the MLflow run this run is nested under (tag ``mlflow.parentRunId``); empty: none.
             An experiment grid or a hyperparameter search sets it for each of its runs.
@@ -144,9 +134,10 @@ class RunSettings:
         for name in ("experiment", "model_name"):
             if not isinstance(getattr(self, name), str) or not getattr(self, name):
                 raise invalid(w, name, getattr(self, name), "expected a non-empty string")
-        _positive_int(w, "num_workers", self.num_workers)
-        _positive_int(w, "max_failures", self.max_failures, -1)
-        _positive_int(w, "cpus_per_worker", self.cpus_per_worker)
+        check_int(w, "num_workers", self.num_workers)
+        # Ray Train's FailureConfig: -1 retries without limit, 0 never.
+        check_int(w, "max_failures", self.max_failures, minimum=-1)
+        check_int(w, "cpus_per_worker", self.cpus_per_worker)
         if not isinstance(self.use_gpu, bool):
             raise invalid(w, "use_gpu", self.use_gpu, "expected true or false")
         if not isinstance(self.parent_run_id, str):
@@ -194,12 +185,9 @@ class TrainConfig:
                 raise ValueError(f"train config.{key}: missing required field")
         model = data["model"]
         if isinstance(model, str):
-            path = Path(model)
-            if path.suffix not in (".yaml", ".yml"):
-                path = model_config_path(model)
-            elif base is not None and not path.is_absolute():
-                path = base / path
-            data["model"] = ModelConfig.from_yaml(path)
+            if base is not None and model.endswith((".yaml", ".yml")):
+                model = str(base / model)  # a YAML path is read against ``base`` (an absolute one stays)
+            data["model"] = ModelConfig.from_yaml(config_path(model, CONFIG_DIR, "model config"))
         elif isinstance(model, dict):
             data["model"] = ModelConfig.from_dict(model)
         elif not isinstance(model, ModelConfig):
