@@ -287,7 +287,7 @@ def sharded_training_step(
     import torch.distributed as dist
 
     from recsys.train.config import TrainConfig
-    from recsys.train.loop import shard_model
+    from recsys.train.sharding import shard_model
 
     device = device or torch.device("cpu")
     owned = not dist.is_initialized()

@@ -190,7 +190,7 @@ def train_end_to_end(features: Path, out: Path, workers: int, epochs: int, inges
     from benchmarks.measure import BATCH, TreeMemory, spread
     from recsys.tracking import Tracker
     from recsys.train.config import TrainConfig
-    from recsys.train.loop import run_training
+    from recsys.train.driver import run_training
 
     uri = f"sqlite:///{(out / 'mlflow.db').resolve()}"
     train_rows = sum(pq.read_metadata(f).num_rows for f in (features / "train").glob("*.parquet"))

@@ -23,7 +23,7 @@ from features.pipeline import build, load_tables
 from pipelines.cli import add_console_flags, quiet_console
 from recsys.scoring import ScoreConfig, run_scoring, top_of_request
 from recsys.train.config import TrainConfig, builtin_train_config
-from recsys.train.loop import run_training
+from recsys.train.driver import run_training
 from synth.candidates import generate_candidates
 from synth.generate import generate
 

@@ -12,7 +12,7 @@ from nbclient import NotebookClient
 from features.config import FeatureConfig, builtin_config
 from features.pipeline import build, load_tables
 from recsys.train.config import TrainConfig
-from recsys.train.loop import run_training
+from recsys.train.driver import run_training
 from synth.generate import generate
 
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"

@@ -14,7 +14,7 @@ from features.config import FeatureConfig, builtin_config
 from features.pipeline import build, load_tables
 from recsys.tracking import TrackingError
 from recsys.train.config import TrainConfig
-from recsys.train.loop import run_training
+from recsys.train.driver import run_training
 from synth.generate import generate
 
 pytestmark = pytest.mark.slow

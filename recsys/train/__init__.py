@@ -1,5 +1,6 @@
-"""Training over Ray Train: config, sharding and checkpoints, evaluation, the worker loop, the driver.
+"""Training over Ray Train: config, typed state, sharding, checkpoints, evaluation, the worker, the driver.
 
 The driver (:func:`recsys.train.driver.run_training`) builds the trainer; every worker builds its own model
-and data; MLflow is called from the driver only, through :mod:`recsys.tracking.core`.
+and data (:mod:`recsys.train.worker`) and reports what it computed (:mod:`recsys.train.reports`); MLflow is
+called from the driver only, by :mod:`recsys.train.recorder` through :mod:`recsys.tracking`.
 """

@@ -1,0 +1,326 @@
+"""What the driver records of a training run: every MLflow call of training, in the driver process.
+
+Workers only compute and report (:mod:`recsys.train.reports`). Ray Train v2 hands every report to its user
+callbacks in the *controller*, an actor of its own (``TrainController``), not in the process that called
+``fit``. So the callback here, :class:`ReportForwarder`, does no recording: it puts rank 0's report and its
+checkpoint on a Ray queue, which a thread of the driver (:class:`RecorderChannel`) drains into the
+:class:`RunRecorder`. The recorder therefore lives where ``run_training`` does: it opens the MLflow run
+before the workers start (failing fast when tracking is required but unreachable), and its summary is
+plain data that ``run_training`` returns, with no file read back. A restarted worker only reports again;
+it never opens a run.
+
+The recorder logs the config, the feature spec and the sharding plan (at the workers' first start), train
+loss and throughput every N steps, the validation metrics and a calibration plot every epoch, and at the
+end the test metrics and plots, the test predictions, and the model package: logged as an MLflow model and
+registered (``champion`` if it beats the current champion on the main validation metric, else
+``challenger``). ``tracking.json`` in the run's folder keeps the MLflow run's id, so that ``--resume``
+reopens the same run.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+from pathlib import Path
+from typing import Any
+
+from ray.train import UserCallback
+
+from features.files import atomic_write
+from recsys.train.config import TrainConfig
+from recsys.train.reports import (
+    PACKAGE_DIR,
+    RECORD,
+    TEST_PREDICTIONS,
+    VALID_PREDICTIONS,
+    EpochReport,
+    FinalReport,
+    Report,
+    StartReport,
+    TrainWindow,
+    public_metrics,
+    read_report,
+)
+
+TRACKING_FILE = "tracking.json"  # in the run's folder: {"run_id": ...}
+SUMMARY_METRICS = ("/auc", "/gauc", "/log_loss", "/ne", "/calibration", "/oracle_auc", "/auc_gap")
+
+
+class RunRecorder:
+    """The driver's record of one training run, through :mod:`recsys.tracking`.
+
+    Args:
+        config: the run's config.
+        run_dir: the run's folder (Ray Train's checkpoints, ``tracking.json``, the package).
+        tracking_uri: the MLflow store.
+        require: fail if the store is unreachable (else go on without tracking, said once).
+    """
+
+    def __init__(self, config: TrainConfig, run_dir: Path, tracking_uri: str, require: bool) -> None:
+        from features.spec import FeatureSpec
+        from recsys.tracking import Tracker
+
+        self.config, self.run_dir = config, run_dir
+        self.spec = FeatureSpec.load(Path(config.features) / "spec.json")
+        self.tracker = Tracker(tracking_uri, config.run.experiment, require=require)
+        state_file = run_dir / TRACKING_FILE
+        previous = json.loads(state_file.read_text()).get("run_id") if state_file.exists() else None
+        tags = {"ray_run": run_dir.name, "spec_hash": self.spec.content_hash, **dict(config.run.tags)}
+        if config.run.parent_run_id:
+            tags["mlflow.parentRunId"] = config.run.parent_run_id
+        self.run_id = self.tracker.start_run(run_name=run_dir.name, run_id=previous, tags=tags)
+        self.new_run = self.run_id is not None and self.run_id != previous
+        self.plan_logged = not self.new_run  # a reopened run has its plan already
+        self.steps: list[int] = []
+        self.losses: dict[str, list[float]] = {}
+        self.summary: dict[str, Any] | None = None
+        if self.new_run:
+            atomic_write(state_file, json.dumps({"run_id": self.run_id}))
+            self.tracker.log_params(config.to_dict())
+            self.tracker.log_dict(config.to_dict(), "config/train_config.json")
+            self.tracker.log_text(self.spec.to_json(), "config/feature_spec.json")
+
+    def record(self, report: Report, checkpoint: Any | None) -> None:
+        """Logs one report of rank 0 (its checkpoint, a ``ray.train.Checkpoint``, holds the files)."""
+        if self.summary is not None:
+            return  # the run is recorded; a worker restarted after its final report reports it again
+        for window in getattr(report, "windows", ()):
+            self._train_window(window)
+        if isinstance(report, StartReport):
+            self._start(report)
+        elif isinstance(report, EpochReport):
+            self._epoch(report, checkpoint)
+        elif isinstance(report, FinalReport):
+            with checkpoint.as_directory() as directory:
+                self.summary = self._finish(report, Path(directory))
+
+    def close(self, status: str) -> None:
+        """Ends the MLflow run of a run that failed (``FAILED``) or was interrupted (``KILLED``)."""
+        if self.summary is None:
+            self.tracker.end_run(status)
+
+    def _start(self, report: StartReport) -> None:
+        if not self.plan_logged:
+            self.plan_logged = True
+            self.tracker.log_text(report.plan, "config/sharding_plan.txt")
+            self.tracker.log_params(
+                {"world_size": report.world_size, "sharding_plan_ranks": report.plan_ranks}
+            )
+        if report.resumed_from is not None:
+            self.tracker.log_metrics({"restarts/from_epoch": float(report.resumed_from)}, step=report.step)
+
+    def _train_window(self, window: TrainWindow) -> None:
+        self.steps.append(window.step)
+        for name, value in window.losses.items():
+            self.losses.setdefault(name, []).append(value)
+        metrics = {f"train/{k}": v for k, v in {**window.losses, **window.gate_stats}.items()}
+        self.tracker.log_metrics({**metrics, "train/examples_per_s": window.examples_per_s}, step=window.step)
+
+    def _epoch(self, report: EpochReport, checkpoint: Any) -> None:
+        from recsys.report import calibration_figure
+        from recsys.train.evaluation import finite_metrics
+
+        self.tracker.log_metrics(
+            {**finite_metrics(report.metrics), "epoch": float(report.epoch)}, report.step
+        )
+        with checkpoint.as_directory() as directory:
+            labels, probs = _predictions(Path(directory) / VALID_PREDICTIONS, self.config)
+        figure = calibration_figure(labels, probs, f"validation, epoch {report.epoch}")
+        self.tracker.log_figure(figure, f"report/calibration_valid_epoch{report.epoch:03d}.png")
+
+    def _finish(self, report: FinalReport, directory: Path) -> dict[str, Any]:
+        """Test metrics, the report's plots, the predictions and the package; registers the model."""
+        from recsys.train.evaluation import finite_metrics
+
+        self.tracker.log_metrics(finite_metrics(report.metrics), step=report.state.step)
+        self._report_plots(report, directory / TEST_PREDICTIONS)
+        self._test_predictions(directory / TEST_PREDICTIONS)
+        package = self.run_dir / PACKAGE_DIR
+        _replace_folder(directory / PACKAGE_DIR, package)  # a resumed run replaces its first part's package
+        summary = _summary(report, self.config, self.run_id, package)
+        summary.update(self._register(package, summary["final_valid_main_metric"]))
+        self.tracker.end_run("FINISHED")
+        return summary
+
+    def _report_plots(self, report: FinalReport, test_predictions: Path) -> None:
+        from recsys.report import calibration_figure, expert_load_figure, loss_figure
+        from recsys.train.evaluation import finite_metrics
+
+        history = list(report.state.history)
+        labels, probs = _predictions(test_predictions, self.config)
+        self.tracker.log_figure(
+            calibration_figure(labels, probs, "test split"), "report/calibration_test.png"
+        )
+        load = expert_load_figure(history, "expert load per gate (validation)")
+        self.tracker.log_figure(load, "report/expert_load.png")
+        if self.steps:
+            self.tracker.log_figure(loss_figure(self.steps, self.losses, "training loss"), "report/loss.png")
+        metrics = {"history": history, "test": finite_metrics(report.metrics)}
+        self.tracker.log_dict(metrics, "report/metrics.json")
+
+    def _test_predictions(self, source: Path) -> None:
+        """The sharded model's test predictions (keys and ``p_{task}``), for audits, beside the package."""
+        import pyarrow.parquet as pq
+
+        from recsys.train.evaluation import LABEL_PREFIX
+
+        table = pq.read_table(source)
+        table = table.select([c for c in table.column_names if not c.startswith(LABEL_PREFIX)])
+        target = self.run_dir / TEST_PREDICTIONS
+        tmp = target.with_name(f".{target.name}.tmp")
+        pq.write_table(table, tmp)
+        tmp.replace(target)
+        self.tracker.log_artifact(target, "report")
+
+    def _register(self, package: Path, final_metric: float) -> dict[str, Any]:
+        """Logs the package as an MLflow model and registers it; the summary's registry fields."""
+        from recsys.tracking import log_model, register_model
+
+        uri = log_model(self.tracker, package)
+        if uri is None:
+            return {}
+        key = f"valid/{self.config.training.main_metric}"
+        model_name = self.config.run.model_name
+        version = register_model(self.tracker, uri, model_name, key, float(final_metric))
+        if version is None:
+            return {}
+        return {
+            "model_uri": uri,
+            "registered_model": model_name,
+            "version": version.version,
+            "alias": version.alias,
+        }
+
+
+def _summary(report: FinalReport, config: TrainConfig, run_id: str | None, package: Path) -> dict[str, Any]:
+    """What ``run_training`` returns: test metrics, the kept epoch and its validation metric, routing."""
+    from recsys.metrics import expert_loads
+    from recsys.train.evaluation import finite_metrics
+
+    state = report.state
+    test = finite_metrics(report.metrics)
+    summary: dict[str, Any] = {
+        "mlflow_run_id": run_id,
+        "model_package": str(package),
+        "best_valid_main_metric": state.best,
+        # The registry compares the validation metric of the epoch whose weights the package holds.
+        "final_valid_main_metric": state.final_metric(f"valid/{config.training.main_metric}"),
+        "final_epoch": state.final_epoch,
+        "steps": state.step,  # training steps taken (on each worker)
+        "test": {k: v for k, v in test.items() if k.endswith(SUMMARY_METRICS)},
+    }
+    loads = expert_loads(test, "test/")
+    if loads:
+        summary["expert_load"] = loads  # per gate, for experiments that compare routing
+    return summary
+
+
+def _predictions(path: Path, config: TrainConfig) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Labels and probabilities of the binary tasks from a predictions file of a checkpoint."""
+    import pyarrow.parquet as pq
+
+    from recsys.train.evaluation import Predictions
+
+    return Predictions.from_arrow(pq.read_table(path)).binary(config)
+
+
+def _replace_folder(source: Path, target: Path) -> None:
+    """Copies ``source`` to ``target``: into a temporary folder beside it, then renamed over it."""
+    tmp = target.with_name(f".{target.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(source, tmp)
+    old = target.with_name(f".{target.name}.old")
+    if target.exists():
+        target.replace(old)
+    tmp.replace(target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+class ReportForwarder(UserCallback):
+    """In Ray Train's controller: rank 0's reports to the driver's recorder, public metrics to the others.
+
+    The run's other user callbacks (Ray Tune's report callback) see what they always saw: the reports of
+    step and epoch checkpoints, with their public metrics only (see
+    :func:`~recsys.train.reports.public_metrics`).
+
+    Args:
+        queue: the :class:`ray.util.queue.Queue` the driver's :class:`RecorderChannel` drains.
+        callbacks: the run's other user callbacks.
+    """
+
+    def __init__(self, queue: Any, callbacks: list[UserCallback]) -> None:
+        self.queue = queue
+        self.callbacks = callbacks
+
+    def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
+        """Forwards rank 0's record (and the checkpoint); passes public metrics on."""
+        if metrics and RECORD in metrics[0]:
+            self.queue.put((metrics[0], checkpoint))
+        public = public_metrics(metrics[0]) if metrics else None
+        if public is not None:
+            for callback in self.callbacks:
+                callback.after_report(run_context, [public, *metrics[1:]], checkpoint)
+
+    def after_exception(self, run_context: Any, worker_exceptions: dict[int, Exception]) -> None:
+        """Passes the workers' exceptions on."""
+        for callback in self.callbacks:
+            callback.after_exception(run_context, worker_exceptions)
+
+
+class RecorderChannel:
+    """Reports from Ray Train's controller to a :class:`RunRecorder` in this process, on a thread.
+
+    Use it around ``fit``: on leaving, the reports still queued are recorded (``fit`` returns once the
+    controller has handed every report over), an error of the recorder is raised, and a run that failed
+    or was interrupted has its MLflow run ended as ``FAILED`` or ``KILLED``.
+
+    Example:
+        >>> with RecorderChannel(recorder) as channel:  # doctest: +SKIP
+        ...     TorchTrainer(..., run_config=RunConfig(callbacks=channel.callbacks([]))).fit()
+    """
+
+    def __init__(self, recorder: RunRecorder) -> None:
+        from ray.util.queue import Queue
+
+        self.recorder = recorder
+        self.queue = Queue(actor_options={"num_cpus": 0})
+        self.done = threading.Event()
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._drain, name="train-recorder", daemon=True)
+
+    def callbacks(self, others: list[Any] | None) -> list[Any]:
+        """The run's callbacks: the forwarder, which wraps the other user callbacks, and the rest."""
+        others = list(others or [])
+        users = [c for c in others if isinstance(c, UserCallback)]
+        return [ReportForwarder(self.queue, users), *(c for c in others if not isinstance(c, UserCallback))]
+
+    def __enter__(self) -> RecorderChannel:
+        self.thread.start()
+        return self
+
+    def __exit__(self, kind: type | None, error: BaseException | None, traceback: Any) -> None:
+        self.done.set()
+        self.thread.join()
+        self.queue.shutdown()
+        if kind is not None:
+            self.recorder.close("KILLED" if issubclass(kind, KeyboardInterrupt) else "FAILED")
+        elif self.error is not None:
+            raise self.error
+
+    def _drain(self) -> None:
+        from ray.util.queue import Empty
+
+        while True:
+            try:
+                metrics, checkpoint = self.queue.get(timeout=0.2)
+            except Empty:
+                if self.done.is_set():
+                    return
+                continue
+            if self.error is not None:
+                continue  # the recorder failed: the rest is dropped, the error raised when fit returns
+            try:
+                self.recorder.record(read_report(metrics), checkpoint)
+            except Exception as error:  # raised in the driver's thread once fit returns
+                self.error = error

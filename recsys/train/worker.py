@@ -1,0 +1,346 @@
+"""The training function every Ray Train worker runs: setup, epochs, finish.
+
+1. **setup**: each worker builds the sharded model (:mod:`recsys.train.sharding`) and restores its shard of
+   the latest checkpoint (after a failure or ``--resume``) or of ``start_from``;
+2. **epochs**: each worker reads its share of the model-ready training Parquet itself
+   (:class:`~recsys.data.shard.ParquetShard`: row groups in an order drawn anew every epoch, one contiguous
+   range per worker, shuffled within a buffer, read ahead on a background thread; never the whole data set
+   in memory), or with ``training.ingest: ray_data`` streams it through Ray Data; the workers step in
+   lockstep (every forward pass of a sharded model exchanges embeddings between all workers). After each
+   epoch they validate (:mod:`recsys.train.evaluation`) and checkpoint their shards; a run resumed from a
+   checkpoint within an epoch skips the batches that epoch already trained on (their order depends only
+   on the seed and the epoch);
+3. **finish**: the best epoch's weights are restored, the test split is scored, and the tables are gathered
+   into one unsharded model, which rank 0 saves as a model package into the final checkpoint.
+
+Workers never call MLflow: they compute, and report (:mod:`recsys.train.reports`) what the driver's recorder
+logs. Rank 0 draws a progress bar per epoch (``ray.experimental.tqdm_ray``, drawn by the driver) and tells one
+line of the run's story per epoch.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pyarrow as pa
+import torch
+import torch.distributed as dist
+
+from features.console import story
+from recsys.data.batch import batch_from_arrow
+from recsys.data.shard import ParquetShard, lockstep_batches
+from recsys.train.checkpoints import gather_unsharded, load_checkpoint, restore_best_epoch, save_checkpoint
+from recsys.train.config import TrainConfig
+from recsys.train.evaluation import Predictions, finite_metrics, predict_split, read_truth, split_metrics
+from recsys.train.reports import (
+    PACKAGE_DIR,
+    TEST_PREDICTIONS,
+    VALID_PREDICTIONS,
+    EpochReport,
+    FinalReport,
+    Report,
+    StartReport,
+    StepReport,
+    TrainWindow,
+    report_metrics,
+)
+from recsys.train.sharding import ShardedModel, build_sharded_model, plan_ranks
+from recsys.train.state import TrainingState, WorkerSettings
+
+if TYPE_CHECKING:
+    from features.spec import FeatureSpec
+
+
+class WindowMeter:
+    """Train loss and throughput per window of ``every`` steps, kept until the next report takes them.
+
+    A window starts anew with every epoch (and after skipped batches); the step count goes on.
+    """
+
+    def __init__(self, every: int) -> None:
+        self.every = every
+        self.pending: list[TrainWindow] = []
+        self.epoch_rate = float("nan")  # rows per second of the last epoch's training, all workers
+        self.start_epoch()
+
+    def start_epoch(self) -> None:
+        """Starts counting an epoch's rows and time."""
+        self.epoch_started: float | None = None
+        self.epoch_rows = 0
+        self.restart()
+
+    def restart(self) -> None:
+        """Starts a new window now."""
+        self.started, self.rows, self.losses = time.perf_counter(), 0, []
+
+    def add(self, step: int, rows: int, losses: dict[str, float], stats: dict[str, torch.Tensor]) -> None:
+        """Counts one step of ``rows`` (all workers); closes the window every ``every`` steps."""
+        if self.epoch_started is None:
+            self.epoch_started = self.started
+        self.rows += rows
+        self.epoch_rows += rows
+        self.losses.append(losses)
+        if step % self.every == 0:
+            means = {k: float(np.mean([row[k] for row in self.losses])) for k in self.losses[0]}
+            scalars = {name: float(v) for name, v in stats.items() if v.numel() == 1}
+            rate = self.rows / (time.perf_counter() - self.started)
+            self.pending.append(TrainWindow(step, means, rate, scalars))
+            self.restart()
+
+    def end_epoch(self) -> None:
+        """Sets :attr:`epoch_rate` from the epoch's trained rows and time."""
+        if self.epoch_started is not None:
+            self.epoch_rate = self.epoch_rows / (time.perf_counter() - self.epoch_started)
+
+    def take(self) -> tuple[TrainWindow, ...]:
+        """The windows closed since the last call."""
+        windows, self.pending = tuple(self.pending), []
+        return windows
+
+
+@dataclass
+class Worker:
+    """One worker's side of a run: what setup builds and the epochs use."""
+
+    settings: WorkerSettings
+    spec: FeatureSpec
+    sharded: ShardedModel
+    rank: int
+    world: int
+    key_columns: list[str]
+    truth: dict[str, np.ndarray] | None  # rank 0 only: the generator's true probabilities
+    meter: WindowMeter = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.meter = WindowMeter(self.config.training.log_every_steps)
+
+    @property
+    def config(self) -> TrainConfig:
+        """The run's config."""
+        return self.settings.config
+
+    @property
+    def main_key(self) -> str:
+        """The validation metric that selects the model, e.g. ``valid/click/auc``."""
+        return f"valid/{self.config.training.main_metric}"
+
+    def split(self, name: str, order_seed: int | None = None) -> ParquetShard:
+        """This worker's share of a split of the model-ready data."""
+        return ParquetShard(Path(self.config.features) / name, self.rank, self.world, order_seed=order_seed)
+
+
+def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    """The training function every Ray Train worker runs (see the module docstring).
+
+    Args:
+        loop_config: ``{"settings": WorkerSettings}`` (Ray Train passes the trainer's loop config).
+    """
+    worker = setup(loop_config["settings"])
+    state = restore(worker)
+    state = run_epochs(worker, state)
+    finish(worker, state)
+
+
+def setup(settings: WorkerSettings) -> Worker:
+    """Builds this worker's share of the model, on its device."""
+    import ray.train
+
+    from features.spec import FeatureSpec
+
+    config = settings.config
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = torch.device("cpu")
+    if config.run.use_gpu:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+    torch.set_num_threads(max(1, config.run.cpus_per_worker))
+    spec = FeatureSpec.load(Path(config.features) / "spec.json")
+    sharded = build_sharded_model(config, spec, device)
+    passthrough = spec.feature_config.passthrough
+    key_columns = [c for c in ("impression_id", config.group_column) if c and c in passthrough]
+    truth = read_truth(config.truth) if rank == 0 else None
+    return Worker(settings, spec, sharded, rank, world, key_columns, truth)
+
+
+def restore(worker: Worker) -> TrainingState:
+    """This run's latest checkpoint (after a failure or ``--resume``), else ``start_from``, else a new state.
+
+    Reports the start (the sharding plan, and where the workers resumed) to the driver.
+    """
+    import ray.train
+
+    state, restored = TrainingState(), True
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as directory:
+            state = load_checkpoint(worker.sharded, Path(directory))
+    elif worker.settings.start_from:
+        state = load_checkpoint(worker.sharded, Path(worker.settings.start_from))
+    else:
+        restored = False
+    plan = worker.sharded.plan
+    start = StartReport(
+        worker.world, str(plan), plan_ranks(plan), state.step, state.epoch if restored else None
+    )
+    ray.train.report(report_metrics(start) if worker.rank == 0 else {})
+    return state
+
+
+def run_epochs(worker: Worker, state: TrainingState) -> TrainingState:
+    """Trains and validates epoch after epoch, until the last or early stopping."""
+    for epoch in range(state.epoch, worker.config.training.epochs):
+        state = train_epoch(worker, state, epoch)
+        state = validate(worker, state, epoch)
+        if state.should_stop(worker.config.training.early_stopping_patience):
+            break
+    return state
+
+
+def train_epoch(worker: Worker, state: TrainingState, epoch: int) -> TrainingState:
+    """One pass over this worker's share of the training split; returns the state with its steps."""
+    t = worker.config.training
+    shard = _train_shard(worker, epoch)
+    batches = lockstep_batches(
+        shard, t.batch_size, complete=False, max_steps=t.max_steps_per_epoch, shuffle_rows=t.shuffle_rows,
+        seed=t.seed * 1000 + epoch,
+    )  # fmt: skip
+    bar = _progress_bar(worker, epoch, getattr(shard, "num_rows", None))
+    step, skip = state.step, state.epoch_step
+    worker.meter.start_epoch()
+    for epoch_step, (table, _) in enumerate(batches, start=1):
+        if bar is not None:
+            bar.update(1)
+        if epoch_step <= skip:  # trained on before the checkpoint this run started from
+            worker.meter.restart()
+            continue
+        losses, stats = train_step(worker.sharded, table)
+        step += 1
+        worker.meter.add(step, table.num_rows * worker.world, losses, stats)
+        if t.checkpoint_every_steps and step % t.checkpoint_every_steps == 0:
+            within = replace(state, epoch=epoch, step=step, epoch_step=epoch_step)
+            record = StepReport(epoch, step, worker.meter.take())
+            report_checkpoint(worker, within, record, f"step{step:08d}")
+    worker.meter.end_epoch()
+    if bar is not None:
+        bar.close()
+    return replace(state, epoch=epoch, step=step, epoch_step=0)
+
+
+def _train_shard(worker: Worker, epoch: int) -> Any:
+    """This worker's training rows of ``epoch``: its Parquet share (row groups in the epoch's order)."""
+    t = worker.config.training
+    if t.ingest == "ray_data":
+        import ray.train
+
+        return ray.train.get_dataset_shard("train")
+    return worker.split("train", order_seed=t.seed * 1000 + epoch if t.shuffle_rows else None)
+
+
+def _progress_bar(worker: Worker, epoch: int, rows: int | None) -> Any:
+    """Rank 0's bar of the epoch's batches (drawn by the driver); None on other ranks."""
+    if worker.rank != 0:
+        return None
+    from ray.experimental.tqdm_ray import tqdm
+
+    t = worker.config.training
+    total = rows // t.batch_size if rows is not None else None
+    if total is not None and t.max_steps_per_epoch:
+        total = min(total, t.max_steps_per_epoch)
+    return tqdm(desc=f"epoch {epoch + 1}/{t.epochs}", total=total, unit="batch")
+
+
+def train_step(sharded: ShardedModel, table: pa.Table) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
+    """One optimizer step on a batch; returns the loss parts and the gates' statistics."""
+    batch = batch_from_arrow(table, sharded.layout).to(sharded.device)
+    loss, (parts, _, stats) = sharded.dmp(batch)
+    sharded.optimizer.zero_grad()
+    loss.backward()
+    sharded.optimizer.step()
+    return {k: float(v) for k, v in parts.items()}, stats
+
+
+def validate(worker: Worker, state: TrainingState, epoch: int) -> TrainingState:
+    """Scores the validation split; rank 0 decides the new state for all; checkpoints and reports it."""
+    preds = predict_split(worker.sharded, worker.split("valid"), worker.config, worker.key_columns)
+    decided: list[Any] = [None]
+    record = None
+    if worker.rank == 0:
+        metrics = split_metrics(preds, worker.config, worker.truth, "valid/")
+        decided = [state.after_validation(epoch, state.step, metrics, worker.main_key)]
+        record = EpochReport(epoch, state.step, metrics, decided[0].best, worker.meter.take())
+        story(_epoch_line(worker, epoch, metrics, worker.meter.epoch_rate))
+    dist.broadcast_object_list(decided, src=0)
+    state = decided[0]
+    report_checkpoint(worker, state, record, f"epoch{epoch:03d}", {VALID_PREDICTIONS: preds})
+    return state
+
+
+def _epoch_line(worker: Worker, epoch: int, metrics: dict[str, float], rate: float) -> str:
+    """``epoch 2/3  valid/click/auc 0.7123  valid/purchase/auc 0.6950  25.1k examples/s``."""
+    keys = [f"valid/{t.name}/auc" for t in worker.config.model.tasks if t.kind == "binary"]
+    if worker.main_key not in keys:
+        keys.insert(0, worker.main_key)
+    shown = "  ".join(f"{k} {metrics[k]:.4f}" for k in keys if k in metrics)
+    return f"epoch {epoch + 1}/{worker.config.training.epochs}  {shown}  {rate / 1000:.1f}k examples/s"
+
+
+def report_checkpoint(
+    worker: Worker,
+    state: TrainingState,
+    record: Report | None,
+    name: str,
+    predictions: dict[str, Predictions | None] | None = None,
+) -> None:
+    """Checkpoints this worker's shard and reports it, with rank 0's record and predictions files."""
+    with tempfile.TemporaryDirectory() as tmp:
+        save_checkpoint(worker.sharded, Path(tmp), state)
+        for file, preds in (predictions or {}).items():
+            if preds is not None:  # rank 0 holds the gathered predictions
+                _write_predictions(preds, Path(tmp) / file)
+        _report(worker, record, Path(tmp), name)
+
+
+def finish(worker: Worker, state: TrainingState) -> None:
+    """Restores the best epoch, scores the test split, and reports the final checkpoint with the package.
+
+    The final checkpoint holds the last epoch's shards (a resumed run goes on from there, as from the last
+    epoch's checkpoint), and on rank 0 the test predictions and the gathered model's package.
+    """
+    from recsys.package import save_package
+
+    with tempfile.TemporaryDirectory() as tmp:
+        directory = Path(tmp)
+        save_checkpoint(worker.sharded, directory, state)
+        state = restore_best_epoch(worker.sharded, state, Path(worker.settings.run_dir))
+        preds = predict_split(worker.sharded, worker.split("test"), worker.config, worker.key_columns)
+        model = gather_unsharded(worker.sharded, worker.config)
+        record = None
+        if worker.rank == 0:
+            metrics = split_metrics(preds, worker.config, worker.truth, "test/")
+            _write_predictions(preds, directory / TEST_PREDICTIONS)
+            extra = {"run_id": worker.settings.mlflow_run_id, "test_metrics": finite_metrics(metrics)}
+            save_package(directory / PACKAGE_DIR, model, worker.config.model, worker.spec, extra=extra)
+            record = FinalReport(state, metrics, worker.meter.take())
+        _report(worker, record, directory, "final")
+
+
+def _write_predictions(preds: Predictions, path: Path) -> None:
+    import pyarrow.parquet as pq
+
+    pq.write_table(preds.to_arrow(), path)
+
+
+def _report(worker: Worker, record: Report | None, directory: Path, name: str) -> None:
+    """``ray.train.report`` of a checkpoint folder, by every worker; rank 0's carries the record."""
+    import ray.train
+
+    metrics = report_metrics(record, worker.main_key) if record is not None else {}
+    checkpoint = ray.train.Checkpoint.from_directory(directory)
+    ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"checkpoint_{name}")
