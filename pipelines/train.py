@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         return fail(exc)
     log = Path(config.run.storage_path) / f"train-{dt.datetime.now():%Y%m%d-%H%M%S}.log"
     with quiet_console(args, log):
-        from recsys.train.loop import run_training
+        from recsys.train.driver import run_training
 
         try:
             result = run_training(
