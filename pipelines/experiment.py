@@ -5,13 +5,14 @@ Examples::
     # a shipped spec (recsys/experiments/specs/*.yaml), results in artifacts/experiments/gating:
     python -m pipelines.experiment --spec gating
     # a smoke run: tiny data, one seed
-    python -m pipelines.experiment --spec recsys/experiments/specs/task_relatedness.yaml --quick --out /tmp/rel
+    python -m pipelines.experiment --spec task_relatedness --quick --out /tmp/rel
     # against `mlflow server --host 127.0.0.1 --port 5000`:
     python -m pipelines.experiment --spec census --tracking-uri http://127.0.0.1:5000
 
 The grid is one MLflow parent run with a nested child run per training run. The results folder gets
 results.md and results.csv (mean ± std over seeds), records.json and PNG plots; they are also the parent
 run's artifacts. Finished runs are kept in OUT/runs: running the command again reuses them (--fresh: don't).
+Library output goes to OUT/experiment.log (--verbose: on screen too).
 """
 
 from __future__ import annotations
@@ -20,6 +21,9 @@ import argparse
 import shlex
 import sys
 from pathlib import Path
+
+from features import console
+from pipelines.cli import add_console_flags, fail, quiet_console
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -43,37 +47,43 @@ def main(argv: list[str] | None = None) -> int:
         help="also copy results.md, results.csv and the plots here (e.g. experiments/results/NAME)",
     )
     parser.add_argument("--fresh", action="store_true", help="train every run again (no reuse from OUT/runs)")
+    add_console_flags(parser, "OUT/experiment.log")
     args = parser.parse_args(argv)
 
-    from recsys.experiments.runner import load_spec, run_experiment
+    from recsys.experiments.runner import run_experiment
+    from recsys.experiments.spec import load_spec
 
     try:
         spec = load_spec(args.spec)
-        out = Path(args.out or f"artifacts/experiments/{spec.name}{'-quick' if args.quick else ''}")
-        command = "python -m pipelines.experiment " + " ".join(
-            shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])
-        )
-        result = run_experiment(
-            spec,
-            out,
-            tracking_uri=args.tracking_uri,
-            quick=args.quick,
-            num_workers=args.num_workers,
-            fresh=args.fresh,
-            command=command,
-            seeds=args.seeds,
-            publish=Path(args.publish) if args.publish else None,
-            datasets=args.datasets,
-        )
     except (ValueError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print()
-    print(result.markdown)
-    minutes = result.seconds / 60
-    print(f"\n{len(result.records)} runs in {minutes:.1f} min; MLflow parent run {result.parent_run_id}")
-    for name, path in result.files.items():
-        print(f"  {name:16s} {path}")
+        return fail(exc)
+    out = Path(args.out or f"artifacts/experiments/{spec.name}{'-quick' if args.quick else ''}")
+    command = "python -m pipelines.experiment " + " ".join(
+        shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])
+    )
+    with quiet_console(args, out / "experiment.log"):
+        try:
+            result = run_experiment(
+                spec,
+                out,
+                tracking_uri=args.tracking_uri,
+                quick=args.quick,
+                num_workers=args.num_workers,
+                fresh=args.fresh,
+                command=command,
+                seeds=args.seeds,
+                publish=Path(args.publish) if args.publish else None,
+                datasets=args.datasets,
+            )
+        except (ValueError, FileNotFoundError) as exc:
+            return fail(exc)
+        console.story("\n" + result.markdown)
+        minutes = result.seconds / 60
+        console.story(
+            f"{len(result.records)} runs in {minutes:.1f} min; MLflow parent run {result.parent_run_id}"
+        )
+        for name, path in result.files.items():
+            console.story(f"  {name:16s} {path}")
     return 0
 
 

@@ -3,7 +3,7 @@ r"""Hyperparameter search with Ray Tune (ASHA early stopping), every trial an ML
 Examples::
 
     # embedded local Ray; features from `python -m pipelines.demo` (data/demo/features):
-    python -m pipelines.tune --config recsys/configs/tune_mmoe.yaml --search recsys/experiments/specs/search_mmoe.yaml
+    python -m pipelines.tune --config recsys/configs/tune_mmoe.yaml --search search_mmoe
     # 16 trials, against an MLflow server:
     python -m pipelines.tune --config tune_mmoe --search search_mmoe --num-samples 16 \
         --tracking-uri http://127.0.0.1:5000
@@ -11,7 +11,8 @@ Examples::
     RAY_ADDRESS=ray://head:10001 python -m pipelines.tune --config ... --search ... --out /shared/tune
 
 Writes OUT/best.yaml (the best trial's train config: `python -m pipelines.train --config OUT/best.yaml`)
-and OUT/trials.csv, also logged to the search's MLflow parent run.
+and OUT/trials.csv, also logged to the search's MLflow parent run. Library output goes to OUT/tune.log
+(--verbose: on screen too).
 """
 
 from __future__ import annotations
@@ -19,6 +20,9 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+
+from features import console
+from pipelines.cli import add_console_flags, fail, quiet_console
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,32 +38,35 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite:///OUT/mlflow.db)")
     parser.add_argument("--out", help="output folder (default: artifacts/tune/<search name>)")
     parser.add_argument("--features", help="override the config's features folder")
+    add_console_flags(parser, "OUT/tune.log")
     args = parser.parse_args(argv)
 
-    from recsys.experiments.runner import shipped_spec
-    from recsys.experiments.search import SearchSpec, run_search
-    from recsys.train.config import TrainConfig, builtin_train_config
+    from features.checks import config_path
+    from recsys.experiments.search import run_search
+    from recsys.experiments.search_spec import load_search
+    from recsys.train.config import CONFIG_DIR, TrainConfig
 
     try:
-        path = Path(args.config)
-        config = TrainConfig.from_yaml(
-            path if path.suffix in (".yaml", ".yml") else builtin_train_config(args.config)
-        )
+        config = TrainConfig.from_yaml(config_path(args.config, CONFIG_DIR, "train config"))
         if args.features:
             config = config.replace(features=args.features)
-        path = Path(args.search)
-        search = SearchSpec.from_yaml(path if path.suffix in (".yaml", ".yml") else shipped_spec(args.search))
-        out = Path(args.out or f"artifacts/tune/{search.name}")
-        result = run_search(config, search, out, tracking_uri=args.tracking_uri, num_samples=args.num_samples)
+        search = load_search(args.search)
     except (ValueError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    minutes, stopped = result.seconds / 60, result.stopped_early
-    print(f"\n{len(result.trials)} trials in {minutes:.1f} min, {stopped} stopped early by ASHA")
-    for t in sorted(result.trials, key=lambda t: -t.best if t.best == t.best else 0):
-        print(f"  {t.trial_id}  {t.status:13s} epochs {t.epochs}  best {t.best:.4f}  {t.params}")
-    print(f"best: trial {result.best_trial}, {result.best_metric:.4f} -> {result.best_path}")
-    print(f"MLflow parent run {result.parent_run_id}")
+        return fail(exc)
+    out = Path(args.out or f"artifacts/tune/{search.name}")
+    with quiet_console(args, out / "tune.log"):
+        try:
+            result = run_search(
+                config, search, out, tracking_uri=args.tracking_uri, num_samples=args.num_samples
+            )
+        except (ValueError, FileNotFoundError) as exc:
+            return fail(exc)
+        minutes, stopped = result.seconds / 60, result.stopped_early
+        console.story(f"\n{len(result.trials)} trials in {minutes:.1f} min, {stopped} stopped early by ASHA")
+        for t in sorted(result.trials, key=lambda t: -t.best if t.best == t.best else 0):
+            console.story(f"  {t.trial_id}  {t.status:13s} epochs {t.epochs}  best {t.best:.4f}  {t.params}")
+        console.story(f"best: trial {result.best_trial}, {result.best_metric:.4f} -> {result.best_path}")
+        console.story(f"MLflow parent run {result.parent_run_id}")
     return 0
 
 

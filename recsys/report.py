@@ -1,21 +1,33 @@
 """Plots of a training run's evaluation report (matplotlib, no display needed).
 
-Each function returns a figure; :mod:`recsys.train.session` logs them to MLflow.
+Each function returns a figure; the training run logs them to MLflow. Importing this module changes no
+global state (no ``matplotlib.use``): figures are bare :class:`~matplotlib.figure.Figure` objects, which
+need no backend to be saved, unless pyplot runs in interactive mode (a notebook after ``%matplotlib
+inline``, IPython), where they are pyplot's figures so that they show inline.
 """
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import matplotlib
+import numpy as np
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")  # no display on training workers
+from recsys.metrics import calibration_curve, parse_expert_load
 
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
 
-from recsys.metrics import calibration_curve  # noqa: E402
+def new_figure(**kwargs: Any) -> Figure:
+    """A new figure (keyword arguments as for ``Figure``): pyplot's in interactive mode, else a bare one.
+
+    A bare figure is garbage collected like any object; pyplot's stays open until pyplot closes it.
+    """
+    pyplot = sys.modules.get("matplotlib.pyplot")
+    if pyplot is not None and matplotlib.is_interactive():
+        return pyplot.figure(**kwargs)
+    return Figure(**kwargs)
 
 
 def calibration_figure(
@@ -23,7 +35,8 @@ def calibration_figure(
 ) -> Figure:
     """Reliability diagram per task: observed rate against mean prediction in quantile bins."""
     tasks = [t for t in labels if t in probs]
-    fig, axes = plt.subplots(1, len(tasks), figsize=(4.5 * len(tasks), 4.2), squeeze=False)
+    fig = new_figure(figsize=(4.5 * len(tasks), 4.2))
+    axes = fig.subplots(1, len(tasks), squeeze=False)
     for ax, task in zip(axes[0], tasks, strict=True):
         predicted, observed, count = calibration_curve(labels[task], probs[task], bins=20)
         top = max(float(np.nanmax(predicted)), float(np.nanmax(observed)), 1e-6) * 1.05
@@ -47,14 +60,16 @@ def expert_load_figure(history: Sequence[Mapping[str, float]], title: str) -> Fi
     gates: dict[str, list[tuple[int, int, float]]] = {}
     for row in history:
         for key, value in row.items():
-            if "/load/expert" in key and key.startswith("valid/"):
-                gate, expert = key[len("valid/") :].split("/load/expert")
-                gates.setdefault(gate, []).append((int(row["epoch"]), int(expert), float(value)))
+            parsed = parse_expert_load(key, "valid/")
+            if parsed is not None:
+                gate, expert = parsed
+                gates.setdefault(gate, []).append((int(row["epoch"]), expert, float(value)))
     if not gates:
-        fig = plt.figure(figsize=(4, 2))
+        fig = new_figure(figsize=(4, 2))
         fig.text(0.5, 0.5, "no gates in this model", ha="center", va="center")
         return fig
-    fig, axes = plt.subplots(1, len(gates), figsize=(4.5 * len(gates), 3.5), squeeze=False)
+    fig = new_figure(figsize=(4.5 * len(gates), 3.5))
+    axes = fig.subplots(1, len(gates), squeeze=False)
     for ax, (gate, cells) in zip(axes[0], sorted(gates.items()), strict=True):
         epochs = sorted({e for e, _, _ in cells})
         experts = max(x for _, x, _ in cells) + 1
@@ -71,7 +86,8 @@ def expert_load_figure(history: Sequence[Mapping[str, float]], title: str) -> Fi
 
 def loss_figure(steps: Sequence[int], losses: Mapping[str, Sequence[float]], title: str) -> Figure:
     """Training loss per task against the step (means over each logging window)."""
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig = new_figure(figsize=(6, 4))
+    ax = fig.subplots()
     for name, values in losses.items():
         ax.plot(steps[: len(values)], values, label=name)
     ax.set(xlabel="step", ylabel="loss", title=title, yscale="log")

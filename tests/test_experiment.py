@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 
 import mlflow
 import pytest
@@ -12,24 +14,12 @@ from features.config import FeatureConfig, builtin_config
 from features.pipeline import build, load_tables
 from features.spec import FeatureSpec
 from recsys.config import ModelConfig
-from recsys.experiments.runner import (
-    Cell,
-    ExperimentSpec,
-    ParameterCount,
-    RunRecord,
-    advantages,
-    count_parameters,
-    deep_merge,
-    findings,
-    load_entropy,
-    load_spec,
-    match_parameters,
-    metrics_figure,
-    results_csv,
-    results_markdown,
-    run_experiment,
-    summarize,
-)
+from recsys.experiments.grid import Cell, RunRecord
+from recsys.experiments.matching import ParameterCount, count_parameters, deep_merge, match_parameters
+from recsys.experiments.report import metrics_figure, results_csv, results_markdown
+from recsys.experiments.runner import run_experiment
+from recsys.experiments.spec import ExperimentSpec, load_spec
+from recsys.experiments.stats import Advantage, CellSummary, advantages, findings, load_entropy, summarize
 from recsys.train.config import TrainConfig
 from synth.generate import generate
 
@@ -252,3 +242,57 @@ def test_a_data_set_filter_must_name_data_sets_of_the_spec(tmp_path):
         ValueError, match=r"--datasets: expected names of the spec's data sets \['d'\], got \['x'\]"
     ):
         run_experiment(spec, tmp_path, datasets=["x"])
+
+
+def test_the_command_line_refuses_an_unknown_spec_with_status_2(capsys):
+    from pipelines.experiment import main
+
+    assert main(["--spec", "nope"]) == 2
+    assert "error: spec: no shipped config 'nope'; shipped configs are" in capsys.readouterr().err
+
+
+def test_importing_the_report_leaves_matplotlib_alone_and_figures_need_no_backend():
+    code = (
+        "import sys, matplotlib, numpy as np, recsys.report as r\n"
+        "assert 'matplotlib.pyplot' not in sys.modules, 'pyplot imported'\n"
+        "assert matplotlib.rcParams._get_backend_or_none() is None, 'backend set'\n"
+        "fig = r.expert_load_figure([{'epoch': 0, 'valid/moe/click/load/expert1': 0.4}], 't')\n"
+        "assert type(fig).__name__ == 'Figure' and len(fig.axes) == 2  # the heat map and its colour bar\n"
+        "print(fig.axes[0].get_title())\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "moe/click"
+
+
+def test_findings_state_the_trend_over_x_and_the_routing_golden_values():
+    datasets = [
+        {"name": f"r{x}", "generate": {"impressions": 100, "task_correlation": x}, "x": x}
+        for x in (1.0, 0.5, 0.0)
+    ]
+    spec = ExperimentSpec.from_dict(spec_dict(datasets=datasets, x_label="rho"))
+    advs = [
+        Advantage(Cell(f"r{x}", "mmoe", "default"), Cell(f"r{x}", "sb", "default"), {"click/auc": a}, {}, 2)
+        for x, a in ((1.0, 0.001), (0.5, 0.004), (0.0, 0.009))
+    ]
+    summaries = [
+        CellSummary(
+            Cell("r0.0", m, "default"),
+            ParameterCount(1, 1),
+            2,
+            {"load_entropy": e, "load_entropy_min": e / 2},
+            {},
+            1.0,
+        )
+        for m, e in (("mmoe", 0.9), ("top2", 0.4))
+    ]
+    facts = findings(spec, summaries, advs)
+    assert facts[0] == (
+        "mmoe − sb, click/auc by rho (1: +0.0010, 0.5: +0.0040, 0: +0.0090): the advantage grows as x falls "
+        "(Spearman -1.00 between rho and the advantage)."
+    )
+    assert facts[1].startswith("r0.0 top2: normalised expert-load entropy 0.400 (mean over gates), 0.200")
+    assert facts[3].startswith(
+        "least balanced routing: r0.0 top2 (lowest gate's normalised load entropy 0.200)"
+    )
+    assert len(facts) == 4

@@ -10,14 +10,14 @@ import pytest
 
 from features.config import FeatureConfig, builtin_config
 from features.pipeline import build, load_tables
-from recsys.experiments.runner import shipped_spec
-from recsys.experiments.search import Distribution, SearchSpec, apply_params, run_search
+from recsys.experiments.search import run_search
+from recsys.experiments.search_spec import Distribution, SearchSpec, apply_params, load_search
 from recsys.train.config import TrainConfig, builtin_train_config
 from synth.generate import generate
 
 
 def test_shipped_search_loads_and_its_paths_are_fields_of_the_base_config():
-    search = SearchSpec.from_yaml(shipped_spec("search_mmoe"))
+    search = load_search("search_mmoe")
     assert search.num_samples == 8 and search.space["model.arch.num_experts"] == Distribution(
         "choice", (4, 8)
     )
@@ -123,3 +123,10 @@ def test_asha_search_runs_trials_as_nested_mlflow_runs_and_writes_the_best_confi
     while ray.available_resources().get("CPU", 0) < ray.cluster_resources()["CPU"]:
         assert time.monotonic() < deadline, f"CPUs still held: {ray.available_resources()}"
         time.sleep(1)
+
+
+def test_the_command_line_refuses_an_unknown_search_with_status_2(capsys):
+    from pipelines.tune import main
+
+    assert main(["--config", "tune_mmoe", "--search", "nope"]) == 2
+    assert "error: search: no shipped config 'nope'; shipped configs are" in capsys.readouterr().err
