@@ -268,10 +268,10 @@ def sharded_training_step(
 ) -> Iterator[Callable[[], tuple[float, float, float]]]:
     """A training step of the benchmark model as a Ray Train worker runs it, in a plain loop in this process.
 
-    The model is built by :func:`recsys.train.loop.shard_model` (TorchRec ``DistributedModelParallel`` over a
-    one-process group, gloo on CPU and NCCL on a GPU, tables trained by the fused row-wise Adagrad applied
-    in backward, fused Adam on the dense parameters) and steps on one synthetic batch: no Ray, no data
-    loading. The gap between its examples/s and end-to-end training is what Ray and data loading cost.
+    The model is built by :func:`recsys.train.sharding.shard_model` (TorchRec ``DistributedModelParallel``
+    over a one-process group, gloo on CPU and NCCL on a GPU, tables trained by the fused row-wise Adagrad
+    applied in backward, fused Adam on the dense parameters) and steps on one synthetic batch: no Ray, no
+    data loading. The gap between its examples/s and end-to-end training is what Ray and data loading cost.
 
     Args:
         model: the model config, a shipped name or a YAML path.

@@ -1,6 +1,6 @@
 """Where a training step of the benchmark model goes: a plain loop over the same sharded model as training.
 
-The model is built exactly as a Ray Train worker builds it (``recsys.train.loop.shard_model``: TorchRec
+The model is built exactly as a Ray Train worker builds it (``recsys.train.sharding.shard_model``: TorchRec
 ``DistributedModelParallel`` over a one-process gloo group, tables trained by the fused row-wise Adagrad
 applied in backward, Adam on the dense parameters), but the loop is a plain Python loop over one synthetic
 batch: no Ray, no data loading. Its examples/s is the ceiling of the end-to-end training path with the same

@@ -14,11 +14,11 @@ In one run, on the benchmark shape (benchmarks/measure.py: 16 categorical featur
 2. measures the fp32 matmul GFLOP/s on the experts' shapes, counts the model's FLOPs per example and
    derives the roofline examples/s (all FLOPs at the measured matmul rate) for prediction and training;
 3. measures the model alone on a synthetic batch: forward (eval, no grad), and the training step exactly
-   as a Ray Train worker runs it (recsys.train.loop.shard_model: DMP over a one-process group, fused row-wise
-   Adagrad on the tables in backward, fused Adam) in a plain loop, without Ray or data loading;
+   as a Ray Train worker runs it (recsys.train.sharding.shard_model: DMP over a one-process group, fused
+   row-wise Adagrad on the tables in backward, fused Adam) in a plain loop, without Ray or data loading;
 4. measures prediction on the data set's model-ready rows (recsys.package.score_ready: Arrow to tensors
    and the forward), a trained model's weights;
-5. trains end to end through recsys.train.loop.run_training (Ray Train, TorchRec DMP with fused row-wise
+5. trains end to end through recsys.train.driver.run_training (Ray Train, TorchRec DMP with fused row-wise
    Adagrad; each worker reading its share of the Parquet files, or Ray Data streaming with --ingest
    ray_data; the cores shared out among the workers, as torch threads) for --epochs
    epochs: every epoch is one repetition of examples/s (the

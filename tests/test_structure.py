@@ -167,7 +167,9 @@ def _broken_links(doc: Path, root: Path = REPO) -> Iterator[str]:
 
 
 def test_relative_links_in_the_readme_and_docs_resolve():
-    docs = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+    readme = REPO / "README.md"
+    assert readme.stat().st_size <= 12_288, f"README.md: {readme.stat().st_size} bytes, at most 12 KB"
+    docs = [readme, *sorted((REPO / "docs").glob("*.md"))]
     assert len(docs) > 1, "docs/ holds no markdown"
     broken = [problem for doc in docs for problem in _broken_links(doc)]
     assert not broken, "broken links:\n" + "\n".join(broken)
