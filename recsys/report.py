@@ -16,7 +16,8 @@ import matplotlib
 import numpy as np
 from matplotlib.figure import Figure
 
-from recsys.metrics import calibration_curve, parse_expert_load
+from recsys.metric_names import parse_expert_load
+from recsys.metrics import calibration_curve
 
 
 def new_figure(**kwargs: Any) -> Figure:

@@ -19,7 +19,8 @@ import torch.distributed as dist
 
 from recsys.data.batch import batch_from_arrow
 from recsys.data.shard import lockstep_batches, padding_row
-from recsys.metrics import evaluate, expert_load_metrics, oracle_gap
+from recsys.metric_names import expert_load_metrics
+from recsys.metrics import evaluate, oracle_gap
 from recsys.train.config import TrainConfig
 from recsys.train.sharding import ShardedModel
 

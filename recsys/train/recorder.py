@@ -195,7 +195,7 @@ class RunRecorder:
 
 def _summary(report: FinalReport, config: TrainConfig, run_id: str | None, package: Path) -> dict[str, Any]:
     """What ``run_training`` returns: test metrics, the kept epoch and its validation metric, routing."""
-    from recsys.metrics import expert_loads
+    from recsys.metric_names import expert_loads
     from recsys.train.evaluation import finite_metrics
 
     state = report.state
