@@ -7,9 +7,9 @@ and :func:`progress` only. Errors still reach the screen in full: the session re
 exception leaves it, and the traceback goes into the log as well.
 
 Ray workers and actors cannot write to the screen of the command that started them: their ``story`` lines
-carry a mark (an invisible separator), and :func:`route_ray_output` (called by ``recsys.runtime.init_ray``)
-replaces Ray's printer of worker output in the driver by one that puts marked lines on the screen and the
-rest in the log. Without a session (tests, notebooks, ``--verbose``) everything prints as it always did.
+carry a mark (an invisible separator), and ``recsys.runtime.init_ray`` replaces Ray's printer of worker
+output in the driver by one that puts marked lines on the screen and the rest in the log. Without a
+session (tests, notebooks, ``--verbose``) everything prints as it always did.
 
 Example:
     >>> with session("run.log", verbose=True):  # doctest: +SKIP
@@ -53,13 +53,19 @@ def story(message: str) -> None:
 
 
 def _in_ray_worker() -> bool:
-    """True in a process that Ray started for a task or an actor (its output is forwarded, not shown)."""
-    ray = sys.modules.get("ray")
-    if ray is None or not ray.is_initialized():
-        return False
-    from ray._private import worker as ray_worker
+    """True in a process that Ray started for a task or an actor (its output is forwarded, not shown).
 
-    return ray_worker.global_worker.mode == ray_worker.WORKER_MODE
+    Looked up among the loaded modules: this package does not depend on Ray, and a process that has not
+    loaded Ray is no Ray worker.
+    """
+    ray_worker = sys.modules.get("ray._private.worker")
+    worker = getattr(ray_worker, "global_worker", None)
+    return worker is not None and getattr(worker, "mode", None) == getattr(ray_worker, "WORKER_MODE", -1)
+
+
+def current() -> _Session | None:
+    """The active session of this process (its ``log``, ``out`` and ``err`` streams), or None."""
+    return _session
 
 
 def error(message: str) -> None:
@@ -138,41 +144,3 @@ def session(log_file: str | Path, *, verbose: bool = False) -> Iterator[Path]:
             if own:
                 stream.close()
         log.close()
-
-
-def route_ray_output() -> None:
-    """In a session, routes what Ray workers print: marked story lines to the screen, the rest to the log.
-
-    Replaces the handler ``ray.init`` registers with Ray's driver-side dispatcher of worker output (Ray's
-    own printer still formats the chatter, with its ``(pid=...)`` prefixes, into the log). Progress bars
-    of ``ray.experimental.tqdm_ray`` are drawn on the screen.
-    """
-    if _session is None:
-        return
-    from ray._private import worker as ray_worker
-
-    dispatcher = ray_worker.global_worker_stdstream_dispatcher
-    dispatcher.remove_handler("ray_print_logs")
-    dispatcher.add_handler("ray_print_logs", _print_ray_lines)
-
-
-def _print_ray_lines(data: dict[str, Any]) -> None:
-    from ray._private import worker as ray_worker
-    from ray.experimental.tqdm_ray import RAY_TQDM_MAGIC
-
-    session_ = _session
-    lines = data.get("lines", [])
-    if session_ is None:
-        ray_worker.print_worker_logs(data, sys.stderr if data.get("is_err") else sys.stdout)
-        return
-    rest = []
-    for line in lines:
-        if line.startswith(MARK):
-            session_.story(line[len(MARK) :])
-        elif RAY_TQDM_MAGIC in line:
-            with contextlib.redirect_stderr(session_.err):
-                ray_worker.process_tqdm(line)
-        else:
-            rest.append(line)
-    if rest:
-        ray_worker.print_worker_logs({**data, "lines": rest}, session_.log)

@@ -11,6 +11,15 @@ import tempfile
 from pathlib import Path
 
 
+def _read_umask() -> int:
+    mask = os.umask(0)  # the only way to read it; once, at import, before threads write files
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _read_umask()
+
+
 def atomic_write(path: str | Path, data: str | bytes, *, fsync: bool = True) -> None:
     """Writes ``data`` (text as UTF-8) to ``path`` atomically; creates the folder if needed.
 
@@ -24,6 +33,7 @@ def atomic_write(path: str | Path, data: str | bytes, *, fsync: bool = True) -> 
     payload = data.encode() if isinstance(data, str) else data
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; a written file gets the usual mode
         with os.fdopen(fd, "wb") as fh:
             fh.write(payload)
             if fsync:

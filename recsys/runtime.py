@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Mapping
+from typing import Any
 
 MALLOC_TUNABLES = "glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=1073741824"
 
@@ -81,8 +82,6 @@ def init_ray(purpose: str, *, num_cpus: int | None = None, object_store_memory: 
 
     import ray
 
-    from features import console
-
     if purpose not in PURPOSES:
         raise ValueError(f"init_ray: purpose: expected one of {list(PURPOSES)}, got {purpose!r}")
     if ray.is_initialized():
@@ -102,5 +101,49 @@ def init_ray(purpose: str, *, num_cpus: int | None = None, object_store_memory: 
             logging_level=logging.WARNING,
             **dashboard,
         )
-    console.route_ray_output()
+    route_ray_output()
     return True
+
+
+def route_ray_output() -> None:
+    """In a :func:`features.console.session`, routes what Ray workers print: the story to the screen.
+
+    Replaces the handler ``ray.init`` registers with Ray's driver-side dispatcher of worker output: lines
+    marked by :func:`features.console.story` go to the screen, progress bars of
+    ``ray.experimental.tqdm_ray`` are drawn on the screen, and the rest goes to the log, formatted by Ray's
+    own printer (with its ``(pid=...)`` prefixes). Outside a session Ray's printer stays.
+    """
+    from ray._private import worker as ray_worker
+
+    from features import console
+
+    if console.current() is None:
+        return
+    dispatcher = ray_worker.global_worker_stdstream_dispatcher
+    dispatcher.remove_handler("ray_print_logs")
+    dispatcher.add_handler("ray_print_logs", _print_ray_lines)
+
+
+def _print_ray_lines(data: dict[str, Any]) -> None:
+    import contextlib
+
+    from ray._private import worker as ray_worker
+    from ray.experimental.tqdm_ray import RAY_TQDM_MAGIC
+
+    from features import console
+
+    session = console.current()
+    if session is None:
+        ray_worker.print_worker_logs(data, sys.stderr if data.get("is_err") else sys.stdout)
+        return
+    rest = []
+    for line in data.get("lines", []):
+        if line.startswith(console.MARK):
+            session.story(line[len(console.MARK) :])
+        elif RAY_TQDM_MAGIC in line:
+            with contextlib.redirect_stderr(session.err):
+                ray_worker.process_tqdm(line)
+        else:
+            rest.append(line)
+    if rest:
+        ray_worker.print_worker_logs({**data, "lines": rest}, session.log)

@@ -1,0 +1,80 @@
+"""The shared config vocabulary (features.checks) and atomic writes (features.files)."""
+
+from __future__ import annotations
+
+import os
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from features.checks import check_choice, check_int, check_number, config_path, from_mapping
+from features.files import atomic_write
+
+
+@pytest.mark.parametrize("value", [0, -1, 1.5, True, "3", None])
+def test_check_int_names_the_field_and_the_value(value):
+    with pytest.raises(ValueError, match=rf"^training\.epochs: expected an integer >= 1, got {value!r}$"):
+        check_int("training", "epochs", value)
+
+
+def test_check_int_takes_an_explicit_minimum():
+    check_int("run", "max_failures", -1, minimum=-1)
+    with pytest.raises(ValueError, match="expected an integer >= -1, got -2"):
+        check_int("run", "max_failures", -2, minimum=-1)
+
+
+@pytest.mark.parametrize("value", [0, -0.5, float("nan"), float("inf"), True, 2.5])
+def test_check_number_rejects_what_is_out_of_range(value):
+    with pytest.raises(ValueError, match="training.lr: expected a number > 0 and <= 2"):
+        check_number("training", "lr", value, high=2.0)
+
+
+def test_check_number_and_choice_accept_good_values():
+    check_number("training", "lr", 0.1)
+    check_number("training", "weight_decay", 0.0, low_open=False)
+    check_choice("training", "ingest", "parquet", ("parquet", "ray_data"))
+    with pytest.raises(
+        ValueError, match=r"training\.ingest: expected one of \['parquet', 'ray_data'\], got 'x'"
+    ):
+        check_choice("training", "ingest", "x", ("parquet", "ray_data"))
+
+
+def test_config_path_takes_a_yaml_path_or_a_shipped_name(tmp_path):
+    (tmp_path / "demo.yaml").write_text("a: 1\n")
+    assert config_path("demo", tmp_path) == tmp_path / "demo.yaml"
+    assert config_path("elsewhere/run.yml", tmp_path) == Path("elsewhere/run.yml")
+    with pytest.raises(
+        ValueError, match=r"train config: no shipped config 'nope'; shipped configs are \['demo'\]"
+    ):
+        config_path("nope", tmp_path, "train config")
+
+
+def test_from_mapping_names_unknown_fields():
+    @dataclass
+    class Section:
+        a: int = 1
+
+    assert from_mapping(Section, {"a": 2}, "section") == Section(2)
+    with pytest.raises(ValueError, match=r"section: unknown field\(s\) \['b'\]"):
+        from_mapping(Section, {"b": 2}, "section")
+
+
+def test_atomic_write_replaces_whole_files_with_the_usual_mode(tmp_path):
+    path = tmp_path / "sub" / "manifest.json"
+    atomic_write(path, "old")
+    atomic_write(path, b"new")
+    assert path.read_text() == "new"
+    assert os.listdir(path.parent) == ["manifest.json"]  # no temporary file left behind
+    mask = os.umask(0)
+    os.umask(mask)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~mask
+
+
+def test_a_failed_atomic_write_leaves_the_old_file_and_no_temporary(tmp_path):
+    path = tmp_path / "manifest.json"
+    atomic_write(path, "old")
+    with pytest.raises(TypeError):
+        atomic_write(path, 42)  # type: ignore[arg-type]
+    assert path.read_text() == "old" and os.listdir(tmp_path) == ["manifest.json"]
