@@ -10,6 +10,7 @@ import polars as pl
 import pyarrow.parquet as pq
 import pytest
 from mlflow import MlflowClient
+from mlflow.entities import ViewType
 from polars.testing import assert_frame_equal
 
 from features.config import FeatureConfig, builtin_config
@@ -270,7 +271,7 @@ def config_for(world, out, **kwargs) -> ScoreConfig:
         tracking_uri=world["store"],
         rows_per_partition=kwargs.pop("rows_per_partition", 500),
         batch_size=kwargs.pop("batch_size", 256),
-        progress=False,
+        progress=kwargs.pop("progress", False),
         **kwargs,
     )
 
@@ -345,6 +346,21 @@ def test_scores_equal_the_registered_models_predictions(world, full_run, monkeyp
     )
     assert run.data.metrics["rows_in"] == run.data.metrics["rows_out"] == world["cands"].height
     assert run.data.metrics["rows_per_s"] > 0 and 0 < run.data.metrics["score/p_click/p50"] < 1
+
+
+@pytest.mark.slow
+def test_a_run_without_experiment_leaves_no_experiment_and_tells_its_story(world, capsys):
+    client = MlflowClient(world["store"])
+    before = {e.name for e in client.search_experiments(view_type=ViewType.ALL)}
+    result = run_scoring(config_for(world, "quiet", max_partitions=1, progress=True))
+    assert result.run_id is None and result.partitions_scored == 1
+    assert {e.name for e in client.search_experiments(view_type=ViewType.ALL)} == before
+    assert "scoring" not in before  # the experiment scoring used to create just to read the registry
+    story = capsys.readouterr()
+    assert f"model: models:/{MODEL}/1 (from models:/{MODEL}@{CHAMPION})" in story.out
+    assert f"scoring {world['cands'].height:,} rows in {result.partitions} partitions" in story.out
+    assert f"into {result.output}; {result.partitions - 1} partitions left" in story.out
+    assert "score:" in story.err  # the progress bar over partitions
 
 
 @pytest.mark.slow

@@ -117,7 +117,8 @@ def run_scoring(config: ScoreConfig) -> ScoreResult:
         _end_run(tracker, run_id, "FAILED")
         raise
     _end_run(tracker, run_id, "FINISHED" if result.ok else "FAILED")
-    console.story(f"wrote {result.rows_out:,} rows ({result.expected_out:,} expected) into {out}")
+    left = "" if result.complete else f"; {result.partitions - len(manifest.partitions)} partitions left"
+    console.story(f"wrote {result.rows_out:,} rows ({result.expected_out:,} expected) into {out}{left}")
     return result
 
 
