@@ -26,6 +26,7 @@ from recsys.tracking import (
     CHAMPION,
     Tracker,
     TrackingError,
+    child_runs,
     default_tracking_uri,
     expert_load_history,
     flatten_params,
@@ -141,6 +142,19 @@ def test_runs_are_read_back_without_creating_anything(store):
     with pytest.raises(ValueError, match="experiment 'nope' at .*: no finished training run"):
         latest_run(store, "nope")
     assert MlflowClient(store).get_experiment_by_name("nope") is None  # reading created nothing
+
+
+def test_child_runs_are_found_with_their_status_and_tags(store):
+    tracker = Tracker(store, "exp", require=True)
+    parent = tracker.start_run("parent")
+    tracker.end_run()
+    for trial, status in (("a", "FINISHED"), ("b", "KILLED")):
+        child = Tracker(store, "exp", require=True)
+        child.start_run(f"trial-{trial}", tags={"mlflow.parentRunId": parent, "tune.trial_id": trial})
+        child.end_run(status)
+    Tracker(store, "exp", require=True).start_run("unrelated")
+    children = {r.tags["tune.trial_id"]: r.status for r in child_runs(store, parent)}
+    assert children == {"a": "FINISHED", "b": "KILLED"}
 
 
 def test_flatten_params():

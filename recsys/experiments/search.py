@@ -40,6 +40,7 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from features import console
 from features.files import atomic_write
 from recsys.experiments.search_spec import SearchSpec, apply_params
+from recsys.tracking import RunStatus
 
 METRIC = "valid_main_metric"  # what the training loop reports to Ray Train at the end of every epoch
 
@@ -147,22 +148,35 @@ def _start_ray(config: Any, search: SearchSpec) -> None:
     init_ray("tuning", num_cpus=max(os.cpu_count() or 1, search.max_concurrent_trials * per_trial))
 
 
-def _close_stopped_run(tracking_uri: str, experiment: str, run_dir: Path, failed: bool) -> str | None:
-    """Closes the MLflow run of a trial that never finished; returns the run's id.
+def _trial_runs(tracking_uri: str, parent: str | None) -> dict[str, RunStatus]:
+    """The MLflow runs of the search's trials, by trial id (tag ``tune.trial_id``)."""
+    from recsys.tracking import child_runs
 
-    ``KILLED`` and tagged ``tune.stopped_early`` when ASHA stopped it, ``FAILED`` when it failed.
+    if parent is None:
+        return {}
+    return {
+        run.tags["tune.trial_id"]: run
+        for run in child_runs(tracking_uri, parent)
+        if "tune.trial_id" in run.tags
+    }
+
+
+def _with_run(trial: TrialRecord, run: RunStatus | None, tracking_uri: str, experiment: str) -> TrialRecord:
+    """The trial with its MLflow run's id; the run of a trial that did not complete is closed.
+
+    ASHA stops a trial by ending its process, before its run is ended: such a run ends as ``KILLED``,
+    tagged ``tune.stopped_early``; the run of a trial that failed ends as ``FAILED``.
     """
     from recsys.tracking import Tracker
 
-    state = run_dir / "tracking.json"
-    if not state.exists():
-        return None
-    run_id = json.loads(state.read_text()).get("run_id")
-    if run_id and not (run_dir / "result.json").exists():
+    if run is None:
+        return trial
+    if trial.status != "completed":
+        failed = trial.status == "error"
         tracker = Tracker(tracking_uri, experiment)
-        tracker.start_run(run_id=run_id, tags={} if failed else {"tune.stopped_early": "true"})
+        tracker.start_run(run_id=run.run_id, tags={} if failed else {"tune.stopped_early": "true"})
         tracker.end_run("FAILED" if failed else "KILLED")
-    return run_id
+    return dataclasses.replace(trial, mlflow_run_id=run.run_id)
 
 
 def _prepared(config: Any, search: SearchSpec) -> tuple[Any, dict[str, Any]]:
@@ -229,8 +243,8 @@ def _tuner(config: Any, search: SearchSpec, trainable: Any, out: Path) -> Any:
     )
 
 
-def _trial_record(result: Any, epochs: int, tracking_uri: str, experiment: str, storage: Path) -> TrialRecord:
-    """A finished trial's record from Tune's result; closes the MLflow run of a trial that did not finish."""
+def _trial_record(result: Any, epochs: int) -> TrialRecord:
+    """A finished trial's record from Tune's result (its MLflow run: :func:`_with_run`)."""
     metrics = result.metrics or {}
     trial_id = metrics.get("trial_id") or Path(result.path).name
     history = result.metrics_dataframe
@@ -241,7 +255,6 @@ def _trial_record(result: Any, epochs: int, tracking_uri: str, experiment: str, 
     status = "completed" if ran >= epochs else "stopped early"
     if result.error is not None:
         status = "error"
-    run_id = _close_stopped_run(tracking_uri, experiment, storage / f"trial-{trial_id}", status == "error")
     return TrialRecord(
         trial_id=trial_id,
         params=dict(result.config or {}),
@@ -249,7 +262,7 @@ def _trial_record(result: Any, epochs: int, tracking_uri: str, experiment: str, 
         last=float(values[-1]) if values else math.nan,
         best=float(max(values)) if values else math.nan,
         status=status,
-        mlflow_run_id=run_id,
+        mlflow_run_id=None,
     )
 
 
@@ -319,8 +332,9 @@ def _fit(
     )
     _start_ray(config, search)
     grid = _tuner(config, search, trainable, out).fit()
-    epochs, experiment = config.training.epochs, config.run.experiment
-    trials = [_trial_record(result, epochs, tracking_uri, experiment, storage) for result in grid]
+    records = [_trial_record(result, config.training.epochs) for result in grid]
+    runs = _trial_runs(tracking_uri, parent)
+    trials = [_with_run(t, runs.get(t.trial_id), tracking_uri, config.run.experiment) for t in records]
     for t in trials:
         console.story(f"trial {t.trial_id}: {t.status} after {t.epochs} epoch(s), best {t.best:.4f}")
     return trials

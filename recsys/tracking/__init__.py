@@ -25,6 +25,8 @@ from recsys.tracking.registry import (
     resolve_model,
 )
 from recsys.tracking.runs import (
+    RunStatus,
+    child_runs,
     expert_load_history,
     latest_run,
     metric_history,
@@ -38,8 +40,10 @@ __all__ = [
     "PACKAGE_ARTIFACT",
     "RegisteredVersion",
     "ResolvedModel",
+    "RunStatus",
     "Tracker",
     "TrackingError",
+    "child_runs",
     "default_tracking_uri",
     "download_package",
     "expert_load_history",

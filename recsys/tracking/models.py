@@ -100,6 +100,28 @@ def _signature_of_package(package_dir: Path) -> tuple[ModelSignature, dict[str, 
     return signature, tags
 
 
+def _save_pyfunc(
+    local: Path, package_dir: Path, signature: ModelSignature, input_example: Any, model: Model
+) -> None:
+    """Writes the pyfunc model (code, package artifact, library code, requirements) into ``local``."""
+    with warnings.catch_warnings():
+        # MLflow asks for an input example even when the signature is given; raw rows are optional.
+        warnings.filterwarnings("ignore", message=".*input example was not provided", category=UserWarning)
+        mlflow.pyfunc.save_model(
+            local,
+            python_model=str(PYFUNC_FILE),
+            artifacts={PACKAGE_ARTIFACT: str(package_dir)},
+            # The library travels with the model, so that it loads where recsys is not installed.
+            code_paths=[str(Path(recsys.__file__).parent), str(Path(features.__file__).parent)],
+            signature=signature,
+            input_example=input_example,
+            pip_requirements=_requirements(),
+            mlflow_model=model,
+        )
+    for cache in list(local.rglob("__pycache__")):
+        shutil.rmtree(cache, ignore_errors=True)
+
+
 def log_model(
     tracker: Tracker,
     package_dir: str | Path,
@@ -141,30 +163,15 @@ def log_model(
             tracker.experiment_id, name=name, source_run_id=run_id, tags=tags, model_type="ranking"
         )
         try:
-            with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
-                # MLflow asks for an input example even when the signature is given; raw rows are optional.
-                warnings.filterwarnings(
-                    "ignore", message=".*input example was not provided", category=UserWarning
-                )
+            with tempfile.TemporaryDirectory() as tmp:
                 local = Path(tmp) / "model"
-                mlflow.pyfunc.save_model(
-                    local,
-                    python_model=str(PYFUNC_FILE),
-                    artifacts={PACKAGE_ARTIFACT: str(package_dir)},
-                    # The library travels with the model, so that it loads where recsys is not installed.
-                    code_paths=[str(Path(recsys.__file__).parent), str(Path(features.__file__).parent)],
-                    signature=signature,
-                    input_example=input_example,
-                    pip_requirements=_requirements(),
-                    mlflow_model=Model(
-                        artifact_path=logged.artifact_location,
-                        model_uuid=logged.model_id,
-                        run_id=run_id,
-                        model_id=logged.model_id,
-                    ),
+                model = Model(
+                    artifact_path=logged.artifact_location,
+                    model_uuid=logged.model_id,
+                    run_id=run_id,
+                    model_id=logged.model_id,
                 )
-                for cache in list(local.rglob("__pycache__")):
-                    shutil.rmtree(cache, ignore_errors=True)
+                _save_pyfunc(local, package_dir, signature, input_example, model)
                 client.log_model_artifacts(logged.model_id, str(local))
             client.log_outputs(run_id, [LoggedModelOutput(logged.model_id, step=step)])
         except BaseException:

@@ -58,6 +58,34 @@ def _champion_metric(
     return str(version), float(tag) if tag is not None else None
 
 
+def _ensure_registered_model(client: mlflow.MlflowClient, name: str) -> None:
+    try:
+        client.create_registered_model(name)
+    except MlflowException as e:
+        if e.error_code != ErrorCode.Name(RESOURCE_ALREADY_EXISTS):
+            raise
+
+
+def _version_source(
+    client: mlflow.MlflowClient, model_uri: str, run_id: str | None
+) -> tuple[str, str | None, str | None]:
+    """A new version's source, logged model id and run.
+
+    The SQLite registry would resolve a ``models:/<model_id>`` source through the process-global tracking
+    URI, not this client's: it is resolved here, and the storage location itself is the source.
+    """
+    if not model_uri.startswith("models:/m-"):
+        return model_uri, None, run_id
+    model_id = model_uri.removeprefix("models:/")
+    logged = client.get_logged_model(model_id)
+    return logged.artifact_location, model_id, run_id or logged.source_run_id
+
+
+def _better(value: float, previous: float, higher_is_better: bool) -> bool:
+    """Strictly better: a tie keeps the champion."""
+    return value > previous if higher_is_better else value < previous
+
+
 def register_model(
     tracker: Tracker,
     model_uri: str,
@@ -99,18 +127,8 @@ def register_model(
     client = tracker.client
 
     def register() -> RegisteredVersion:
-        try:
-            client.create_registered_model(name)
-        except MlflowException as e:
-            if e.error_code != ErrorCode.Name(RESOURCE_ALREADY_EXISTS):
-                raise
-        source, model_id, run_id = model_uri, None, tracker.run_id
-        if model_uri.startswith("models:/m-"):
-            # The SQLite registry would resolve a models:/<model_id> source through the process-global
-            # tracking URI, not this client's: resolve it here and pass the storage location itself.
-            model_id = model_uri.removeprefix("models:/")
-            logged = client.get_logged_model(model_id)
-            source, run_id = logged.artifact_location, run_id or logged.source_run_id
+        _ensure_registered_model(client, name)
+        source, model_id, run_id = _version_source(client, model_uri, tracker.run_id)
         champion, previous = _champion_metric(client, name, metric_name)
         version = client.create_model_version(
             name,
@@ -119,9 +137,7 @@ def register_model(
             tags={METRIC_TAG_PREFIX + metric_name: repr(value), "higher_is_better": str(higher_is_better)},
             model_id=model_id,
         ).version
-        if champion is None:
-            better = True
-        elif previous is None:
+        if champion is not None and previous is None:
             log.warning(
                 "registered model %r: champion v%s has no tag %r; v%s becomes the challenger",
                 name,
@@ -129,9 +145,7 @@ def register_model(
                 METRIC_TAG_PREFIX + metric_name,
                 version,
             )
-            better = False
-        else:
-            better = value > previous if higher_is_better else value < previous
+        better = champion is None or (previous is not None and _better(value, previous, higher_is_better))
         alias = CHAMPION if better else CHALLENGER
         client.set_registered_model_alias(name, alias, str(version))
         return RegisteredVersion(str(version), alias, previous)

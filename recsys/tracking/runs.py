@@ -15,13 +15,14 @@ from __future__ import annotations
 import contextlib
 import tempfile
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import mlflow
 import numpy as np
 
-from recsys.metrics import parse_expert_load
+from recsys.metric_names import parse_expert_load
 from recsys.tracking.settings import MAX_RETRIES, TIMEOUT, env_int, mlflow_settings
 
 History = dict[str, list[tuple[int, float]]]  # metric name -> [(step, value), ...] sorted by step
@@ -149,3 +150,22 @@ def latest_run(tracking_uri: str, experiment: str, run_id: str = "") -> dict[str
             if run is None:
                 raise ValueError(f"experiment {experiment!r} at {tracking_uri}: no finished training run")
     return {"run_id": run.info.run_id, "run_name": run.info.run_name, "params": dict(run.data.params)}
+
+
+@dataclass(frozen=True)
+class RunStatus:
+    """A run's id, status (``RUNNING``, ``FINISHED``, ``FAILED``, ``KILLED``) and tags."""
+
+    run_id: str
+    status: str
+    tags: dict[str, str]
+
+
+def child_runs(tracking_uri: str, parent_run_id: str) -> list[RunStatus]:
+    """The runs nested in ``parent_run_id`` (tag ``mlflow.parentRunId``), in its experiment."""
+    with _reader(tracking_uri) as client:
+        experiment_id = client.get_run(parent_run_id).info.experiment_id
+        runs = client.search_runs(
+            [experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'", max_results=10_000
+        )
+    return [RunStatus(r.info.run_id, r.info.status, dict(r.data.tags)) for r in runs]
