@@ -1,7 +1,7 @@
 """One training run for the experiment grid and the search: the one place they call the training driver.
 
-:func:`train` runs :func:`run_training` (the same code path as ``python -m pipelines.train``) and returns
-what experiments read of it as a :class:`TrainedRun`.
+:func:`train` runs :func:`recsys.train.driver.run_training` (the same code path as
+``python -m pipelines.train``) and returns what experiments read of it as a :class:`TrainedRun`.
 
 Example:
     >>> trained = train(config, tracking_uri="sqlite:///out/mlflow.db")  # doctest: +SKIP
@@ -36,14 +36,6 @@ class TrainedRun:
     seconds: float = 0.0
 
 
-def _run_training() -> Any:
-    try:
-        from recsys.train.driver import run_training
-    except ImportError:  # the driver module of the training package is being split out of the loop
-        from recsys.train.loop import run_training
-    return run_training
-
-
 def train(config: Any, *, tracking_uri: str, callbacks: Sequence[Any] = ()) -> TrainedRun:
     """Trains ``config`` (a :class:`~recsys.train.config.TrainConfig`) and returns what it produced.
 
@@ -52,8 +44,10 @@ def train(config: Any, *, tracking_uri: str, callbacks: Sequence[Any] = ()) -> T
         tracking_uri: the MLflow store of the run.
         callbacks: Ray Train callbacks of the run (e.g. a Tune report callback).
     """
+    from recsys.train.driver import run_training
+
     started = time.perf_counter()
-    result = _run_training()(config, tracking_uri=tracking_uri, callbacks=list(callbacks) or None)
+    result = run_training(config, tracking_uri=tracking_uri, callbacks=list(callbacks) or None)
     summary = result.summary
     return TrainedRun(
         mlflow_run_id=summary.get("mlflow_run_id"),
