@@ -32,7 +32,6 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from features import console
 from features.files import atomic_write
@@ -40,8 +39,9 @@ from recsys.experiments.data import digest, prepare_dataset
 from recsys.experiments.grid import GridRun, RunRecord, plan_runs, slug
 from recsys.experiments.report import Report, machine_line, write_report
 from recsys.experiments.spec import ExperimentSpec, check_seeds
-from recsys.experiments.stats import CellSummary, advantages, findings, record_values, summarize
+from recsys.experiments.stats import Advantage, CellSummary, advantages, findings, record_values, summarize
 from recsys.experiments.training import train
+from recsys.tracking import Tracker, sqlite_tracking_uri
 
 
 @dataclass
@@ -52,7 +52,7 @@ class ExperimentResult:
     parent_run_id: str | None
     records: list[RunRecord]
     summaries: list[CellSummary]
-    advantages: list[Any]
+    advantages: list[Advantage]
     findings: list[str]
     markdown: str
     files: dict[str, Path]
@@ -77,7 +77,7 @@ def select(
     return spec
 
 
-def _open_parent(tracker: Any, spec: ExperimentSpec, quick: bool, runs: Sequence[GridRun]) -> str | None:
+def _open_parent(tracker: Tracker, spec: ExperimentSpec, quick: bool, runs: Sequence[GridRun]) -> str | None:
     """Starts the grid's parent run and logs the grid's shape and the spec."""
     parent = tracker.start_run(
         run_name=f"{spec.name}{'-quick' if quick else ''}",
@@ -180,7 +180,7 @@ def _publish(files: Mapping[str, Path], folder: Path) -> None:
         os.replace(tmp, folder / name)
 
 
-def _log_results(tracker: Any, files: Mapping[str, Path], summaries: Sequence[CellSummary]) -> None:
+def _log_results(tracker: Tracker, files: Mapping[str, Path], summaries: Sequence[CellSummary]) -> None:
     """Logs the report files and every cell's mean values to the parent run."""
     for path in files.values():
         tracker.log_artifact(path, "results")
@@ -205,7 +205,7 @@ def _results(
     out: Path,
     records: list[RunRecord],
     command: str,
-    tracker: Any,
+    tracker: Tracker,
     publish: Path | None,
 ) -> tuple[Report, dict[str, Path]]:
     """Writes the report into ``out`` (and ``publish``) and logs it to the parent run."""
@@ -246,8 +246,6 @@ def run_experiment(
             that is committed (``out`` holds data, checkpoints and the MLflow store, and is not).
         datasets: run these data sets of the spec only (by name).
     """
-    from recsys.tracking import Tracker, sqlite_tracking_uri
-
     started = time.perf_counter()
     spec = select(spec, quick=quick, seeds=seeds, datasets=datasets)
     out = out.resolve()

@@ -40,7 +40,7 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from features import console
 from features.files import atomic_write
 from recsys.experiments.search_spec import SearchSpec, apply_params
-from recsys.tracking import RunStatus
+from recsys.tracking import RunStatus, Tracker, child_runs, sqlite_tracking_uri
 
 METRIC = "valid_main_metric"  # what the training loop reports to Ray Train at the end of every epoch
 
@@ -150,8 +150,6 @@ def _start_ray(config: Any, search: SearchSpec) -> None:
 
 def _trial_runs(tracking_uri: str, parent: str | None) -> dict[str, RunStatus]:
     """The MLflow runs of the search's trials, by trial id (tag ``tune.trial_id``)."""
-    from recsys.tracking import child_runs
-
     if parent is None:
         return {}
     return {
@@ -167,8 +165,6 @@ def _with_run(trial: TrialRecord, run: RunStatus | None, tracking_uri: str, expe
     ASHA stops a trial by ending its process, before its run is ended: such a run ends as ``KILLED``,
     tagged ``tune.stopped_early``; the run of a trial that failed ends as ``FAILED``.
     """
-    from recsys.tracking import Tracker
-
     if run is None:
         return trial
     if trial.status != "completed":
@@ -195,7 +191,7 @@ def _prepared(config: Any, search: SearchSpec) -> tuple[Any, dict[str, Any]]:
     return config, base
 
 
-def _open_parent(tracker: Any, config: Any, search: SearchSpec) -> str | None:
+def _open_parent(tracker: Tracker, config: Any, search: SearchSpec) -> str | None:
     """Starts the search's parent run and logs the space and the scheduler's settings."""
     parent = tracker.start_run(run_name=search.name, tags={"tune.search": search.name})
     tracker.log_params(
@@ -305,7 +301,7 @@ def _best_trial(trials: Sequence[TrialRecord], search: SearchSpec, out: Path) ->
 
 
 def _log_outcome(
-    tracker: Any, config: Any, trials: Sequence[TrialRecord], best: TrialRecord, out: Path
+    tracker: Tracker, config: Any, trials: Sequence[TrialRecord], best: TrialRecord, out: Path
 ) -> None:
     """Logs best.yaml, trials.csv, the best metric and the trial counts to the parent run."""
     tracker.log_artifact(out / "best.yaml", "search")
@@ -361,8 +357,6 @@ def run_search(
     Returns:
         The best config (also written to ``out/best.yaml``), the trials and the parent run's id.
     """
-    from recsys.tracking import Tracker, sqlite_tracking_uri
-
     started = time.perf_counter()
     if num_samples is not None:
         search = dataclasses.replace(search, num_samples=num_samples)
