@@ -10,7 +10,7 @@ A package is everything needed to score raw contract rows, and nothing that must
 :func:`save_package` writes the folder under a temporary name and renames it when complete.
 :func:`predict_frame` runs the training feature code (:mod:`features.pipeline`, :mod:`features.spec`) on raw
 rows, then the model, and returns one score column per task in the input's row order. This module does no
-MLflow; :mod:`recsys.tracking.core` logs a package as an MLflow model.
+MLflow; :mod:`recsys.tracking` logs a package as an MLflow model.
 
 Example:
     >>> save_package("out/model", model, model_config, spec, extra={"val_auc": 0.71})  # doctest: +SKIP
