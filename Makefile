@@ -40,10 +40,10 @@ format: venv
 	$(VENV)/bin/ruff format .
 
 bench-features: venv
-	$(PY) benchmarks/features_bench.py --impressions 10000000
+	$(PY) -m benchmarks.features_bench --impressions 10000000
 
 bench-score: venv
-	$(PY) benchmarks/score_bench.py --rows 10000000
+	$(PY) -m benchmarks.score_bench --rows 10000000
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -9,7 +9,7 @@ weight decay, dense and inference libraries dropped, fbgemm-gpu 1.6.0 packs into
 
 Usage (run it on an unpacked copy of the wheel)::
 
-    python benchmarks/fatbin_prune.py --keep 90 --drop vbe gwd inference backward_dense -- fbgemm_gpu/*.so
+    python -m benchmarks.fatbin_prune --keep 90 --drop vbe gwd inference backward_dense -- fbgemm_gpu/*.so
     tar -cf - fbgemm_gpu | xz -9 -T2 > .whl/fb_min.tar.xz
 
 ``benchmarks/gpu_device_run.sh`` installs the result there and runs ``pipelines.benchmark --use-gpu``.
@@ -79,7 +79,7 @@ def prune(path: Path, keep: set[int], write: bool) -> Counter[str]:
 
 def main(argv: list[str] | None = None) -> int:
     """Prunes the given libraries and prints what each held."""
-    parser = argparse.ArgumentParser(prog="python benchmarks/fatbin_prune.py", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.fatbin_prune", description=__doc__)
     parser.add_argument("--keep", type=int, nargs="+", default=[90], help="architectures to keep (90)")
     parser.add_argument("--drop", nargs="*", default=[], help="libraries (name parts) to empty entirely")
     parser.add_argument("--dry-run", action="store_true", help="only print what each library holds")

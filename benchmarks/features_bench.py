@@ -1,6 +1,6 @@
 """Benchmark: fit + transform (``build``) of N generated impressions with every derived feature.
 
-    python benchmarks/features_bench.py --impressions 10000000 [--data DIR] [--repeat 3]
+    python -m benchmarks.features_bench --impressions 10000000 [--data DIR] [--repeat 3]
 
 Generates the data once (cached in ``--data``), then runs ``features.pipeline.build`` with the shipped
 ``ecommerce`` config (joins, time features, history lists, windowed click counts, vocabularies, numeric

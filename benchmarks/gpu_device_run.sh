@@ -29,7 +29,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=c
 python3 -c "import torch, fbgemm_gpu, torchrec; print('torch', torch.__version__, '| fbgemm_gpu', fbgemm_gpu.__version__, '| torchrec', torchrec.__version__, '| cuda', torch.cuda.is_available())" 2>&1 | grep -v -i warn
 if [ "${1:-}" = "profile" ]; then
     shift
-    timeout "${BENCH_TIMEOUT:-420}" python3 benchmarks/gpu_step_profile.py "$@" >"$RESULTS/profile.log" 2>&1
+    timeout "${BENCH_TIMEOUT:-420}" python3 -m benchmarks.gpu_step_profile "$@" >"$RESULTS/profile.log" 2>&1
     status=$?
     grep -E "^===|Error|error" "$RESULTS/profile.log"
     echo "profile exit status $status after $(($(date +%s) - started)) s"

@@ -9,7 +9,7 @@ and the most GPU time. When the kernel time is far below the wall time the step 
 
 Usage (on a GPU machine; benchmarks/gpu_device_run.sh shows how to install TorchRec there)::
 
-    python benchmarks/gpu_step_profile.py --batch-sizes 2048 65536
+    python -m benchmarks.gpu_step_profile --batch-sizes 2048 65536
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import torch
 
 def main(argv: list[str] | None = None) -> int:
     """Times and profiles the step at each batch size."""
-    parser = argparse.ArgumentParser(prog="python benchmarks/gpu_step_profile.py", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.gpu_step_profile", description=__doc__)
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[2048, 65536])
     parser.add_argument("--steps", type=int, default=30, help="profiled steps per batch size (30)")
     parser.add_argument("--rows", type=int, default=20, help="operators listed per table (20)")

@@ -12,7 +12,7 @@ It prints:
 * medians of repetitions with min-max, and the ratio to the roofline (examples/s the model would reach
   if all its FLOPs ran at the measured matmul throughput).
 
-Run: .venv/bin/python benchmarks/model_bench.py [--reps 5] [--threads 2]
+Run: .venv/bin/python -m benchmarks.model_bench [--reps 5] [--threads 2]
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ components and only has to estimate the latents. The time split is that of the `
 config (the last 3 calendar days test, the 3 before validation); each task keeps the epoch with the best
 validation AUC.
 
-    python benchmarks/oracle_ceiling.py --raw data/demo/raw [--epochs 6] [--l2 1e-4]
+    python -m benchmarks.oracle_ceiling --raw data/demo/raw [--epochs 6] [--l2 1e-4]
 
 It prints, per task, the validation and test AUC of the ceiling model and of the oracle, and the gap.
 """

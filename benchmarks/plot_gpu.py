@@ -2,7 +2,7 @@
 
 Usage::
 
-    python benchmarks/plot_gpu.py --out experiments/results/benchmark/gpu_h200.png \\
+    python -m benchmarks.plot_gpu --out experiments/results/benchmark/gpu_h200.png \\
         fp32=experiments/results/benchmark/h200_fp32_run1.json \\
         tf32=experiments/results/benchmark/h200_tf32_run3.json
 
@@ -22,7 +22,7 @@ from pathlib import Path
 
 def main(argv: list[str] | None = None) -> int:
     """Draws the figure."""
-    parser = argparse.ArgumentParser(prog="python benchmarks/plot_gpu.py", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.plot_gpu", description=__doc__)
     parser.add_argument("--out", type=Path, required=True, help="PNG to write")
     parser.add_argument("reports", nargs="+", help="LABEL=benchmark_gpu.json")
     args = parser.parse_args(argv)

@@ -13,7 +13,7 @@ on a spec fitted to that data (or takes --model URI --tracking-uri), then:
   better of the two is the bare forward; the script prints end to end over it (target >= 60%) and the
   peak memory (target < 8 GiB).
 
-Run: .venv/bin/python benchmarks/score_bench.py --rows 1000000 [--data /tmp/score_bench]
+Run: .venv/bin/python -m benchmarks.score_bench --rows 1000000 [--data /tmp/score_bench]
 """
 
 from __future__ import annotations

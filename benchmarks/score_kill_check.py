@@ -7,7 +7,7 @@
 4. Checks that the output holds exactly one row per input row: the sorted impression_ids of the output
    equal those of the input (none missing, none duplicated), and that every request's ranks are 1..n.
 
-Run: .venv/bin/python benchmarks/score_kill_check.py [--rows 300000] [--seed 5]
+Run: .venv/bin/python -m benchmarks.score_kill_check [--rows 300000] [--seed 5]
 """
 
 from __future__ import annotations

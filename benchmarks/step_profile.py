@@ -10,7 +10,7 @@ loading cost.
 It prints examples/s (median of --reps repetitions of --steps steps, min-max), the forward / backward /
 optimizer split, and torch.profiler's top operators by self CPU time.
 
-Run: .venv/bin/python benchmarks/step_profile.py [--threads 2] [--reps 3] [--steps 10] [--top 25]
+Run: .venv/bin/python -m benchmarks.step_profile [--threads 2] [--reps 3] [--steps 10] [--top 25]
 """
 
 from __future__ import annotations

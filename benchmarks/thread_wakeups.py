@@ -8,7 +8,7 @@ threads; README (Benchmark, "Where the embedded Ray path lost time") has what it
 
 Usage::
 
-    python benchmarks/thread_wakeups.py --delay 25 --span 10 &
+    python -m benchmarks.thread_wakeups --delay 25 --span 10 &
     python -m pipelines.train ...
 """
 
@@ -40,7 +40,7 @@ def snapshot() -> dict[str, tuple[str, int, int, int, int]]:
 
 def main(argv: list[str] | None = None) -> int:
     """Prints the threads with the most wake-ups and the most preemptions."""
-    parser = argparse.ArgumentParser(prog="python benchmarks/thread_wakeups.py", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.thread_wakeups", description=__doc__)
     parser.add_argument("--delay", type=float, default=0.0, help="seconds to wait first (0)")
     parser.add_argument("--span", type=float, default=10.0, help="seconds between the two readings (10)")
     parser.add_argument("--top", type=int, default=15, help="threads listed (15)")
