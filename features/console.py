@@ -48,8 +48,12 @@ def story(message: str) -> None:
     """Prints one line of the run's story (on screen and into the log)."""
     if _session is not None:
         _session.story(message)
+    elif _in_ray_worker():
+        # Not print(): Ray Train patches it in its workers to print and log each line, so it came twice.
+        sys.stdout.write(MARK + message + "\n")
+        sys.stdout.flush()
     else:
-        print((MARK if _in_ray_worker() else "") + message, flush=True)
+        print(message, flush=True)
 
 
 def _in_ray_worker() -> bool:
@@ -82,11 +86,12 @@ def terminal() -> IO[str]:
 
 
 def progress(iterable: Iterable[Any] | None = None, **kwargs: Any) -> Any:
-    """A tqdm progress bar on the screen (see :func:`terminal`); keyword arguments go to tqdm."""
+    """A tqdm progress bar on the screen if it is a terminal (see :func:`terminal`); keywords go to tqdm."""
     from tqdm.auto import tqdm
 
     kwargs.setdefault("file", terminal())
     kwargs.setdefault("dynamic_ncols", True)
+    kwargs.setdefault("disable", None)  # drawn on a terminal only: in a file or a pipe a bar is noise
     return tqdm(iterable, **kwargs)
 
 

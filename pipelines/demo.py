@@ -41,7 +41,8 @@ def run_demo(
     )
     config = FeatureConfig.from_yaml(builtin_config("ecommerce"))
     spec, result = build(config, load_tables(raw), feats, overwrite=True)
-    console.story(f"features: {result.rows} rows in {result.seconds:.1f} s, spec {spec.content_hash[:12]}")
+    rows = ", ".join(f"{split} {n:,}" for split, n in result.rows.items())
+    console.story(f"features: {rows} rows in {result.seconds:.1f} s (spec {spec.content_hash[:12]})")
     train = TrainConfig.from_yaml(builtin_train_config("train_demo")).replace(
         features=str(feats),
         truth=str(raw / "truth.parquet"),
@@ -97,27 +98,24 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _print_summary(made: dict[str, Any]) -> None:
-    summary, scored = made.pop("summary"), made.pop("scored")
+    """The end of the demo's story: where everything is, the test metrics and the top of one request."""
+    import polars as pl
+
+    summary, scored = made["summary"], made["scored"]
     say = console.story
     say("done.")
-    for name, value in made.items():
-        say(f"  {name:12s} {value}")
+    say(f"  data        {made['raw']}  ->  {made['features']}")
     run_id, uri = summary.get("mlflow_run_id"), made["tracking_uri"]
-    say(f"  {'mlflow run':12s} {run_id}  (see it: mlflow ui --backend-store-uri {uri})")
-    say(
-        f"  {'registered':12s} {summary.get('registered_model')} version {summary.get('version')} "
-        f"(alias {summary.get('alias')})"
-    )
-    say("  test metrics:")
-    for name, value in sorted(summary.get("test", {}).items()):
-        if "/load/" not in name:
-            say(f"    {name:28s} {value:.4f}")
-    say(
-        f"  scoring: {scored.rows_in:,} candidate rows in, {scored.rows_out:,} out with {scored.pinned_uri} "
-        f"into {scored.output}"
-    )
-    say("  top items of one request:")
-    say(str(top_of_request(scored.output, k=5)))
+    say(f"  mlflow      run {run_id}: mlflow ui --backend-store-uri {uri}")
+    test = summary.get("test", {})
+    for task in sorted({k.split("/")[1] for k in test if k.count("/") == 2}):
+        shown = [m for m in ("auc", "gauc", "calibration", "oracle_auc") if f"test/{task}/{m}" in test]
+        say(f"  test {task:10s}" + "  ".join(f"{m} {test[f'test/{task}/{m}']:.4f}" for m in shown))
+    say(f"  scores      {scored.rows_in:,} rows in, {scored.rows_out:,} out, into {scored.output}")
+    top = top_of_request(scored.output, k=5)
+    columns = ["request_id", "item_id", *[c for c in top.columns if c.startswith("p_")], "score", "rank"]
+    with pl.Config(tbl_hide_dataframe_shape=True, tbl_hide_column_data_types=True, tbl_formatting="MARKDOWN"):
+        say(f"  top 5 of request {top['request_id'][0]}:\n{top.select(columns)}")
 
 
 if __name__ == "__main__":

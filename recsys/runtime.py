@@ -110,8 +110,8 @@ def route_ray_output() -> None:
 
     Replaces the handler ``ray.init`` registers with Ray's driver-side dispatcher of worker output: lines
     marked by :func:`features.console.story` go to the screen, progress bars of
-    ``ray.experimental.tqdm_ray`` are drawn on the screen, and the rest goes to the log, formatted by Ray's
-    own printer (with its ``(pid=...)`` prefixes). Outside a session Ray's printer stays.
+    ``ray.experimental.tqdm_ray`` are drawn on the screen if it is a terminal, and the rest goes to the log
+    ``(name pid=...)`` prefixes. Outside a session Ray's printer stays.
     """
     from ray._private import worker as ray_worker
 
@@ -141,9 +141,21 @@ def _print_ray_lines(data: dict[str, Any]) -> None:
         if line.startswith(console.MARK):
             session.story(line[len(console.MARK) :])
         elif RAY_TQDM_MAGIC in line:
-            with contextlib.redirect_stderr(session.err):
-                ray_worker.process_tqdm(line)
+            if _is_tty(session.err):  # bars redraw in place on a terminal; in a file they are noise
+                with contextlib.redirect_stderr(session.err):
+                    ray_worker.process_tqdm(line)
         else:
             rest.append(line)
     if rest:
-        ray_worker.print_worker_logs({**data, "lines": rest}, session.log)
+        # Written here rather than by Ray's printer, which redraws the progress bars around every line.
+        who = data.get("actor_name") or data.get("task_name") or ""
+        prefix = f"({who + ' ' if who else ''}pid={data.get('pid')}) "
+        session.log.write("".join(prefix + line + "\n" for line in rest))
+        session.log.flush()
+
+
+def _is_tty(stream: Any) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):
+        return False

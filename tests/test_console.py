@@ -43,7 +43,7 @@ def test_a_session_puts_the_story_on_screen_and_the_chatter_in_the_log(tmp_path)
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines() == ["epoch 1: valid/click/auc 0.7000", "after the session"]
-    assert "scoring: 100%" in done.stderr and "error: a bad value" in done.stderr
+    assert "error: a bad value" in done.stderr and "scoring" not in done.stderr  # no bar into a pipe
     assert "chatter" not in done.stdout + done.stderr and "deprecation" not in done.stderr
     text = log.read_text()
     for line in ("python chatter", "C++ chatter on fd 1", "C++ chatter on fd 2", "a deprecation", "epoch 1"):
@@ -106,3 +106,22 @@ def test_init_ray_names_a_bad_purpose(purpose):
 
     with pytest.raises(ValueError, match="init_ray: purpose: expected one of .*'nonsense'"):
         init_ray(purpose)
+
+
+def test_progress_bars_are_drawn_on_a_terminal_and_not_into_a_file(tmp_path):
+    import fcntl
+    import os
+    import pty
+    import struct
+    import termios
+
+    leader, follower = pty.openpty()
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # 24 rows, 100 columns
+    with os.fdopen(follower, "w") as tty, open(tmp_path / "out.txt", "w") as plain:
+        for stream in (tty, plain):
+            for _ in console.progress(range(3), desc="scoring", file=stream):
+                pass
+    drawn = os.read(leader, 4096).decode()
+    os.close(leader)
+    assert "scoring: 100%" in drawn
+    assert (tmp_path / "out.txt").read_text() == ""

@@ -25,7 +25,7 @@ def test_the_demo_tells_its_story_in_at_most_60_lines_and_logs_the_rest(tmp_path
     assert done.returncode == 0, done.stderr[-3000:]
     screen = done.stdout.splitlines() + done.stderr.splitlines()
     assert len(screen) <= 60, "\n".join(screen)
-    assert "done." in done.stdout and "registered" in done.stdout and "top items" in done.stdout
+    assert "done." in done.stdout and "registered" in done.stdout and "top 5 of request" in done.stdout
     assert any(line.startswith("epoch ") for line in done.stdout.splitlines()), done.stdout
     log = (out / "demo.log").read_text()
     # Ray's and the workers' output is in the log, not on screen.
