@@ -313,7 +313,11 @@ def write_dataset(
         counts: dict[str, int] = {}
         label_means: dict[str, dict[str, float]] = {}
         bar = progress_bar(
-            total=rows.height, unit="row", unit_scale=True, desc="transform", disable=not progress
+            total=rows.height,
+            unit="row",
+            unit_scale=True,
+            desc="transform",
+            disable=None if progress else True,
         )
         for name in SPLITS if split else (ALL,):
             subset = rows.filter(split_expr(spec.split) == name) if split else rows

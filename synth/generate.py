@@ -205,7 +205,7 @@ def generate(
 
     with _staged([impressions_path, truth_path]) as (impressions_tmp, truth_tmp):
         with ChunkWriter(impressions_tmp, truth_tmp, model) as writer:
-            bar = progress_bar(chunks, desc="generate", unit="chunk", disable=not progress)
+            bar = progress_bar(chunks, desc="generate", unit="chunk", disable=None if progress else True)
             totals = _stream_impressions(writer, bar, chunks_seq, users, items, model)
         atomic_write(users_path, parquet_bytes(users_table))
         atomic_write(items_path, parquet_bytes(items_table))

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 from matplotlib.figure import Figure
 from mlflow import MlflowClient
+from mlflow.entities import ViewType
 
 from features.config import FeatureConfig, builtin_config
 from features.pipeline import Tables, build
@@ -34,6 +35,7 @@ from recsys.tracking import (
     log_model,
     metric_history,
     register_model,
+    resolve_model,
     run_metric_history,
     sqlite_tracking_uri,
 )
@@ -155,6 +157,21 @@ def test_child_runs_are_found_with_their_status_and_tags(store):
     Tracker(store, "exp", require=True).start_run("unrelated")
     children = {r.tags["tune.trial_id"]: r.status for r in child_runs(store, parent)}
     assert children == {"a": "FINISHED", "b": "KILLED"}
+
+
+def test_a_registry_reader_touches_no_experiment_and_starts_no_run(store, package):
+    path, _, _ = package
+    writer = Tracker(store, "exp", require=True)
+    with writer.run("train"):
+        uri = log_model(writer, path)
+    register_model(writer, uri, "ranker", "val/auc", 0.7)
+    before = [e.name for e in MlflowClient(store).search_experiments(view_type=ViewType.ALL)]
+    reader = Tracker(store, None, require=True)
+    assert reader.enabled and reader.experiment_id is None
+    assert resolve_model(reader, f"models:/ranker@{CHAMPION}").version == "1"
+    with pytest.raises(ValueError, match="reads the registry only"):
+        reader.start_run("scoring")
+    assert [e.name for e in MlflowClient(store).search_experiments(view_type=ViewType.ALL)] == before
 
 
 def test_flatten_params():

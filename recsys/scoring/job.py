@@ -45,10 +45,6 @@ from recsys.scoring.stage import package_files, ray_for, scored_frames
 from recsys.scoring.writer import PartitionWriter
 from recsys.tracking import Tracker, download_package, resolve_model
 
-# MLflow's own experiment (id 0), which every store has: a tracker on it reads the registry and creates
-# nothing. Scoring logs a run only into an experiment the user names.
-REGISTRY_READER = "Default"
-
 
 @dataclass(frozen=True)
 class ScoringModel:
@@ -129,7 +125,8 @@ def _tracker(config: ScoreConfig) -> Tracker | None:
     """
     if config.experiment is None and Path(config.model).is_dir():
         return None
-    return Tracker(config.tracking_uri, config.experiment or REGISTRY_READER)
+    # Without an experiment the tracker only reads the registry: scoring logs a run only where the user says.
+    return Tracker(config.tracking_uri, config.experiment)
 
 
 def _resolve(config: ScoreConfig, tracker: Tracker | None, workdir: Path) -> ScoringModel:
@@ -191,7 +188,11 @@ def _score(
     limit = config.max_partitions if config.max_partitions is not None else len(todo)
     skipped = len(partitions) - len(todo)
     bar = console.progress(
-        total=len(partitions), initial=skipped, unit="part", desc="score", disable=not config.progress
+        total=len(partitions),
+        initial=skipped,
+        unit="part",
+        desc="score",
+        disable=None if config.progress else True,
     )
     outputs = model.outputs
     writer = PartitionWriter(formula, config.top_k, outputs, manifest, out, {p.index: p for p in todo}, bar)

@@ -126,7 +126,8 @@ class Tracker:
     Args:
         tracking_uri: the store (``sqlite:///...``, ``http://host:port``, ...); default
             :func:`default_tracking_uri`.
-        experiment_name: the experiment, created if missing.
+        experiment_name: the experiment, created if missing; None for a registry reader, which touches no
+            experiment (it resolves and downloads registered models, and starts no run).
         require: raise :class:`TrackingError` when the store is unreachable or a call fails, instead of
             warning and going on without tracking.
         artifact_location: where a new experiment keeps its artifacts; default ``mlruns/`` beside a
@@ -146,7 +147,7 @@ class Tracker:
     def __init__(
         self,
         tracking_uri: str | None = None,
-        experiment_name: str = "recsys",
+        experiment_name: str | None = "recsys",
         require: bool = False,
         *,
         artifact_location: str | None = None,
@@ -155,8 +156,8 @@ class Tracker:
         max_consecutive_failures: int = 5,
         max_param_length: int = MAX_PARAM_LENGTH,
     ) -> None:
-        if not isinstance(experiment_name, str) or not experiment_name:
-            raise ValueError(f"experiment_name: expected a non-empty string, got {experiment_name!r}")
+        if experiment_name is not None and (not isinstance(experiment_name, str) or not experiment_name):
+            raise ValueError(f"experiment_name: expected a non-empty string or None, got {experiment_name!r}")
         check_int("tracker", "max_consecutive_failures", max_consecutive_failures, minimum=1)
         self.tracking_uri = tracking_uri or default_tracking_uri()
         self.experiment_name = experiment_name
@@ -182,6 +183,9 @@ class Tracker:
         started = time.monotonic()
         try:
             with self.settings(max_retries=0, timeout_s=min(PROBE_TIMEOUT_S, self.timeout_s)):
+                if self.experiment_name is None:  # a registry reader: probe the registry, create nothing
+                    self.client.search_registered_models(max_results=1)
+                    return
                 experiment = self.client.get_experiment_by_name(self.experiment_name)
                 if experiment is None:
                     self.experiment_id = self.client.create_experiment(
@@ -307,6 +311,8 @@ class Tracker:
         """
         if self._run_id is not None:
             raise RuntimeError(f"start_run: run {self._run_id} is still active; call end_run first")
+        if self.experiment_name is None:
+            raise ValueError("start_run: this tracker reads the registry only (experiment_name=None)")
         all_tags = resolve_tags({k: str(v) for k, v in (tags or {}).items()})
         if run_id is not None and self._enabled:
             reopened = self.guarded("start_run", lambda: self._reopen(run_id, all_tags))
