@@ -52,6 +52,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from features import console
+from pipelines.cli import add_console_flags, quiet_console
+
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """The command line; errors name the option and the value."""
@@ -95,6 +98,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help="let fp32 matmuls use TensorFloat-32 (torch.backends.cuda.matmul.allow_tf32); off by default",
     )
+    add_console_flags(parser, "OUT/benchmark.log")
     args = parser.parse_args(argv)
     if args.tf32 and not args.use_gpu:
         parser.error("--tf32: only with --use-gpu")
@@ -121,7 +125,7 @@ def prepare(out: Path, rows: int) -> Path:
     features = out / "features"
     marker = out / "rows.json"
     if marker.exists() and json.loads(marker.read_text()).get("rows") == rows and features.exists():
-        print(f"reusing the {rows:,}-row data set in {out}")
+        console.story(f"reusing the {rows:,}-row data set in {out}")
         return features
     started = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
@@ -134,7 +138,9 @@ def prepare(out: Path, rows: int) -> Path:
         make_table(min(CHUNK_ROWS, rows - start), seed=i).write_parquet(tables / f"part-{i:04d}.parquet")
     build(feature_config(), Tables(scan_table(tables)), features, progress=True, overwrite=True)
     marker.write_text(json.dumps({"rows": rows}))
-    print(f"generated {rows:,} rows and built their features in {time.perf_counter() - started:.0f} s")
+    console.story(
+        f"generated {rows:,} rows and built their features in {time.perf_counter() - started:.0f} s"
+    )
     return features
 
 
@@ -188,7 +194,7 @@ def train_end_to_end(features: Path, out: Path, workers: int, epochs: int, inges
     import pyarrow.parquet as pq
 
     from benchmarks.measure import BATCH, TreeMemory, spread
-    from recsys.tracking import Tracker
+    from recsys.tracking import metric_history
     from recsys.train.config import TrainConfig
     from recsys.train.driver import run_training
 
@@ -226,12 +232,10 @@ def train_end_to_end(features: Path, out: Path, workers: int, epochs: int, inges
     with TreeMemory(interval_s=1.0) as memory:  # the driver, the embedded Ray and its workers
         result = run_training(config, tracking_uri=uri)
     wall = time.perf_counter() - started
-    history = Tracker(uri, "benchmark", require=True).client.get_metric_history(
-        result.summary["mlflow_run_id"], "train/examples_per_s"
-    )
+    history = metric_history(uri, result.summary["mlflow_run_id"], "train/examples_per_s")
     per_epoch: dict[int, list[float]] = {}
-    for m in sorted(history, key=lambda m: m.step)[1:]:  # the first window holds the start-up
-        per_epoch.setdefault((m.step - 1) // max(1, steps_per_epoch), []).append(m.value)
+    for step, value in history[1:]:  # the first window holds the start-up
+        per_epoch.setdefault((step - 1) // max(1, steps_per_epoch), []).append(value)
     epoch_rates = [statistics.median(v) for _, v in sorted(per_epoch.items()) if v]
     test = {k: v for k, v in result.summary.get("test", {}).items() if k.endswith("/auc")}
     return {
@@ -292,15 +296,17 @@ def fmt(values: tuple[float, float, float]) -> str:
 
 def print_roofline(report: dict[str, Any], where: str, decimals: int) -> None:
     """The head of both tables: the matmul rate (``where``: at which batch), FLOPs and roofline."""
-    print(f"\nmatmul fp32 on the experts' shapes{where}: {report['matmul_gflops']:,.{decimals}f} GFLOP/s")
+    console.story(
+        f"\nmatmul fp32 on the experts' shapes{where}: {report['matmul_gflops']:,.{decimals}f} GFLOP/s"
+    )
     for name, value in report["matmul_per_shape"].items():
-        print(f"  {name}: {value:,.{decimals}f} GFLOP/s")
-    print(
+        console.story(f"  {name}: {value:,.{decimals}f} GFLOP/s")
+    console.story(
         f"FLOPs per example: forward {report['flops_forward'] / 1e6:.2f} MFLOP, training (3x) "
         f"{report['flops_training'] / 1e6:.2f} MFLOP"
     )
     roof_p, roof_t = report["roofline_prediction"], report["roofline_training"]
-    print(f"roofline: prediction {roof_p:,.0f} examples/s, training {roof_t:,.0f} examples/s\n")
+    console.story(f"roofline: prediction {roof_p:,.0f} examples/s, training {roof_t:,.0f} examples/s\n")
 
 
 def print_device_table(report: dict[str, Any]) -> None:
@@ -308,34 +314,34 @@ def print_device_table(report: dict[str, Any]) -> None:
     roof_p, roof_t = report["roofline_prediction"], report["roofline_training"]
     largest = max(r["batch_size"] for r in report["batches"])
     print_roofline(report, f", batch {largest:,}", decimals=0)
-    print(f"{'measurement':48s} {'examples/s median (min-max)':>38s}  roofline  GPU util  peak mem")
+    console.story(f"{'measurement':48s} {'examples/s median (min-max)':>38s}  roofline  GPU util  peak mem")
     printed: set[int] = set()
     for row in report["batches"]:
         size = row["batch_size"]
         if size not in printed:
             printed.add(size)
             forward = row["forward"]
-            print(f"{f'forward, batch {size:,}':48s} {fmt(forward):>38s}  {forward[0] / roof_p:7.0%}")
+            console.story(f"{f'forward, batch {size:,}':48s} {fmt(forward):>38s}  {forward[0] / roof_p:7.0%}")
         name = f"training step, batch {size:,}, {row['sharding']}"
         if "error" in row:
-            print(f"{name:48s} failed: {row['error'][:300]}")
+            console.story(f"{name:48s} failed: {row['error'][:300]}")
             continue
         util = row["gpu_utilization"]
         util_text = f"{util:7.0f}%" if util is not None else "     n/a"
         memory = row["peak_memory_gib"]
         memory_text = f"{memory:6.2f} GiB" if memory is not None else "       n/a"
         step = row["training_step"]
-        print(f"{name:48s} {fmt(step):>38s}  {step[0] / roof_t:7.0%}  {util_text}  {memory_text}")
+        console.story(f"{name:48s} {fmt(step):>38s}  {step[0] / roof_t:7.0%}  {util_text}  {memory_text}")
         if "training_from_arrow" in row:
             build, fed = row["batch_from_arrow"], row["training_from_arrow"]
-            print(f"{f'  batch from Arrow rows on the host, batch {size:,}':48s} {fmt(build):>38s}")
+            console.story(f"{f'  batch from Arrow rows on the host, batch {size:,}':48s} {fmt(build):>38s}")
             name = f"  training step fed by it, batch {size:,}"
-            print(f"{name:48s} {fmt(fed):>38s}  {fed[0] / roof_t:7.0%}")
+            console.story(f"{name:48s} {fmt(fed):>38s}  {fed[0] / roof_t:7.0%}")
             ahead = row["training_read_ahead"]
             name = f"  fed by a read-ahead thread, batch {size:,}"
-            print(f"{name:48s} {fmt(ahead):>38s}  {ahead[0] / roof_t:7.0%}")
+            console.story(f"{name:48s} {fmt(ahead):>38s}  {ahead[0] / roof_t:7.0%}")
         if row["gpu_utilization_error"]:
-            print(f"  GPU utilization not read: {row['gpu_utilization_error']}")
+            console.story(f"  GPU utilization not read: {row['gpu_utilization_error']}")
 
 
 def gpu_main(args: argparse.Namespace) -> int:
@@ -353,7 +359,7 @@ def gpu_main(args: argparse.Namespace) -> int:
     torch.backends.cuda.matmul.allow_tf32 = args.tf32
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    print(
+    console.story(
         f"{torch.cuda.get_device_name(device)}, torch {torch.__version__} (CUDA {torch.version.cuda}), "
         f"{cpu_model()} host, fp32, TF32 {'on' if torch.backends.cuda.matmul.allow_tf32 else 'off'}, "
         f"{time.strftime('%Y-%m-%d')}"
@@ -364,21 +370,25 @@ def gpu_main(args: argparse.Namespace) -> int:
     print_device_table(report)
     name = "benchmark_gpu_tf32.json" if args.tf32 else "benchmark_gpu.json"
     (out / name).write_text(json.dumps(report, indent=1, default=str))
-    print(f"\nwritten: {out / name}")
+    console.story(f"\nwritten: {out / name}")
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     """Runs every measurement and prints the table."""
     args = parse_args(argv)
-    if args.use_gpu:
-        return gpu_main(args)
+    with quiet_console(args, Path(args.out) / "benchmark.log"):
+        return gpu_main(args) if args.use_gpu else cpu_main(args)
+
+
+def cpu_main(args: argparse.Namespace) -> int:
+    """The CPU measurements and their table."""
     import torch
 
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     features = prepare(out, args.rows)
-    print(
+    console.story(
         f"{cpu_model()} ({torch.backends.cpu.get_cpu_capability()}), {os.cpu_count()} cores, "
         f"torch {torch.__version__}, "
         f"{args.threads} threads, fp32, batch 2048, {time.strftime('%Y-%m-%d')}"
@@ -402,7 +412,7 @@ def main(argv: list[str] | None = None) -> int:
 
     roof_p, roof_t = report["roofline_prediction"], report["roofline_training"]
     print_roofline(report, "", decimals=1)
-    print(f"{'measurement':58s} {'examples/s median (min-max)':>30s}  of roofline")
+    console.story(f"{'measurement':58s} {'examples/s median (min-max)':>30s}  of roofline")
     rows = [
         (f"model forward, synthetic batch ({args.reps} reps)", report["model_forward"], roof_p),
         (
@@ -421,18 +431,18 @@ def main(argv: list[str] | None = None) -> int:
             )
         )
     for name, values, roof in rows:
-        print(f"{name:58s} {fmt(values):>30s}  {values[0] / roof:6.0%}")
+        console.story(f"{name:58s} {fmt(values):>30s}  {values[0] / roof:6.0%}")
     for t in trainings:
         aucs = ", ".join(f"{k} {v:.4f}" for k, v in sorted(t["test_auc"].items()))
         ray_share = t["examples_per_s"][0] / report["model_training_step"][0]
-        print(
+        console.story(
             f"  {t['workers']} worker(s), {t['ingest']}: wall {t['wall_s']:.0f} s for {t['train_rows']:,} "
             f"rows/epoch; peak memory of the process tree RSS {t['peak_rss_gib']:.2f} GiB, "
             f"PSS {t['peak_pss_gib']:.2f} GiB; "
             f"{aucs}; end to end / plain loop {ray_share:.0%}"
         )
     (out / "benchmark.json").write_text(json.dumps(report, indent=1, default=str))
-    print(f"\nwritten: {out / 'benchmark.json'}")
+    console.story(f"\nwritten: {out / 'benchmark.json'}")
     return 0
 
 

@@ -16,6 +16,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from features import console
+from pipelines.cli import add_console_flags, fail, quiet_console
 from synth.generate import generate
 
 
@@ -39,33 +41,34 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--items", type=int, default=None, help="items (default: max(200, impressions/50))")
     parser.add_argument("--days", type=int, default=30, help="days in the window (default: %(default)s)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    add_console_flags(parser, "OUT.log, beside the output folder")
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Generates the tables and prints a summary; returns the exit status."""
     args = parse_args(argv)
-    try:
-        result = generate(
-            args.out,
-            args.impressions,
-            args.seed,
-            task_correlation=args.task_correlation,
-            n_users=args.users,
-            n_items=args.items,
-            days=args.days,
-            progress=not args.no_progress,
+    with quiet_console(args, args.out.parent / f"{args.out.name}.log"):
+        try:
+            result = generate(
+                args.out,
+                args.impressions,
+                args.seed,
+                task_correlation=args.task_correlation,
+                n_users=args.users,
+                n_items=args.items,
+                days=args.days,
+                progress=not args.no_progress,
+            )
+        except ValueError as err:
+            return fail(err)
+        console.story(
+            f"wrote {result.n_impressions:,} impressions ({result.n_requests:,} requests), "
+            f"{result.n_users:,} users, {result.n_items:,} items into {args.out}\n"
+            f"click rate {result.click_rate:.4f} (mean p_click {result.mean_p_click:.4f}), "
+            f"purchase rate {result.purchase_rate:.5f} (mean p_purchase {result.mean_p_purchase:.5f}), "
+            f"purchase given click {result.purchase_given_click_rate:.4f}"
         )
-    except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(
-        f"wrote {result.n_impressions:,} impressions ({result.n_requests:,} requests), "
-        f"{result.n_users:,} users, {result.n_items:,} items into {args.out}\n"
-        f"click rate {result.click_rate:.4f} (mean p_click {result.mean_p_click:.4f}), "
-        f"purchase rate {result.purchase_rate:.5f} (mean p_purchase {result.mean_p_purchase:.5f}), "
-        f"purchase given click {result.purchase_given_click_rate:.4f}"
-    )
     return 0
 
 
