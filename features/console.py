@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+import threading
 import traceback
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -30,7 +31,8 @@ MARK = "\u2063"  # INVISIBLE SEPARATOR: starts a story line printed by a Ray wor
 
 
 class _Session:
-    def __init__(self, log: IO[str], out: IO[str], err: IO[str]) -> None:
+    def __init__(self, path: Path, log: IO[str], out: IO[str], err: IO[str]) -> None:
+        self.path = path
         self.log = log
         self.out = out  # the screen's standard output: the story
         self.err = err  # the screen's standard error: progress bars and errors
@@ -42,6 +44,9 @@ class _Session:
 
 
 _session: _Session | None = None
+# Held while a session starts or ends, and by whoever writes through a session from another thread (Ray's
+# printer of worker output), so that no thread writes to a log that is being closed.
+lock = threading.RLock()
 
 
 def story(message: str) -> None:
@@ -118,8 +123,11 @@ def session(log_file: str | Path, *, verbose: bool = False) -> Iterator[Path]:
     reach the screen. With ``verbose`` nothing is redirected. Yields the log's path.
     """
     global _session
+    if _session is not None:  # nested: everything already goes to the outer session's log
+        yield _session.path
+        return
     path = Path(log_file).resolve()
-    if verbose or _session is not None:
+    if verbose:
         yield path
         return
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -128,24 +136,26 @@ def session(log_file: str | Path, *, verbose: bool = False) -> Iterator[Path]:
     (out, own_out), (err, own_err) = _screen(sys.stdout, 1), _screen(sys.stderr, 2)
     saved_fds, saved_streams = (os.dup(1), os.dup(2)), (sys.stdout, sys.stderr)
     log = open(path, "a", buffering=1)  # noqa: SIM115 - closed below, after the screen is back
-    os.dup2(log.fileno(), 1)
-    os.dup2(log.fileno(), 2)
-    sys.stdout = sys.stderr = log
-    _session = _Session(log, out, err)
+    with lock:
+        os.dup2(log.fileno(), 1)
+        os.dup2(log.fileno(), 2)
+        sys.stdout = sys.stderr = log
+        _session = _Session(path, log, out, err)
     try:
         yield path
     except BaseException:
         log.write(traceback.format_exc())
         raise
     finally:
-        _session = None
-        log.flush()
-        sys.stdout, sys.stderr = saved_streams
-        os.dup2(saved_fds[0], 1)
-        os.dup2(saved_fds[1], 2)
-        for fd in saved_fds:
-            os.close(fd)
-        for stream, own in ((out, own_out), (err, own_err)):
-            if own:
-                stream.close()
-        log.close()
+        with lock:
+            _session = None
+            log.flush()
+            sys.stdout, sys.stderr = saved_streams
+            os.dup2(saved_fds[0], 1)
+            os.dup2(saved_fds[1], 2)
+            for fd in saved_fds:
+                os.close(fd)
+            for stream, own in ((out, own_out), (err, own_err)):
+                if own:
+                    stream.close()
+            log.close()

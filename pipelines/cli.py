@@ -26,10 +26,13 @@ def add_console_flags(parser: argparse.ArgumentParser, default_log: str) -> None
 @contextlib.contextmanager
 def quiet_console(args: argparse.Namespace, default_log: str | Path) -> Iterator[Path]:
     """The quiet console for the block: library output into the log file, the story on screen."""
-    with console.session(args.log_file or default_log, verbose=args.verbose) as log:
-        yield log
-    if not args.verbose:
-        console.story(f"log: {log}")
+    log = None
+    try:
+        with console.session(args.log_file or default_log, verbose=args.verbose) as log:
+            yield log
+    finally:
+        if log is not None and not args.verbose:
+            console.story(f"log: {log}")  # after a failure too: the full story is there
 
 
 def fail(exc: BaseException) -> int:

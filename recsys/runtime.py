@@ -60,7 +60,13 @@ def embedded_ray_env() -> None:
 PURPOSES = ("training", "tuning", "scoring")
 
 
-def init_ray(purpose: str, *, num_cpus: int | None = None, object_store_memory: int | None = None) -> bool:
+def init_ray(
+    purpose: str,
+    *,
+    address: str | None = None,
+    num_cpus: int | None = None,
+    object_store_memory: int | None = None,
+) -> bool:
     """Connects to the cluster ``RAY_ADDRESS`` names, or starts an embedded local one: the one bootstrap.
 
     An embedded cluster listens on 127.0.0.1 only and runs its workers at the normal priority
@@ -72,6 +78,7 @@ def init_ray(purpose: str, *, num_cpus: int | None = None, object_store_memory: 
 
     Args:
         purpose: ``training``, ``tuning`` or ``scoring``.
+        address: the cluster to connect to (default ``RAY_ADDRESS``; neither: an embedded cluster).
         num_cpus: logical CPUs of an embedded cluster (default: this machine's); ignored for a cluster.
         object_store_memory: bytes of an embedded cluster's object store (default: Ray's).
 
@@ -86,7 +93,7 @@ def init_ray(purpose: str, *, num_cpus: int | None = None, object_store_memory: 
         raise ValueError(f"init_ray: purpose: expected one of {list(PURPOSES)}, got {purpose!r}")
     if ray.is_initialized():
         return False
-    address = os.environ.get("RAY_ADDRESS")
+    address = address or os.environ.get("RAY_ADDRESS")
     dashboard = {"include_dashboard": purpose != "scoring"}
     if purpose != "scoring":
         dashboard["dashboard_host"] = "127.0.0.1"
@@ -106,25 +113,36 @@ def init_ray(purpose: str, *, num_cpus: int | None = None, object_store_memory: 
 
 
 def route_ray_output() -> None:
-    """In a :func:`features.console.session`, routes what Ray workers print: the story to the screen.
+    """Routes what Ray workers print, in this (the driver's) process: the story to the screen.
 
-    Replaces the handler ``ray.init`` registers with Ray's driver-side dispatcher of worker output: lines
-    marked by :func:`features.console.story` go to the screen, progress bars of
-    ``ray.experimental.tqdm_ray`` are drawn on the screen if it is a terminal, and the rest goes to the log
-    ``(name pid=...)`` prefixes. Outside a session Ray's printer stays.
+    Replaces the handler ``ray.init`` registers with Ray's driver-side dispatcher of worker output. In a
+    :func:`features.console.session`, lines marked by :func:`features.console.story` go to the screen,
+    progress bars of ``ray.experimental.tqdm_ray`` are drawn on the screen if it is a terminal, and the
+    rest goes to the log with Ray's ``(name pid=...)`` prefixes. Outside a session everything is printed
+    by Ray's own printer, the marks taken off.
     """
     from ray._private import worker as ray_worker
 
-    from features import console
-
-    if console.current() is None:
-        return
     dispatcher = ray_worker.global_worker_stdstream_dispatcher
     dispatcher.remove_handler("ray_print_logs")
     dispatcher.add_handler("ray_print_logs", _print_ray_lines)
 
 
 def _print_ray_lines(data: dict[str, Any]) -> None:
+    from ray._private import worker as ray_worker
+
+    from features import console
+
+    with console.lock:  # the session cannot end (and close its log) while these lines are written
+        session = console.current()
+        if session is None:
+            lines = [line.removeprefix(console.MARK) for line in data.get("lines", [])]
+            ray_worker.print_to_stdstream({**data, "lines": lines}, ignore_prefix=False)
+        else:
+            _into_session(session, data)
+
+
+def _into_session(session: Any, data: dict[str, Any]) -> None:
     import contextlib
 
     from ray._private import worker as ray_worker
@@ -132,10 +150,6 @@ def _print_ray_lines(data: dict[str, Any]) -> None:
 
     from features import console
 
-    session = console.current()
-    if session is None:
-        ray_worker.print_worker_logs(data, sys.stderr if data.get("is_err") else sys.stdout)
-        return
     rest = []
     for line in data.get("lines", []):
         if line.startswith(console.MARK):

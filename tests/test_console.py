@@ -125,3 +125,55 @@ def test_progress_bars_are_drawn_on_a_terminal_and_not_into_a_file(tmp_path):
     os.close(leader)
     assert "scoring: 100%" in drawn
     assert (tmp_path / "out.txt").read_text() == ""
+
+
+def test_a_nested_session_writes_to_the_outer_log(tmp_path):
+    done = _run(
+        f"""
+        from features import console
+        with console.session({str(tmp_path / "outer.log")!r}) as outer:
+            with console.session({str(tmp_path / "inner.log")!r}) as inner:
+                print("inner chatter")
+            assert inner == outer, (inner, outer)
+        """,
+        tmp_path,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "inner chatter" in (tmp_path / "outer.log").read_text()
+    assert not (tmp_path / "inner.log").exists()
+
+
+def test_without_a_session_a_workers_story_prints_without_its_mark(tmp_path):
+    done = _run(
+        """
+        import time
+        import ray
+        from features import console
+        from recsys.runtime import init_ray
+        init_ray("scoring", num_cpus=1)
+        @ray.remote
+        def work():
+            console.story("a story line from a worker")
+        ray.get(work.remote())
+        time.sleep(2)  # Ray forwards worker output in batches
+        ray.shutdown()
+        """,
+        tmp_path,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "a story line from a worker" in done.stdout and console.MARK not in done.stdout
+
+
+def test_a_failed_command_still_says_where_its_log_is(tmp_path):
+    done = _run(
+        f"""
+        import argparse
+        from pipelines.cli import quiet_console
+        args = argparse.Namespace(verbose=False, log_file=None)
+        with quiet_console(args, {str(tmp_path / "run.log")!r}):
+            raise RuntimeError("the real cause")
+        """,
+        tmp_path,
+    )
+    assert done.returncode == 1 and "RuntimeError: the real cause" in done.stderr
+    assert f"log: {tmp_path / 'run.log'}" in done.stdout
