@@ -1,13 +1,17 @@
-"""Atomic file writes: a reader sees the old file or the new one, never a part.
+"""Atomic file writes: a reader sees the old file or folder or the new one, never a part.
 
-Every write goes to a temporary name in the target's folder (same file system), is flushed to disk, and
-is renamed over the target in one step.
+Every write goes to a temporary name in the target's folder (same file system) and is renamed over the
+target in one step: :func:`atomic_write` for a whole content at once, :func:`staged_file` for a file
+written piece by piece, :func:`staged_dir` and :func:`replace_dir` for folders.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 
@@ -43,3 +47,61 @@ def atomic_write(path: str | Path, data: str | bytes, *, fsync: bool = True) -> 
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+@contextlib.contextmanager
+def staged_file(path: str | Path) -> Iterator[Path]:
+    """Yields a temporary path beside ``path`` to write, then renames it onto ``path``.
+
+    For files written piece by piece (a Parquet writer, a copy). If the block fails, the temporary file
+    is removed and ``path`` is left as it was.
+
+    Example:
+        >>> with staged_file("out/history.parquet") as tmp:  # doctest: +SKIP
+        ...     table.write_parquet(tmp)
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        os.chmod(tmp, 0o666 & ~_UMASK)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+@contextlib.contextmanager
+def staged_dir(path: str | Path) -> Iterator[Path]:
+    """Yields an empty temporary folder beside ``path`` to fill, then puts it in place of ``path``.
+
+    An existing ``path`` is renamed away first and deleted last (:func:`replace_dir`). If the block fails,
+    the temporary folder is removed and ``path`` is left as it was.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
+    try:
+        yield tmp
+        replace_dir(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def replace_dir(new: str | Path, target: str | Path) -> None:
+    """Moves folder ``new`` to ``target``; an old ``target`` is renamed away first and deleted last.
+
+    Two renames, so that ``target`` is missing only between them and never half written.
+    """
+    new, target = Path(new), Path(target)
+    old = None
+    if target.exists():
+        old = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.old-")) / "old"
+        os.replace(target, old)
+    os.replace(new, target)
+    if old is not None:
+        shutil.rmtree(old.parent, ignore_errors=True)

@@ -22,8 +22,6 @@ import functools
 import glob
 import json
 import os
-import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -36,6 +34,7 @@ from features.config import FeatureConfig
 from features.console import progress as progress_bar
 from features.contract import ContractError, validate
 from features.derive import derive_ecommerce_indexed
+from features.files import staged_dir
 from features.spec import _P, FeatureSpec, _stable_hash, fit, output_exprs
 
 P = ParamSpec("P")
@@ -308,8 +307,7 @@ def write_dataset(
     chunk = spec.feature_config.rows_per_file
     exprs = output_exprs(spec, labels=labels, lists=lists)  # built once: it maps the history lists
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-"))
-    try:
+    with staged_dir(out_dir) as tmp:  # the old output stays until the new one is complete
         counts: dict[str, int] = {}
         label_means: dict[str, dict[str, float]] = {}
         bar = progress_bar(
@@ -344,12 +342,6 @@ def write_dataset(
             "seconds": round(result.seconds, 3),
         }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True))
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return result
 
 

@@ -24,9 +24,6 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import json
-import os
-import shutil
-import tempfile
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from importlib import metadata as importlib_metadata
@@ -39,6 +36,7 @@ import pyarrow as pa
 import torch
 
 from features.contract import IMPRESSIONS, ITEMS, LABELS, USERS, TableContract, validate
+from features.files import staged_dir
 from features.pipeline import Tables, derived, validate_tables
 from features.spec import FeatureSpec, output_exprs
 from recsys.config import ModelConfig, TaskConfig
@@ -153,32 +151,12 @@ def save_package(
         "extra": extra_json,
     }
     state = _plain_state_dict(model)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.tmp-"))
-    try:
+    with staged_dir(directory) as tmp:
         torch.save(state, tmp / WEIGHTS)
         (tmp / MODEL_CONFIG).write_text(json.dumps(asdict(model_config), indent=1, sort_keys=True))
         spec.save(tmp / SPEC)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
-        _replace_dir(tmp, directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return directory
-
-
-def _replace_dir(new: Path, target: Path) -> None:
-    """Moves ``new`` to ``target``; an old ``target`` is renamed away first and deleted last.
-
-    Two renames, so that ``target`` is only briefly missing and never half written.
-    """
-    old = None
-    if target.exists():
-        old = target.with_name(f".{target.name}.old-{os.getpid()}-{new.name[-8:]}")
-        os.replace(target, old)
-    os.replace(new, target)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def load_package(directory: str | Path, map_location: str | torch.device = "cpu") -> LoadedPackage:

@@ -21,6 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from features.contract import LABELS
+from features.files import staged_file
 from synth.generate import generate
 
 
@@ -81,9 +82,10 @@ def _without_labels(source_path: Path, target: Path) -> int:
     source = pq.ParquetFile(source_path)
     schema = source.schema_arrow
     keep = [name for name in schema.names if name not in LABELS]
-    tmp = target.parent / f".{target.name}.tmp"
-    with pq.ParquetWriter(tmp, pa.schema([f for f in schema if f.name not in LABELS])) as writer:
+    with (
+        staged_file(target) as tmp,
+        pq.ParquetWriter(tmp, pa.schema([f for f in schema if f.name not in LABELS])) as writer,
+    ):
         for i in range(source.num_row_groups):
             writer.write_table(source.read_row_group(i, columns=keep))
-    os.replace(tmp, target)
     return source.metadata.num_rows

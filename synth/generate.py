@@ -22,9 +22,8 @@ Example:
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,7 +31,7 @@ import numpy as np
 
 from features.checks import check_int
 from features.console import progress as progress_bar
-from features.files import atomic_write
+from features.files import atomic_write, staged_file
 from synth.tables import (
     ChunkWriter,
     Items,
@@ -104,15 +103,8 @@ class GenerateResult:
 @contextmanager
 def _staged(paths: list[Path]) -> Iterator[list[Path]]:
     """Yields temporary paths beside ``paths`` and renames them onto ``paths`` only if the block succeeds."""
-    temps = [p.with_name(f".{p.name}.tmp") for p in paths]
-    try:
-        yield temps
-    except BaseException:
-        for temp in temps:
-            temp.unlink(missing_ok=True)
-        raise
-    for temp, path in zip(temps, paths, strict=True):
-        os.replace(temp, path)
+    with ExitStack() as stack:
+        yield [stack.enter_context(staged_file(p)) for p in paths]
 
 
 def _check_arguments(

@@ -78,3 +78,33 @@ def test_a_failed_atomic_write_leaves_the_old_file_and_no_temporary(tmp_path):
     with pytest.raises(TypeError):
         atomic_write(path, 42)  # type: ignore[arg-type]
     assert path.read_text() == "old" and os.listdir(tmp_path) == ["manifest.json"]
+
+
+def test_a_staged_file_appears_only_when_complete(tmp_path):
+    from features.files import staged_file
+
+    path = tmp_path / "part.parquet"
+    path.write_text("old")
+    with pytest.raises(RuntimeError), staged_file(path) as tmp:
+        tmp.write_text("half")
+        raise RuntimeError("killed while writing")
+    assert path.read_text() == "old" and os.listdir(tmp_path) == ["part.parquet"]
+    with staged_file(path) as tmp:
+        tmp.write_text("new")
+        assert path.read_text() == "old"  # not in place before the block ends
+    assert path.read_text() == "new" and os.listdir(tmp_path) == ["part.parquet"]
+
+
+def test_a_staged_folder_replaces_the_old_one_only_when_complete(tmp_path):
+    from features.files import staged_dir
+
+    target = tmp_path / "features"
+    target.mkdir()
+    (target / "old.parquet").write_text("old")
+    with pytest.raises(RuntimeError), staged_dir(target) as tmp:
+        (tmp / "new.parquet").write_text("half")
+        raise RuntimeError("killed while writing")
+    assert os.listdir(target) == ["old.parquet"] and os.listdir(tmp_path) == ["features"]
+    with staged_dir(target) as tmp:
+        (tmp / "new.parquet").write_text("new")
+    assert os.listdir(target) == ["new.parquet"] and os.listdir(tmp_path) == ["features"]

@@ -26,7 +26,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import shutil
 import time
 from collections.abc import Mapping, Sequence
@@ -34,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from features import console
-from features.files import atomic_write
+from features.files import atomic_write, staged_file
 from recsys.experiments.data import digest, prepare_dataset
 from recsys.experiments.grid import GridRun, RunRecord, plan_runs, slug
 from recsys.experiments.report import Report, machine_line, write_report
@@ -175,9 +174,8 @@ def _publish(files: Mapping[str, Path], folder: Path) -> None:
     """Copies the report (not the records) into ``folder``, each file by a rename."""
     folder.mkdir(parents=True, exist_ok=True)
     for name in [n for n in files if n != "records.json"]:
-        tmp = folder / f".{name}.tmp"
-        shutil.copyfile(files[name], tmp)
-        os.replace(tmp, folder / name)
+        with staged_file(folder / name) as tmp:
+            shutil.copyfile(files[name], tmp)
 
 
 def _log_results(tracker: Tracker, files: Mapping[str, Path], summaries: Sequence[CellSummary]) -> None:
