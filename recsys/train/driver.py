@@ -78,15 +78,18 @@ def run_training(
     config = _absolute_paths(config)
     run_dir = _run_dir(config, resume)
     start = _checked_start(config, start_from, resume)
-    # Opened before Ray starts: an unreachable store that is required fails here, in seconds.
     recorder = RunRecorder(config, run_dir, tracking_uri or default_tracking_uri(), require_tracking)
-    init_ray("training", num_cpus=_embedded_cpus(config))
-    settings = WorkerSettings(config, str(run_dir), str(start or ""), recorder.run_id)
-    with RecorderChannel(recorder) as channel:
-        _trainer(settings, channel.callbacks(callbacks)).fit()
-    summary = recorder.summary or {}
-    _tell(summary, run_dir)
-    return TrainResult(run_dir.name, run_dir, summary)
+    # Created once every check has passed: a refused start leaves no folder for --resume to pick.
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with recorder:  # the MLflow run, ended FAILED on any error from here on (KILLED on Ctrl-C)
+        init_ray("training", num_cpus=_embedded_cpus(config))
+        settings = WorkerSettings(config, str(run_dir), str(start or ""), recorder.run_id)
+        with RecorderChannel(recorder) as channel:
+            _trainer(settings, channel.callbacks(callbacks)).fit()
+        if recorder.summary is None:
+            raise RuntimeError(f"training ended without rank 0's final report; see the log of {run_dir}")
+    _tell(recorder.summary, run_dir)
+    return TrainResult(run_dir.name, run_dir, recorder.summary)
 
 
 def _absolute_paths(config: TrainConfig) -> TrainConfig:
@@ -103,7 +106,7 @@ def _absolute_paths(config: TrainConfig) -> TrainConfig:
 
 
 def _run_dir(config: TrainConfig, resume: bool) -> Path:
-    """The run's folder: ``run.name``, else a new name, or with ``resume`` the latest run's."""
+    """The run's folder (not created): ``run.name``, else a new name, or with ``resume`` the latest run's."""
     storage = Path(config.run.storage_path).resolve()
     if resume:
         name = config.run.name or _latest_run(storage)
@@ -114,7 +117,6 @@ def _run_dir(config: TrainConfig, resume: bool) -> Path:
     # --resume only picks that name (the latest run's), and checks there is something to resume.
     if resume and not any(run_dir.glob("checkpoint_*")):
         raise ValueError(f"--resume: run {name} has no checkpoint under {run_dir}")
-    run_dir.mkdir(parents=True, exist_ok=True)
     return run_dir
 
 

@@ -4,10 +4,12 @@ Workers only compute and report (:mod:`recsys.train.reports`). Ray Train v2 hand
 callbacks in the *controller*, an actor of its own (``TrainController``), not in the process that called
 ``fit``. So the callback here, :class:`ReportForwarder`, does no recording: it puts rank 0's report and its
 checkpoint on a Ray queue, which a thread of the driver (:class:`RecorderChannel`) drains into the
-:class:`RunRecorder`. The recorder therefore lives where ``run_training`` does: it opens the MLflow run
-before the workers start (failing fast when tracking is required but unreachable), and its summary is
-plain data that ``run_training`` returns, with no file read back. A restarted worker only reports again;
-it never opens a run.
+:class:`RunRecorder`. The recorder therefore lives where ``run_training`` does: it probes the store before
+anything starts (failing fast when tracking is required but unreachable), its block (``with recorder:``)
+holds the MLflow run and ends it ``FAILED`` (``KILLED`` on Ctrl-C) when anything in it fails, and its
+summary is plain data that ``run_training`` returns, with no file read back. A restarted worker only
+reports again; it never opens a run. A recorder that fails stops the training (see
+:class:`RecorderChannel`).
 
 The recorder logs the config, the feature spec and the sharding plan (at the workers' first start), train
 loss and throughput every N steps, the validation metrics and a calibration plot every epoch, and at the
@@ -63,19 +65,39 @@ class RunRecorder:
 
         self.config, self.run_dir = config, run_dir
         self.spec = FeatureSpec.load(Path(config.features) / "spec.json")
+        # Probes the store and opens no run: an unreachable store that is required fails here, in seconds.
         self.tracker = Tracker(tracking_uri, config.run.experiment, require=require)
-        state_file = run_dir / TRACKING_FILE
-        previous = json.loads(state_file.read_text()).get("run_id") if state_file.exists() else None
-        tags = {"ray_run": run_dir.name, "spec_hash": self.spec.content_hash, **dict(config.run.tags)}
-        if config.run.parent_run_id:
-            tags["mlflow.parentRunId"] = config.run.parent_run_id
-        self.run_id = self.tracker.start_run(run_name=run_dir.name, run_id=previous, tags=tags)
-        self.new_run = self.run_id is not None and self.run_id != previous
-        self.plan_logged = not self.new_run  # a reopened run has its plan already
+        self.run_id: str | None = None
+        self.plan_logged = True
         self.steps: list[int] = []
         self.losses: dict[str, list[float]] = {}
         self.summary: dict[str, Any] | None = None
-        if self.new_run:
+
+    def __enter__(self) -> RunRecorder:
+        """Opens the MLflow run: a new one, or the one ``tracking.json`` names (``--resume``)."""
+        try:
+            self._open()
+        except BaseException as error:
+            self.close(_end_status(type(error)))
+            raise
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, tb: Any) -> None:
+        """Ends the run ``FAILED`` on an error, ``KILLED`` on Ctrl-C (a recorded run is ended already)."""
+        if kind is not None:
+            self.close(_end_status(kind))
+
+    def _open(self) -> None:
+        state_file = self.run_dir / TRACKING_FILE
+        previous = json.loads(state_file.read_text()).get("run_id") if state_file.exists() else None
+        config = self.config
+        tags = {"ray_run": self.run_dir.name, "spec_hash": self.spec.content_hash, **dict(config.run.tags)}
+        if config.run.parent_run_id:
+            tags["mlflow.parentRunId"] = config.run.parent_run_id
+        self.run_id = self.tracker.start_run(run_name=self.run_dir.name, run_id=previous, tags=tags)
+        new_run = self.run_id is not None and self.run_id != previous
+        self.plan_logged = not new_run  # a reopened run has its plan already
+        if new_run:
             atomic_write(state_file, json.dumps({"run_id": self.run_id}))
             self.tracker.log_params(config.to_dict())
             self.tracker.log_dict(config.to_dict(), "config/train_config.json")
@@ -101,6 +123,12 @@ class RunRecorder:
             self.tracker.end_run(status)
 
     def _start(self, report: StartReport) -> None:
+        # Restarted workers (``max_failures``) train again from their checkpoint's step: the windows after it
+        # are replayed, and replace the first attempt's in the loss plot.
+        kept = sum(step <= report.step for step in self.steps)
+        del self.steps[kept:]
+        for losses in self.losses.values():
+            del losses[kept:]
         if not self.plan_logged:
             self.plan_logged = True
             self.tracker.log_text(report.plan, "config/sharding_plan.txt")
@@ -216,6 +244,11 @@ def _summary(report: FinalReport, config: TrainConfig, run_id: str | None, packa
     return summary
 
 
+def _end_status(kind: type[BaseException]) -> str:
+    """The MLflow status of a run left by an exception: ``KILLED`` on Ctrl-C, else ``FAILED``."""
+    return "KILLED" if issubclass(kind, KeyboardInterrupt) else "FAILED"
+
+
 def _predictions(path: Path, config: TrainConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     """Labels and probabilities of the binary tasks from a predictions file of a checkpoint."""
     import pyarrow.parquet as pq
@@ -256,7 +289,12 @@ class ReportForwarder(UserCallback):
     def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
         """Forwards rank 0's record (and the checkpoint); passes public metrics on."""
         if metrics and RECORD in metrics[0]:
-            self.queue.put((metrics[0], checkpoint))
+            try:
+                self.queue.put((metrics[0], checkpoint))
+            except Exception as error:  # raised here, it fails the run: Ray Train stops the workers
+                raise RuntimeError(
+                    "the driver stopped recording this run (run_training raises its error); training stops"
+                ) from error
         public = public_metrics(metrics[0]) if metrics else None
         if public is not None:
             for callback in self.callbacks:
@@ -271,12 +309,14 @@ class ReportForwarder(UserCallback):
 class RecorderChannel:
     """Reports from Ray Train's controller to a :class:`RunRecorder` in this process, on a thread.
 
-    Use it around ``fit``: on leaving, the reports still queued are recorded (``fit`` returns once the
-    controller has handed every report over), an error of the recorder is raised, and a run that failed
-    or was interrupted has its MLflow run ended as ``FAILED`` or ``KILLED``.
+    Use it around ``fit``, inside the recorder's block: on leaving, the reports still queued are recorded
+    (``fit`` returns once the controller has handed every report over) and an error of the recorder is
+    raised. When the recorder fails, or the queue does, the thread shuts the queue down: the forwarder's
+    next report then fails, and with it the run, so the workers stop early; the recorder's error is the one
+    raised (the recorder's block then ends the MLflow run ``FAILED``).
 
     Example:
-        >>> with RecorderChannel(recorder) as channel:  # doctest: +SKIP
+        >>> with recorder, RecorderChannel(recorder) as channel:  # doctest: +SKIP
         ...     TorchTrainer(..., run_config=RunConfig(callbacks=channel.callbacks([]))).fit()
     """
 
@@ -299,14 +339,12 @@ class RecorderChannel:
         self.thread.start()
         return self
 
-    def __exit__(self, kind: type | None, error: BaseException | None, traceback: Any) -> None:
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, tb: Any) -> None:
         self.done.set()
         self.thread.join()
         self.queue.shutdown()
-        if kind is not None:
-            self.recorder.close("KILLED" if issubclass(kind, KeyboardInterrupt) else "FAILED")
-        elif self.error is not None:
-            raise self.error
+        if self.error is not None and not (kind is not None and issubclass(kind, KeyboardInterrupt)):
+            raise self.error from error  # also when it made fit fail: the cause, not Ray Train's wrapper
 
     def _drain(self) -> None:
         from ray.util.queue import Empty
@@ -314,13 +352,11 @@ class RecorderChannel:
         while True:
             try:
                 metrics, checkpoint = self.queue.get(timeout=0.2)
+                self.recorder.record(read_report(metrics), checkpoint)
             except Empty:
                 if self.done.is_set():
                     return
-                continue
-            if self.error is not None:
-                continue  # the recorder failed: the rest is dropped, the error raised when fit returns
-            try:
-                self.recorder.record(read_report(metrics), checkpoint)
-            except Exception as error:  # raised in the driver's thread once fit returns
+            except Exception as error:  # of the recorder, or of the queue (its actor died): raised on exit
                 self.error = error
+                self.queue.shutdown(force=True)  # the forwarder's next report fails the run
+                return
