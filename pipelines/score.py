@@ -16,9 +16,9 @@ Rerunning the same command after a crash skips the finished partitions (OUT/mani
 the rest; an output folder of another model version, input or settings is refused unless --overwrite.
 Output: OUT/part-XXXXX.parquet with impression_id, request_id, user_id, item_id, one p_<task> per task of
 the model (p_click, p_purchase for the demo model), score, rank (1 = best within request_id) and
-model_version. The run is logged to MLflow only with --experiment; without it nothing is created in the
-store. Library output goes to OUT.log (beside the output folder; --verbose: on screen too). Exit status:
-0 when every count agrees, 1 when a count differs or partitions are left, 2 on bad input (nothing
+model_version. The run is logged to MLflow, in the experiment <model name>-scoring unless --experiment
+names another. Library output goes to OUT.log (beside the output folder; --verbose: on screen too).
+Exit status: 0 when every count agrees, 1 when a count differs or partitions are left, 2 on bad input (nothing
 written).
 """
 
@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -103,11 +102,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--tracking-uri", help="MLflow store (default: $MLFLOW_TRACKING_URI or ./mlflow.db)")
     parser.add_argument(
-        "--experiment", help="MLflow experiment to log the scoring run in (default: none, not logged)"
+        "--experiment", help="MLflow experiment to log the scoring run in (default: <model name>-scoring)"
     )
-    parser.add_argument(
-        "--address", help="Ray cluster address; sets RAY_ADDRESS (default: $RAY_ADDRESS, else a local Ray)"
-    )
+    parser.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
     parser.add_argument(
         "--overwrite", action="store_true", help="rescore everything, replacing another run's output"
     )
@@ -123,8 +120,6 @@ def main(argv: list[str] | None = None) -> int:
     from recsys.scoring import run_scoring
     from recsys.tracking import TrackingError
 
-    if args.address:
-        os.environ["RAY_ADDRESS"] = args.address  # read by the one Ray bootstrap, recsys.runtime.init_ray
     output = Path(args.output)
     with quiet_console(args, output.parent / f"{output.name}.log"):
         try:
@@ -152,6 +147,7 @@ def _config(args: argparse.Namespace) -> ScoreConfig:
         rows_per_partition=args.rows_per_partition,
         tracking_uri=args.tracking_uri,
         experiment=args.experiment,
+        address=args.address,
         overwrite=args.overwrite,
         progress=not args.no_progress,
     )

@@ -282,7 +282,7 @@ def read_output(out) -> pl.DataFrame:
 
 @pytest.fixture(scope="module")
 def full_run(world):
-    result = run_scoring(config_for(world, "full", experiment=f"{MODEL}-scoring"))
+    result = run_scoring(config_for(world, "full"))  # logged into the default experiment, <model>-scoring
     return result, read_output(result.output)
 
 
@@ -349,13 +349,18 @@ def test_scores_equal_the_registered_models_predictions(world, full_run, monkeyp
 
 
 @pytest.mark.slow
-def test_a_run_without_experiment_leaves_no_experiment_and_tells_its_story(world, capsys):
+def test_a_run_creates_no_experiment_but_its_own_and_tells_its_story(world, capsys):
     client = MlflowClient(world["store"])
     before = {e.name for e in client.search_experiments(view_type=ViewType.ALL)}
-    result = run_scoring(config_for(world, "quiet", max_partitions=1, progress=True))
-    assert result.run_id is None and result.partitions_scored == 1
-    assert {e.name for e in client.search_experiments(view_type=ViewType.ALL)} == before
-    assert "scoring" not in before  # the experiment scoring used to create just to read the registry
+    result = run_scoring(
+        config_for(world, "quiet", max_partitions=1, progress=True, experiment="quiet-scoring")
+    )
+    assert result.run_id is not None and result.partitions_scored == 1
+    after = {e.name for e in client.search_experiments(view_type=ViewType.ALL)}
+    assert after - before == {"quiet-scoring"}  # one tracker: reading the registry created nothing
+    assert "scoring" not in after  # the experiment scoring used to create just to read the registry
+    run = client.get_run(result.run_id)
+    assert client.get_experiment(run.info.experiment_id).name == "quiet-scoring"
     story = capsys.readouterr()
     assert f"model: models:/{MODEL}/1 (from models:/{MODEL}@{CHAMPION})" in story.out
     assert f"scoring {world['cands'].height:,} rows in {result.partitions} partitions" in story.out

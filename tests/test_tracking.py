@@ -273,7 +273,7 @@ def test_unreachable_store_warns_once_and_every_call_is_a_no_op(caplog, package)
     warnings = tracking_warnings(caplog)
     assert len(warnings) == 1, warnings
     assert f"MLflow tracking at {uri} is unreachable" in warnings[0]
-    assert "training goes on without tracking" in warnings[0]
+    assert "the job goes on without tracking" in warnings[0]
 
 
 def test_unreachable_store_raises_when_required():

@@ -54,8 +54,7 @@ class ScoreConfig:
         rows_per_partition: most rows per partition (one output file each).
         tracking_uri: the MLflow store of the registry and of the scoring run's log (default
             :func:`recsys.tracking.default_tracking_uri`).
-        experiment: the MLflow experiment to log the scoring run in; None: the run is not logged, and
-            scoring creates nothing in the store (it only reads the registry).
+        experiment: the MLflow experiment to log the scoring run in (default ``<model name>-scoring``).
         address: a Ray cluster to run on (default ``RAY_ADDRESS``, else an embedded local Ray).
         overwrite: rescore everything, even when a manifest of another run is there.
         max_partitions: stop after this many partitions are written (an interrupted run; for tests).

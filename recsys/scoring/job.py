@@ -15,9 +15,10 @@
 5. **Check**: every partition's rows in, rows scored, rows expected out and rows in its file must agree,
    and the partitions' rows in must sum to the input's rows; :attr:`ScoreResult.ok` is False (and the
    command exits non-zero) otherwise.
-6. **Log**, when the config names an MLflow experiment: model version, input fingerprint, row counts,
-   duration, rows/s and the score distribution. An unreachable tracking store is reported once and the
-   scoring goes on. Without an experiment nothing is logged, and nothing is created in the store.
+6. **Log** into the MLflow experiment the config names, by default ``<model name>-scoring``: model
+   version, input fingerprint, row counts, duration, rows/s and the score distribution. An unreachable
+   tracking store is reported once and the scoring goes on. One tracker does it all: it resolves the model
+   on no experiment, so reading the registry creates nothing.
 
 Example:
     >>> config = ScoreConfig(model="models:/ecommerce-ranker@champion", input="cands/impressions.parquet",
@@ -118,20 +119,17 @@ def run_scoring(config: ScoreConfig) -> ScoreResult:
     return result
 
 
-def _tracker(config: ScoreConfig) -> Tracker | None:
-    """The run's one tracker: on the experiment the config names, else a reader of the registry.
+def _tracker(config: ScoreConfig) -> Tracker:
+    """The run's one tracker: it reads the registry, then logs into the run's experiment (:func:`_start_run`).
 
-    None for a local package folder without an experiment: the store is not touched at all.
+    It starts on no experiment, so that resolving the model creates none.
     """
-    if config.experiment is None and Path(config.model).is_dir():
-        return None
-    # Without an experiment the tracker only reads the registry: scoring logs a run only where the user says.
-    return Tracker(config.tracking_uri, config.experiment)
+    return Tracker(config.tracking_uri, None)
 
 
-def _resolve(config: ScoreConfig, tracker: Tracker | None, workdir: Path) -> ScoringModel:
+def _resolve(config: ScoreConfig, tracker: Tracker, workdir: Path) -> ScoringModel:
     """Pins the model: the registry is read here, once, so a later alias move does not change this run."""
-    if tracker is None or Path(config.model).is_dir():
+    if Path(config.model).is_dir():
         model = _local_model(config.model)
     else:
         model = _registered_model(config.model, tracker, workdir)
@@ -249,18 +247,20 @@ def _result(
     )
 
 
-def _start_run(tracker: Tracker | None, config: ScoreConfig, model: ModelRecord) -> str | None:
-    """Opens the scoring run in the config's experiment; None without one (or with tracking off)."""
-    if tracker is None or config.experiment is None:
-        return None
+def _start_run(tracker: Tracker, config: ScoreConfig, model: ModelRecord) -> str | None:
+    """Opens the scoring run in the config's experiment, by default ``<model name>-scoring``.
+
+    Returns the run's id, or None with tracking off.
+    """
+    tracker.set_experiment(config.experiment or f"{model.name}-scoring")
     return tracker.start_run(
         run_name=f"score-{model.name}-{model.column_value}",
         tags={"model_uri": model.uri, "pinned_uri": model.pinned_uri, "model_version": model.column_value},
     )
 
 
-def _end_run(tracker: Tracker | None, run_id: str | None, status: str) -> None:
-    if tracker is not None and run_id is not None:
+def _end_run(tracker: Tracker, run_id: str | None, status: str) -> None:
+    if run_id is not None:
         tracker.end_run(status)
 
 

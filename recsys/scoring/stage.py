@@ -46,12 +46,17 @@ def embedded_cpus(cpus_taken: int) -> int:
 
 @contextlib.contextmanager
 def ray_for(config: ScoreConfig) -> Iterator[None]:
-    """Ray for the block: the cluster ``RAY_ADDRESS`` names, else an embedded one, shut down after.
+    """Ray for the block: the config's cluster, else ``RAY_ADDRESS``'s, else an embedded one, shut down after.
 
     A Ray already running in this process is used as it is, and left running.
     """
     taken = (config.concurrency or os.cpu_count() or 1) * config.threads_per_actor
-    started = init_ray("scoring", num_cpus=embedded_cpus(taken), object_store_memory=OBJECT_STORE_BYTES)
+    started = init_ray(
+        "scoring",
+        address=config.address,
+        num_cpus=embedded_cpus(taken),
+        object_store_memory=OBJECT_STORE_BYTES,
+    )
     try:
         yield
     finally:
@@ -174,7 +179,7 @@ def _actors(config: ScoreConfig) -> int:
 
     if config.concurrency is not None:
         return config.concurrency
-    if not os.environ.get("RAY_ADDRESS"):
+    if not (config.address or os.environ.get("RAY_ADDRESS")):
         return max(1, (os.cpu_count() or 1) // config.threads_per_actor)
     cpus = int(ray.cluster_resources().get("CPU", 1))
     return max(1, (cpus - 1) // config.threads_per_actor)  # one CPU left to Ray Data's own tasks

@@ -180,21 +180,14 @@ class Tracker:
 
     def _connect(self, artifact_location: str | None) -> None:
         """Probes the store, without retries, and finds or creates the experiment."""
+        self._artifact_location = artifact_location
         started = time.monotonic()
         try:
             with self.settings(max_retries=0, timeout_s=min(PROBE_TIMEOUT_S, self.timeout_s)):
                 if self.experiment_name is None:  # a registry reader: probe the registry, create nothing
                     self.client.search_registered_models(max_results=1)
-                    return
-                experiment = self.client.get_experiment_by_name(self.experiment_name)
-                if experiment is None:
-                    self.experiment_id = self.client.create_experiment(
-                        self.experiment_name, artifact_location=artifact_location
-                    )
                 else:
-                    if experiment.lifecycle_stage == "deleted":
-                        self.client.restore_experiment(experiment.experiment_id)
-                    self.experiment_id = experiment.experiment_id
+                    self.experiment_id = self._find_or_create(self.experiment_name)
         except Exception as e:
             message = (
                 f"MLflow tracking at {self.tracking_uri} is unreachable ({short_error(e)}, after "
@@ -202,9 +195,34 @@ class Tracker:
             )
             if self.require:
                 raise TrackingError(f"{message}; start the server or fix the URI, or track optionally") from e
-            log.warning("%s; training goes on without tracking", message)
+            log.warning("%s; the job goes on without tracking", message)
             self._enabled = False
             self._warned = True
+
+    def _find_or_create(self, name: str) -> str:
+        """The id of experiment ``name``, created (or restored, if deleted) as needed."""
+        experiment = self.client.get_experiment_by_name(name)
+        if experiment is None:
+            return self.client.create_experiment(name, artifact_location=self._artifact_location)
+        if experiment.lifecycle_stage == "deleted":
+            self.client.restore_experiment(experiment.experiment_id)
+        return experiment.experiment_id
+
+    def set_experiment(self, name: str) -> None:
+        """Logs later runs into experiment ``name`` (created if missing); a no-op when tracking is off.
+
+        For a tracker that learns its experiment late: a registry reader once it knows the model it scores.
+
+        Raises:
+            RuntimeError: a run is active.
+        """
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"set_experiment: expected a non-empty string, got {name!r}")
+        if self._run_id is not None:
+            raise RuntimeError(f"set_experiment: run {self._run_id} is still active; call end_run first")
+        experiment_id = self.guarded("set_experiment", lambda: self._find_or_create(name))
+        if experiment_id is not None:
+            self.experiment_name, self.experiment_id = name, experiment_id
 
     def settings(
         self, *, max_retries: int | None = None, timeout_s: int | None = None, progress_bar: bool = True
