@@ -232,12 +232,12 @@ def train_end_to_end(features: Path, out: Path, workers: int, epochs: int, inges
     with TreeMemory(interval_s=1.0) as memory:  # the driver, the embedded Ray and its workers
         result = run_training(config, tracking_uri=uri)
     wall = time.perf_counter() - started
-    history = metric_history(uri, result.summary["mlflow_run_id"], "train/examples_per_s")
+    history = metric_history(uri, result.summary.mlflow_run_id, "train/examples_per_s")
     per_epoch: dict[int, list[float]] = {}
     for step, value in history[1:]:  # the first window holds the start-up
         per_epoch.setdefault((step - 1) // max(1, steps_per_epoch), []).append(value)
     epoch_rates = [statistics.median(v) for _, v in sorted(per_epoch.items()) if v]
-    test = {k: v for k, v in result.summary.get("test", {}).items() if k.endswith("/auc")}
+    test = {k: v for k, v in result.summary.test.items() if k.endswith("/auc")}
     return {
         "workers": workers,
         "ingest": ingest,

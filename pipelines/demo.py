@@ -105,9 +105,9 @@ def _print_summary(made: dict[str, Any]) -> None:
     say = console.story
     say("done.")
     say(f"  data        {made['raw']}  ->  {made['features']}")
-    run_id, uri = summary.get("mlflow_run_id"), made["tracking_uri"]
+    run_id, uri = summary.mlflow_run_id, made["tracking_uri"]
     say(f"  mlflow      run {run_id}: mlflow ui --backend-store-uri {uri}")
-    test = summary.get("test", {})
+    test = summary.test
     for task in sorted({k.split("/")[1] for k in test if k.count("/") == 2}):
         shown = [m for m in ("auc", "gauc", "calibration", "oracle_auc") if f"test/{task}/{m}" in test]
         say(f"  test {task:10s}" + "  ".join(f"{m} {test[f'test/{task}/{m}']:.4f}" for m in shown))

@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         except (ValueError, FileNotFoundError) as exc:
             return fail(exc)
         console.story(f"run: {result.run_name} (checkpoints in {result.storage})")
-        console.story(json.dumps(result.summary, indent=1, sort_keys=True, default=str))
+        console.story(json.dumps(result.summary.to_dict(), indent=1, sort_keys=True, default=str))
     return 0
 
 

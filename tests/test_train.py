@@ -66,10 +66,10 @@ def test_two_workers_train_log_register_and_the_registered_model_agrees(data):
     uri = f"sqlite:///{data / 'mlflow.db'}"
     result = run_training(make_config(data, "two-workers"), tracking_uri=uri)
     summary = result.summary
-    assert summary["alias"] == "champion" and summary["version"] == "1"
+    assert summary.alias == "champion" and summary.version == "1"
 
     client = mlflow.MlflowClient(uri)
-    run = client.get_run(summary["mlflow_run_id"])
+    run = client.get_run(summary.mlflow_run_id)
     # Tables really split across the workers: some on rank 0, some on rank 1.
     ranks = run.data.params["sharding_plan_ranks"]
     assert ":[0]" in ranks and ":[1]" in ranks
@@ -79,8 +79,8 @@ def test_two_workers_train_log_register_and_the_registered_model_agrees(data):
     assert len(aucs) == 2 and all(0.5 < m.value <= 1 for m in aucs)
     # The model kept (tested, packaged, registered) is the best epoch's.
     by_step = [m.value for m in sorted(aucs, key=lambda m: m.step)]
-    assert summary["final_epoch"] == int(np.argmax(by_step))
-    assert summary["final_valid_main_metric"] == pytest.approx(max(by_step))
+    assert summary.final_epoch == int(np.argmax(by_step))
+    assert summary.final_valid_main_metric == pytest.approx(max(by_step))
     # Every evaluation row is counted once: nothing dropped by the uneven split, no padding row.
     assert run.data.metrics["valid/click/count"] == split_rows(data, "valid")
     assert run.data.metrics["test/click/count"] == split_rows(data, "test")
@@ -118,7 +118,7 @@ def test_unreachable_tracking_training_goes_on_unless_required(data):
     with pytest.raises(TrackingError, match=uri):
         run_training(config, tracking_uri=uri, require_tracking=True)
     result = run_training(config, tracking_uri=uri)
-    assert result.summary["mlflow_run_id"] is None and "version" not in result.summary
+    assert result.summary.mlflow_run_id is None and result.summary.version is None
     assert (result.storage / "model" / "weights.pt").exists()
 
 
@@ -135,7 +135,7 @@ def test_resume_gives_the_same_model_as_an_uninterrupted_run(data):
         np.testing.assert_allclose(b[f"p_{task}"], a[f"p_{task}"], rtol=1e-4, atol=1e-6)
     # The resumed run records to the MLflow run the first part opened (its id kept in tracking.json).
     run_id = json.loads((resumed.storage / "tracking.json").read_text())["run_id"]
-    assert resumed.summary["mlflow_run_id"] == stopped.summary["mlflow_run_id"] == run_id
+    assert resumed.summary.mlflow_run_id == stopped.summary.mlflow_run_id == run_id
     assert not (resumed.storage / "result.json").exists()  # the summary comes back from the driver
 
 
@@ -156,7 +156,7 @@ def test_a_run_started_from_a_checkpoint_within_an_epoch_skips_the_batches_it_tr
     b = pl.read_parquet(started.storage / "test_predictions.parquet").sort("impression_id")
     for task in ("click", "purchase"):
         np.testing.assert_allclose(b[f"p_{task}"], a[f"p_{task}"], rtol=1e-4, atol=1e-6)
-    run = mlflow.MlflowClient(uri).get_run(started.summary["mlflow_run_id"])
+    run = mlflow.MlflowClient(uri).get_run(started.summary.mlflow_run_id)
     assert run.data.metrics["restarts/from_epoch"] == 0
     # A checkpoint of another number of workers is refused before anything starts.
     with pytest.raises(FileNotFoundError, match=r"rank1\.pt not found.*num_workers = 2"):
@@ -177,5 +177,5 @@ def test_ray_data_ingest_feeds_the_same_batches_as_reading_parquet_directly(data
     )
     for task in ("click", "purchase"):
         np.testing.assert_allclose(b[f"p_{task}"], a[f"p_{task}"], rtol=1e-4, atol=1e-6)
-    steps = {k: r.summary.get("steps") for k, r in runs.items()}
+    steps = {k: r.summary.steps for k, r in runs.items()}
     assert steps["parquet"] == steps["ray_data"] == split_rows(data, "train") // 256

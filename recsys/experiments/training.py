@@ -50,9 +50,9 @@ def train(config: Any, *, tracking_uri: str, callbacks: Sequence[Any] = ()) -> T
     result = run_training(config, tracking_uri=tracking_uri, callbacks=list(callbacks) or None)
     summary = result.summary
     return TrainedRun(
-        mlflow_run_id=summary.get("mlflow_run_id"),
-        test_metrics=dict(summary.get("test", {})),
-        expert_load=dict(summary.get("expert_load", {})),
-        final_valid_main_metric=summary.get("final_valid_main_metric"),
+        mlflow_run_id=summary.mlflow_run_id,
+        test_metrics=dict(summary.test),
+        expert_load=dict(summary.expert_load),
+        final_valid_main_metric=summary.final_valid_main_metric,
         seconds=time.perf_counter() - started,
     )

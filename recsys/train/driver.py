@@ -8,7 +8,7 @@ the recorder's summary. Ray Train restarts failed workers from the latest checkp
 
 Example:
     >>> config = TrainConfig.from_yaml(builtin_train_config("train_demo"))  # doctest: +SKIP
-    >>> run_training(config).summary["test"]["test/click/auc"]  # doctest: +SKIP
+    >>> run_training(config).summary.test["test/click/auc"]  # doctest: +SKIP
     0.712
 """
 
@@ -23,6 +23,7 @@ from features.console import story
 from recsys.train.checkpoints import CHECKPOINT_FILE
 from recsys.train.config import TrainConfig
 from recsys.train.state import WorkerSettings
+from recsys.train.summary import TrainingSummary
 
 SPLIT_DIRS = ("train", "valid", "test")
 INGEST_OBJECT_STORE_BYTES = 1 << 30  # Ray Data's read-ahead for training, all workers together
@@ -36,14 +37,12 @@ class TrainResult:
         run_name: the run's name under ``run.storage_path``.
         storage: the run's folder (checkpoints, ``model/``, ``test_predictions.parquet``).
         summary: test metrics, the kept epoch and its validation metric, the MLflow run and the registered
-            version (``mlflow_run_id``, ``model_package``, ``best_valid_main_metric``,
-            ``final_valid_main_metric``, ``final_epoch``, ``steps``, ``test``, ``expert_load``, and when
-            registered ``model_uri``, ``registered_model``, ``version``, ``alias``).
+            version.
     """
 
     run_name: str
     storage: Path
-    summary: dict[str, Any]
+    summary: TrainingSummary
 
 
 def run_training(
@@ -215,10 +214,10 @@ def _data_config() -> Any:
     return DataConfig(execution_options=options)
 
 
-def _tell(summary: dict[str, Any], run_dir: Path) -> None:
+def _tell(summary: TrainingSummary, run_dir: Path) -> None:
     """The run's last lines of story: test metrics, the registered version, where the run is."""
-    aucs = {k.removeprefix("test/"): v for k, v in summary.get("test", {}).items() if k.endswith("/auc")}
+    aucs = {k.removeprefix("test/"): v for k, v in summary.test.items() if k.endswith("/auc")}
     story("test  " + "  ".join(f"{k} {v:.4f}" for k, v in sorted(aucs.items())))
-    if "version" in summary:
-        story(f"registered {summary['registered_model']} version {summary['version']} as {summary['alias']}")
+    if summary.version is not None:
+        story(f"registered {summary.registered_model} version {summary.version} as {summary.alias}")
     story(f"run folder {run_dir}")

@@ -21,6 +21,7 @@ reopens the same run.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import threading
@@ -44,6 +45,7 @@ from recsys.train.reports import (
     public_metrics,
     read_report,
 )
+from recsys.train.summary import TrainingSummary
 
 TRACKING_FILE = "tracking.json"  # in the run's folder: {"run_id": ...}
 SUMMARY_METRICS = ("/auc", "/gauc", "/log_loss", "/ne", "/calibration", "/oracle_auc", "/auc_gap")
@@ -71,7 +73,7 @@ class RunRecorder:
         self.plan_logged = True
         self.steps: list[int] = []
         self.losses: dict[str, list[float]] = {}
-        self.summary: dict[str, Any] | None = None
+        self.summary: TrainingSummary | None = None
 
     def __enter__(self) -> RunRecorder:
         """Opens the MLflow run: a new one, or the one ``tracking.json`` names (``--resume``)."""
@@ -157,7 +159,7 @@ class RunRecorder:
         figure = calibration_figure(labels, probs, f"validation, epoch {report.epoch}")
         self.tracker.log_figure(figure, f"report/calibration_valid_epoch{report.epoch:03d}.png")
 
-    def _finish(self, report: FinalReport, directory: Path) -> dict[str, Any]:
+    def _finish(self, report: FinalReport, directory: Path) -> TrainingSummary:
         """Test metrics, the report's plots, the predictions and the package; registers the model."""
         from recsys.train.evaluation import finite_metrics
 
@@ -167,7 +169,7 @@ class RunRecorder:
         package = self.run_dir / PACKAGE_DIR
         _replace_folder(directory / PACKAGE_DIR, package)  # a resumed run replaces its first part's package
         summary = _summary(report, self.config, self.run_id, package)
-        summary.update(self._register(package, summary["final_valid_main_metric"]))
+        summary = dataclasses.replace(summary, **self._register(package, summary.final_valid_main_metric))
         self.tracker.end_run("FINISHED")
         return summary
 
@@ -221,27 +223,24 @@ class RunRecorder:
         }
 
 
-def _summary(report: FinalReport, config: TrainConfig, run_id: str | None, package: Path) -> dict[str, Any]:
+def _summary(report: FinalReport, config: TrainConfig, run_id: str | None, package: Path) -> TrainingSummary:
     """What ``run_training`` returns: test metrics, the kept epoch and its validation metric, routing."""
     from recsys.metric_names import expert_loads
     from recsys.train.evaluation import finite_metrics
 
     state = report.state
     test = finite_metrics(report.metrics)
-    summary: dict[str, Any] = {
-        "mlflow_run_id": run_id,
-        "model_package": str(package),
-        "best_valid_main_metric": state.best,
+    return TrainingSummary(
+        mlflow_run_id=run_id,
+        model_package=str(package),
+        best_valid_main_metric=state.best,
         # The registry compares the validation metric of the epoch whose weights the package holds.
-        "final_valid_main_metric": state.final_metric(f"valid/{config.training.main_metric}"),
-        "final_epoch": state.final_epoch,
-        "steps": state.step,  # training steps taken (on each worker)
-        "test": {k: v for k, v in test.items() if k.endswith(SUMMARY_METRICS)},
-    }
-    loads = expert_loads(test, "test/")
-    if loads:
-        summary["expert_load"] = loads  # per gate, for experiments that compare routing
-    return summary
+        final_valid_main_metric=state.final_metric(f"valid/{config.training.main_metric}"),
+        final_epoch=state.final_epoch,
+        steps=state.step,
+        test={k: v for k, v in test.items() if k.endswith(SUMMARY_METRICS)},
+        expert_load=expert_loads(test, "test/"),  # per gate, for experiments that compare routing
+    )
 
 
 def _end_status(kind: type[BaseException]) -> str:
