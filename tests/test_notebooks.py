@@ -96,7 +96,7 @@ def test_training_run_notebook_shows_curves_calibration_and_expert_load(data, mo
         }
     )
     uri = f"sqlite:///{data / 'mlflow.db'}"
-    run_id = run_training(config, tracking_uri=uri).summary["mlflow_run_id"]
+    run_id = run_training(config, tracking_uri=uri).summary.mlflow_run_id
     monkeypatch.setenv("NOTEBOOK_TRACKING_URI", uri)
     monkeypatch.setenv("NOTEBOOK_EXPERIMENT", "notebook")
     monkeypatch.setenv("NOTEBOOK_RUN_ID", "")  # the latest finished run: this one
