@@ -14,23 +14,36 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from features import console
 from features.config import FeatureConfig, builtin_config
 from features.pipeline import build, load_tables
 from pipelines.cli import add_console_flags, quiet_console
-from recsys.scoring import ScoreConfig, run_scoring, top_of_request
+from recsys.scoring import ScoreConfig, ScoreResult, run_scoring, top_of_request
 from recsys.train.config import TrainConfig, builtin_train_config
 from recsys.train.driver import run_training
+from recsys.train.summary import TrainingSummary
 from synth.candidates import generate_candidates
 from synth.generate import generate
 
 
+@dataclass(frozen=True)
+class DemoResult:
+    """What the demo made: its folders, the MLflow store, the training summary and the scoring result."""
+
+    raw: Path
+    features: Path
+    tracking_uri: str
+    run: Path
+    training: TrainingSummary
+    scored: ScoreResult
+
+
 def run_demo(
     out: Path, impressions: int, seed: int, num_workers: int = 2, candidates: int = 50_000
-) -> dict[str, Any]:
+) -> DemoResult:
     """Generates data, builds features, trains, registers and scores the demo model; returns what it made."""
     out = out.resolve()
     raw, feats = out / "raw", out / "features"
@@ -65,16 +78,7 @@ def run_demo(
     )
     if not scored.ok:
         raise RuntimeError(f"scoring: counts differ: {scored.problems}")
-    return {
-        "raw": raw,
-        "features": feats,
-        "spec": feats / "spec.json",
-        "tracking_uri": tracking_uri,
-        "run": trained.storage,
-        "scores": scored.output,
-        "summary": trained.summary,
-        "scored": scored,
-    }
+    return DemoResult(raw, feats, tracking_uri, trained.storage, trained.summary, scored)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -97,15 +101,15 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _print_summary(made: dict[str, Any]) -> None:
+def _print_summary(made: DemoResult) -> None:
     """The end of the demo's story: where everything is, the test metrics and the top of one request."""
     import polars as pl
 
-    summary, scored = made["summary"], made["scored"]
+    summary, scored = made.training, made.scored
     say = console.story
     say("done.")
-    say(f"  data        {made['raw']}  ->  {made['features']}")
-    run_id, uri = summary.mlflow_run_id, made["tracking_uri"]
+    say(f"  data        {made.raw}  ->  {made.features}")
+    run_id, uri = summary.mlflow_run_id, made.tracking_uri
     say(f"  mlflow      run {run_id}: mlflow ui --backend-store-uri {uri}")
     test = summary.test
     for task in sorted({k.split("/")[1] for k in test if k.count("/") == 2}):
