@@ -23,7 +23,7 @@ import os
 import sys
 import threading
 import traceback
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
@@ -38,15 +38,39 @@ class _Session:
         self.err = err  # the screen's standard error: progress bars and errors
 
     def story(self, message: str, *, error: bool = False) -> None:
-        for stream in (self.err if error else self.out, self.log):
+        screen = self.err if error else self.out
+        before, after = _around_story if is_tty(screen) else (None, None)
+        if before is not None:
+            before()
+        for stream in (screen, self.log):
             stream.write(message + "\n")
             stream.flush()
+        if after is not None:
+            after()
+
+
+def is_tty(stream: IO[str]) -> bool:
+    """Whether ``stream`` is a terminal (False for a closed or fd-less stream)."""
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):
+        return False
 
 
 _session: _Session | None = None
 # Held while a session starts or ends, and by whoever writes through a session from another thread (Ray's
 # printer of worker output), so that no thread writes to a log that is being closed.
 lock = threading.RLock()
+_around_story: tuple[Callable[[], None] | None, Callable[[], None] | None] = (None, None)
+
+
+def around_story(before: Callable[[], None], after: Callable[[], None]) -> None:
+    """Calls ``before`` and ``after`` around every story line written to a terminal.
+
+    For progress bars drawn by others (Ray's, in ``recsys.runtime``): hidden before a line, redrawn after.
+    """
+    global _around_story
+    _around_story = (before, after)
 
 
 def story(message: str) -> None:

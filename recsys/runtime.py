@@ -123,9 +123,13 @@ def route_ray_output() -> None:
     """
     from ray._private import worker as ray_worker
 
+    from features import console
+
     dispatcher = ray_worker.global_worker_stdstream_dispatcher
     dispatcher.remove_handler("ray_print_logs")
     dispatcher.add_handler("ray_print_logs", _print_ray_lines)
+    # A story line goes above Ray's progress bars, as Ray's own printer puts worker output.
+    console.around_story(ray_worker.hide_tqdm, ray_worker.restore_tqdm)
 
 
 def _print_ray_lines(data: dict[str, Any]) -> None:
@@ -150,12 +154,15 @@ def _into_session(session: Any, data: dict[str, Any]) -> None:
 
     from features import console
 
+    # Bars redraw in place on a terminal; in a file they are noise. Ray Train's workers print each bar
+    # update twice (their patched print also logs it, to stderr): the stdout copy is drawn.
+    bars = console.is_tty(session.err) and not data.get("is_err")
     rest = []
     for line in data.get("lines", []):
         if line.startswith(console.MARK):
             session.story(line[len(console.MARK) :])
         elif RAY_TQDM_MAGIC in line:
-            if _is_tty(session.err):  # bars redraw in place on a terminal; in a file they are noise
+            if bars:
                 with contextlib.redirect_stderr(session.err):
                     ray_worker.process_tqdm(line)
         else:
@@ -166,10 +173,3 @@ def _into_session(session: Any, data: dict[str, Any]) -> None:
         prefix = f"({who + ' ' if who else ''}pid={data.get('pid')}) "
         session.log.write("".join(prefix + line + "\n" for line in rest))
         session.log.flush()
-
-
-def _is_tty(stream: Any) -> bool:
-    try:
-        return stream.isatty()
-    except (AttributeError, ValueError):
-        return False
