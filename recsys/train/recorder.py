@@ -30,7 +30,7 @@ from typing import Any
 
 from ray.train import UserCallback
 
-from features.files import atomic_write
+from features.files import atomic_write, staged_dir, staged_file
 from recsys.train.config import TrainConfig
 from recsys.train.reports import (
     PACKAGE_DIR,
@@ -198,9 +198,8 @@ class RunRecorder:
         table = pq.read_table(source)
         table = table.select([c for c in table.column_names if not c.startswith(LABEL_PREFIX)])
         target = self.run_dir / TEST_PREDICTIONS
-        tmp = target.with_name(f".{target.name}.tmp")
-        pq.write_table(table, tmp)
-        tmp.replace(target)
+        with staged_file(target) as tmp:
+            pq.write_table(table, tmp)
         self.tracker.log_artifact(target, "report")
 
     def _register(self, package: Path, final_metric: float) -> dict[str, Any]:
@@ -258,15 +257,9 @@ def _predictions(path: Path, config: TrainConfig) -> tuple[dict[str, Any], dict[
 
 
 def _replace_folder(source: Path, target: Path) -> None:
-    """Copies ``source`` to ``target``: into a temporary folder beside it, then renamed over it."""
-    tmp = target.with_name(f".{target.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(source, tmp)
-    old = target.with_name(f".{target.name}.old")
-    if target.exists():
-        target.replace(old)
-    tmp.replace(target)
-    shutil.rmtree(old, ignore_errors=True)
+    """Copies ``source`` to ``target``: into a temporary folder beside it, then put in place of it."""
+    with staged_dir(target) as tmp:
+        shutil.copytree(source, tmp, dirs_exist_ok=True)
 
 
 class ReportForwarder(UserCallback):
