@@ -94,8 +94,9 @@ def init_ray(
     if ray.is_initialized():
         return False
     address = address or os.environ.get("RAY_ADDRESS")
-    dashboard = {"include_dashboard": purpose != "scoring"}
-    if purpose != "scoring":
+    with_dashboard = purpose != "scoring" and dashboard_available()
+    dashboard: dict[str, Any] = {"include_dashboard": with_dashboard}
+    if with_dashboard:
         dashboard["dashboard_host"] = "127.0.0.1"
     if address:
         ray.init(address=address, logging_level=logging.WARNING, **dashboard)
@@ -109,6 +110,23 @@ def init_ray(
             **dashboard,
         )
     route_ray_output()
+    return True
+
+
+def dashboard_available() -> bool:
+    """Whether Ray's dashboard can start here: ``ray[default]``'s packages import.
+
+    A minimal Ray install (``pip install ray``, as carried to a GPU machine by ``benchmarks/gpu_pack.py``)
+    lacks them; Ray then runs without the dashboard, and Ray Train's PlacementGroupCleaner logs that it
+    cannot query the controller's state (into the log file, not on screen).
+    """
+    import logging
+
+    try:
+        import ray.dashboard.optional_deps  # noqa: F401
+    except ImportError as error:
+        logging.getLogger(__name__).warning("Ray's dashboard is off: %s (install ray[default])", error)
+        return False
     return True
 
 

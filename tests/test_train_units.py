@@ -194,3 +194,32 @@ def test_read_ahead_raises_the_producers_error_and_stops_with_its_consumer():
     reader.close()  # stops and joins the producer thread
     assert not thread.is_alive()
     assert len(produced) <= 3 + 2 + 1  # read at most depth ahead (+1 waiting to be put)
+
+
+@pytest.fixture
+def world_of_one(tmp_path):
+    """A gloo process group of one process, for the collectives of :func:`lockstep_batches`."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def test_lockstep_batches_prepare_each_batch_on_the_read_ahead_thread(split, world_of_one):
+    from recsys.data.shard import lockstep_batches
+
+    def batches(**kwargs):
+        shard = ParquetShard(split, 0, 1, order_seed=3)
+        return list(lockstep_batches(shard, 64, complete=False, shuffle_rows=200, seed=5, **kwargs))
+
+    def prepare(table):
+        return threading.current_thread().name, table.column("id").to_pylist()
+
+    plain, prepared = batches(), batches(prepare=prepare)
+    assert [n for _, n in prepared] == [n for _, n in plain] == [64] * (1000 // 64)
+    assert [ids for (_, ids), _ in prepared] == ids(t for t, _ in plain)  # the same rows, in the same order
+    assert {thread for (thread, _), _ in prepared} == {"parquet-read-ahead"}  # built off the training thread
+    assert len(batches(prepare=prepare, max_steps=3)) == 3
+    with pytest.raises(ValueError, match="prepare: only in training mode"):
+        next(lockstep_batches(ParquetShard(split, 0, 1), 64, complete=True, prepare=prepare))

@@ -153,6 +153,14 @@ class Batch:
     sparse: KeyedJaggedTensor
     labels: dict[str, torch.Tensor]
 
+    def pin_memory(self) -> Batch:
+        """The batch in page-locked host memory, so that its copy to a GPU need not block (CUDA only)."""
+        return Batch(
+            dense=self.dense.pin_memory(),
+            sparse=self.sparse.pin_memory(),
+            labels={k: v.pin_memory() for k, v in self.labels.items()},
+        )
+
     def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
         """The batch on ``device``."""
         return Batch(

@@ -14,7 +14,7 @@ machine at 20M rows (193 files), and its read tasks ran in other processes compe
 from __future__ import annotations
 
 import atexit
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,8 @@ import torch
 import torch.distributed as dist
 
 from recsys.data.batch import FeatureLayout
+
+PREPARED_AHEAD = 3  # prepared batches waiting: one being copied, two ready (a GPU's pinned batches)
 
 
 def pad(table: pa.Table, size: int) -> pa.Table:
@@ -61,7 +63,8 @@ def lockstep_batches(
     max_steps: int = 0,
     shuffle_rows: int = 0,
     seed: int = 0,
-) -> Iterator[tuple[pa.Table, int]]:
+    prepare: Callable[[pa.Table], Any] | None = None,
+) -> Iterator[tuple[Any, int]]:
     """Arrow batches of exactly ``batch_size`` rows, the same number on every worker.
 
     Args:
@@ -73,29 +76,37 @@ def lockstep_batches(
         max_steps: stop after this many batches (0: no cap).
         shuffle_rows: shuffle within a buffer of this many rows (0: read order).
         seed: the shuffle's seed.
+        prepare: training mode only: applied to each table on the read-ahead thread, and what it returns
+            is yielded instead of the table (a GPU's batches are built and pinned there, off the training
+            thread: see :func:`recsys.train.worker.train_epoch`).
 
     Yields:
-        ``(table, n_real)``: the batch and how many of its first rows are real.
+        ``(table, n_real)``: the batch (or what ``prepare`` made of it) and how many of its first rows are
+        real.
     """
+    if prepare is not None and complete:
+        raise ValueError("lockstep_batches: prepare: only in training mode (complete=False): no padding")
     batches = shard.iter_batches(
         batch_size=batch_size,
         batch_format="pyarrow",
         drop_last=not complete,
-        prefetch_batches=2,
+        prefetch_batches=0 if prepare is not None else 2,
         local_shuffle_buffer_size=shuffle_rows or None,
         local_shuffle_seed=seed if shuffle_rows else None,
     )
-    it = iter(batches)
+    if prepare is not None:
+        # Reading and preparing on one background thread; the collectives below stay on this one.
+        it = read_ahead(((prepare(t), t.num_rows) for t in batches if t.num_rows), PREPARED_AHEAD)
+    else:
+        it = ((t, t.num_rows) for t in batches if t is not None and t.num_rows)
     steps = 0
     while not max_steps or steps < max_steps:
-        table = next(it, None)
-        has = table is not None and table.num_rows > 0
-        go_on = _any_rank(has, dist.ReduceOp.MAX if complete else dist.ReduceOp.MIN)
+        table, n_real = next(it, (None, 0))
+        go_on = _any_rank(n_real > 0, dist.ReduceOp.MAX if complete else dist.ReduceOp.MIN)
         if not go_on:
             return
-        if has:
-            n_real = table.num_rows
-            if n_real < batch_size:
+        if n_real:
+            if n_real < batch_size:  # evaluation only: training drops the last, shorter batch
                 table = pad(table, batch_size)
         else:
             # This worker is out of rows: it feeds padding so that the others can finish.

@@ -165,7 +165,9 @@ def _trainer(settings: WorkerSettings, callbacks: list[Any]) -> Any:
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"settings": settings},
-        torch_config=TorchConfig(backend="nccl" if run.use_gpu else "gloo"),
+        # On GPUs, NCCL for the model's CUDA tensors and gloo for the loop's small CPU collectives (the
+        # lockstep flags, gathered predictions).
+        torch_config=TorchConfig(backend="cpu:gloo,cuda:nccl" if run.use_gpu else "gloo"),
         scaling_config=ScalingConfig(
             num_workers=run.num_workers,
             use_gpu=run.use_gpu,

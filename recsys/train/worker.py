@@ -23,6 +23,7 @@ from __future__ import annotations
 import os
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -33,7 +34,7 @@ import torch
 import torch.distributed as dist
 
 from features.console import story
-from recsys.data.batch import batch_from_arrow
+from recsys.data.batch import Batch, batch_from_arrow
 from recsys.data.shard import ParquetShard, lockstep_batches
 from recsys.train.checkpoints import gather_unsharded, load_checkpoint, restore_best_epoch, save_checkpoint
 from recsys.train.config import TrainConfig
@@ -79,7 +80,9 @@ class WindowMeter:
         """Starts a new window now."""
         self.started, self.rows, self.losses = time.perf_counter(), 0, []
 
-    def add(self, step: int, rows: int, losses: dict[str, float], stats: dict[str, torch.Tensor]) -> None:
+    def add(
+        self, step: int, rows: int, losses: dict[str, torch.Tensor], stats: dict[str, torch.Tensor]
+    ) -> None:
         """Counts one step of ``rows`` (all workers); closes the window every ``every`` steps."""
         if self.epoch_started is None:
             self.epoch_started = self.started
@@ -87,7 +90,8 @@ class WindowMeter:
         self.epoch_rows += rows
         self.losses.append(losses)
         if step % self.every == 0:
-            means = {k: float(np.mean([row[k] for row in self.losses])) for k in self.losses[0]}
+            # The only wait for the device: a window's losses are read once, when the window closes.
+            means = {k: float(torch.stack([row[k] for row in self.losses]).mean()) for k in self.losses[0]}
             scalars = {name: float(v) for name, v in stats.items() if v.numel() == 1}
             rate = self.rows / (time.perf_counter() - self.started)
             self.pending.append(TrainWindow(step, means, rate, scalars))
@@ -209,20 +213,20 @@ def train_epoch(worker: Worker, state: TrainingState, epoch: int) -> TrainingSta
     shard = _train_shard(worker, epoch)
     batches = lockstep_batches(
         shard, t.batch_size, complete=False, max_steps=t.max_steps_per_epoch, shuffle_rows=t.shuffle_rows,
-        seed=t.seed * 1000 + epoch,
+        seed=t.seed * 1000 + epoch, prepare=_gpu_feed(worker.sharded),
     )  # fmt: skip
     bar = _progress_bar(worker, epoch, getattr(shard, "num_rows", None))
     step, skip = state.step, state.epoch_step
     worker.meter.start_epoch()
-    for epoch_step, (table, _) in enumerate(batches, start=1):
+    for epoch_step, (batch, rows) in enumerate(batches, start=1):
         if bar is not None:
             bar.update(1)
         if epoch_step <= skip:  # trained on before the checkpoint this run started from
             worker.meter.restart()
             continue
-        losses, stats = train_step(worker.sharded, table)
+        losses, stats = train_step(worker.sharded, batch)
         step += 1
-        worker.meter.add(step, table.num_rows * worker.world, losses, stats)
+        worker.meter.add(step, rows * worker.world, losses, stats)
         if t.checkpoint_every_steps and step % t.checkpoint_every_steps == 0:
             within = replace(state, epoch=epoch, step=step, epoch_step=epoch_step)
             record = StepReport(epoch, step, worker.meter.take())
@@ -256,14 +260,30 @@ def _progress_bar(worker: Worker, epoch: int, rows: int | None) -> Any:
     return tqdm(desc=f"epoch {epoch + 1}/{t.epochs}", total=total, unit="batch")
 
 
-def train_step(sharded: ShardedModel, table: pa.Table) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
-    """One optimizer step on a batch; returns the loss parts and the gates' statistics."""
-    batch = batch_from_arrow(table, sharded.layout).to(sharded.device)
+def _gpu_feed(sharded: ShardedModel) -> Callable[[pa.Table], Batch] | None:
+    """On a GPU: the read-ahead thread builds each batch and pins it (the copy then need not block)."""
+    if sharded.device.type != "cuda":
+        return None  # on a CPU the training thread builds the batch: the threads would share the cores
+    layout = sharded.layout
+    return lambda table: batch_from_arrow(table, layout).pin_memory()
+
+
+def train_step(
+    sharded: ShardedModel, data: pa.Table | Batch
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """One optimizer step on a batch (Arrow rows, or a built batch).
+
+    Returns:
+        The loss parts and the gates' statistics, as tensors on the device: reading them would wait for
+        the step to finish, so the meter reads them once per window.
+    """
+    batch = data if isinstance(data, Batch) else batch_from_arrow(data, sharded.layout)
+    batch = batch.to(sharded.device, non_blocking=True)
     loss, (parts, _, stats) = sharded.dmp(batch)
     sharded.optimizer.zero_grad()
     loss.backward()
     sharded.optimizer.step()
-    return {k: float(v) for k, v in parts.items()}, stats
+    return {k: v.detach() for k, v in parts.items()}, stats
 
 
 def validate(worker: Worker, state: TrainingState, epoch: int) -> TrainingState:
