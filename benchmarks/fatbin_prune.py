@@ -9,7 +9,9 @@ weight decay, dense and inference libraries dropped, fbgemm-gpu 1.6.0 packs into
 
 Usage (run it on an unpacked copy of the wheel)::
 
-    python -m benchmarks.fatbin_prune --keep 90 --drop vbe gwd inference backward_dense -- fbgemm_gpu/*.so
+    python -m benchmarks.fatbin_prune --keep 90 --drop vbe gwd inference backward_dense \\
+        --drop-optimizers adagrad lamb lars_sgd partial_rowwise_adam partial_rowwise_lamb \\
+        rowwise_adagrad_with_counter -- fbgemm_gpu/*.so
     tar -cf - fbgemm_gpu | xz -9 -T2 > .whl/fb_min.tar.xz
 
 ``benchmarks/gpu_device_run.sh`` installs the result there and runs ``pipelines.benchmark --use-gpu``.
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import mmap
+import re
 import struct
 import sys
 from collections import Counter
@@ -49,8 +52,21 @@ def fatbin_section(buf: mmap.mmap) -> tuple[int, int] | None:
     return None
 
 
-def prune(path: Path, keep: set[int], write: bool) -> Counter[str]:
-    """Bytes of device code per ``kind_smNN`` in ``path``; with ``write``, zeroes those not in ``keep``."""
+OPTIMIZER_KERNEL = re.compile(rb"backward_codegen_([a-z_]+?)_(?:unweighted|weighted|vbe|nobag)")
+
+
+def optimizers_of(code: bytes) -> set[str]:
+    """The optimizers whose TBE backward kernels an entry's device code holds (its ELF symbol names)."""
+    return {m.group(1).decode() for m in OPTIMIZER_KERNEL.finditer(code)}
+
+
+def prune(
+    path: Path, keep: set[int], write: bool, drop_optimizers: frozenset[str] = frozenset()
+) -> Counter[str]:
+    """Bytes of device code per ``kind_smNN`` in ``path``; with ``write``, zeroes those not in ``keep``.
+
+    An entry whose code holds only backward kernels of ``drop_optimizers`` is zeroed too (``dropped``).
+    """
     with path.open("r+b" if write else "rb") as f:
         buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_WRITE if write else mmap.ACCESS_READ)
         stats: Counter[str] = Counter()
@@ -68,8 +84,13 @@ def prune(path: Path, keep: set[int], write: bool) -> Counter[str]:
                 kind, _, entry_header, size = struct.unpack_from("<HHIQ", buf, entry)
                 (arch,) = struct.unpack_from("<I", buf, entry + 28)
                 stats[f"{'ptx' if kind == 1 else 'elf'}_sm{arch}"] += size
-                if write and arch not in keep:
-                    buf[entry + entry_header : entry + entry_header + size] = bytes(size)
+                body = slice(entry + entry_header, entry + entry_header + size)
+                optimizers = optimizers_of(buf[body]) if drop_optimizers and arch in keep else set()
+                dropped = bool(optimizers) and optimizers <= drop_optimizers
+                if dropped:
+                    stats["dropped"] += size
+                if write and (arch not in keep or dropped):
+                    buf[body] = bytes(size)
                 entry += entry_header + size
             pos = stop
         if write:
@@ -82,6 +103,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.fatbin_prune", description=__doc__)
     parser.add_argument("--keep", type=int, nargs="+", default=[90], help="architectures to keep (90)")
     parser.add_argument("--drop", nargs="*", default=[], help="libraries (name parts) to empty entirely")
+    parser.add_argument(
+        "--drop-optimizers",
+        nargs="*",
+        default=[],
+        help="TBE optimizers whose backward kernels to empty (e.g. lamb adagrad): training uses one",
+    )
     parser.add_argument("--dry-run", action="store_true", help="only print what each library holds")
     parser.add_argument("libraries", nargs="+", type=Path)
     args = parser.parse_args(argv)
@@ -89,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         if not path.is_file():
             parser.error(f"libraries: no such file {str(path)!r}")
         keep = set() if any(part in path.name for part in args.drop) else set(args.keep)
-        stats = prune(path, keep, not args.dry_run)
+        stats = prune(path, keep, not args.dry_run, frozenset(args.drop_optimizers))
         held = ", ".join(f"{k} {v / 1e6:.1f} MB" for k, v in sorted(stats.items())) or "no device code"
         print(f"{path.name}: {held}; kept {sorted(keep) or 'none'}")
     return 0
