@@ -390,6 +390,19 @@ def test_an_interrupted_run_resumes_to_the_same_output(world, full_run):
 
 
 @pytest.mark.slow
+def test_use_gpu_on_a_cluster_without_a_gpu_fails_before_any_partition_is_written(world):
+    import ray
+
+    if ray.cluster_resources().get("GPU", 0) > 0:
+        pytest.skip("this Ray has a GPU")
+    config = config_for(world, "on-gpu", use_gpu=True)
+    with pytest.raises(ValueError, match=r"score\.use_gpu: true, but the Ray cluster has no GPU"):
+        run_scoring(config)
+    out = world["root"] / "on-gpu"
+    assert not list(out.glob("part-*")) and load_manifest(out / MANIFEST).partitions == {}
+
+
+@pytest.mark.slow
 def test_alias_is_resolved_once_and_a_moved_alias_refuses_to_mix_versions(world):
     first = run_scoring(config_for(world, "alias", max_partitions=1))
     assert first.pinned_uri == f"models:/{MODEL}/1" and first.model_version == "1"

@@ -51,6 +51,8 @@ class ScoreConfig:
         concurrency: scoring actors (each loads the model and the users, items and history tables once,
             and scores whole partitions); None: one per CPU (of this machine, or of the cluster).
         threads_per_actor: torch and polars threads of each actor.
+        use_gpu: the actors share the cluster's GPUs (each asks Ray for an equal share of them) and run the
+            model there; the features stay on the CPU. An error on a cluster without a GPU.
         rows_per_partition: most rows per partition (one output file each).
         tracking_uri: the MLflow store of the registry and of the scoring run's log (default
             :func:`recsys.tracking.default_tracking_uri`).
@@ -73,6 +75,7 @@ class ScoreConfig:
     batch_size: int = DEFAULT_BATCH_SIZE
     concurrency: int | None = None
     threads_per_actor: int = 1
+    use_gpu: bool = False
     rows_per_partition: int = 250_000
     tracking_uri: str | None = None
     experiment: str | None = None
@@ -94,6 +97,8 @@ class ScoreConfig:
                 check_int("score", name, getattr(self, name))
         if not is_number(self.alpha):
             raise invalid("score", "alpha", self.alpha, "expected a finite number")
+        if not isinstance(self.use_gpu, bool):
+            raise invalid("score", "use_gpu", self.use_gpu, "expected true or false")
 
     def settings(self) -> ScoreSettings:
         """What decides the output besides the model and the input: a rerun must use the same."""

@@ -30,6 +30,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -42,7 +43,7 @@ from recsys.scoring.inputs import Inputs, read_inputs
 from recsys.scoring.manifest import MANIFEST, Manifest, ModelRecord, open_output
 from recsys.scoring.partitions import Partition, plan_partitions
 from recsys.scoring.ranking import ScoreFormula, score_summary
-from recsys.scoring.stage import package_files, ray_for, scored_frames
+from recsys.scoring.stage import package_files, plan_resources, ray_for, scored_frames
 from recsys.scoring.writer import PartitionWriter
 from recsys.tracking import Tracker, download_package, resolve_model
 
@@ -194,13 +195,15 @@ def _score(
     )
     outputs = model.outputs
     writer = PartitionWriter(formula, config.top_k, outputs, manifest, out, {p.index: p for p in todo}, bar)
-    for part in [p for p in todo if p.rows_in == 0]:  # nothing reaches the driver for these
-        if writer.written < limit:
+    empty = [p for p in todo if p.rows_in == 0]  # nothing reaches the driver for these
+    work = [p for p in todo if p.rows_in > 0] if len(empty) < limit else []
+    with ray_for(config) if work else contextlib.nullcontext():
+        # The actors are planned before any partition is written: use_gpu without a GPU fails here.
+        resources = plan_resources(config) if work else None
+        for part in empty[:limit]:
             writer.write(part)
-    work = [p for p in todo if p.rows_in > 0]
-    if work and writer.written < limit:
-        with ray_for(config):
-            frames = scored_frames(config, model.files, inputs, work)
+        if resources is not None:
+            frames = scored_frames(config, resources, model.files, inputs, work)
             for frame in frames:
                 writer.add(frame)
                 if writer.written >= limit:
@@ -279,6 +282,7 @@ def _log_run(
             "settings": asdict(config.settings()),
             "batch_size": config.batch_size,
             "concurrency": config.concurrency,
+            "use_gpu": config.use_gpu,
         }
     )
     metrics = {

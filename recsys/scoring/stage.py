@@ -7,15 +7,20 @@ items and click-history tables). An actor reads a partition, runs the training f
 :func:`features.spec.output_exprs`) and the model (``batch_size`` rows per call), and returns the key
 columns and one output column per task. Ranking and writing happen on the driver
 (:mod:`recsys.scoring.writer`).
+
+With ``use_gpu`` the actors share the cluster's GPUs (:func:`actor_resources`): each runs the model on the
+GPU Ray assigns it, and the feature code on its CPU as before.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import shutil
 import tempfile
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +28,7 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 
+from features.checks import invalid
 from features.pipeline import Tables
 from recsys.package import load_package, model_ready, output_column, score_ready
 from recsys.runtime import init_ray, model_process_env
@@ -33,6 +39,8 @@ from recsys.scoring.partitions import PARTITION, Partition, read_partition
 KEY_COLUMNS = ("impression_id", "request_id", "user_id", "item_id")
 # A bounded object store bounds the tables and scored blocks in flight, and so the memory.
 OBJECT_STORE_BYTES = 2 * 1024**3
+# Ray counts resources in steps of 1/10,000: a GPU share finer than that would round to another value.
+RESOURCE_STEP = 10_000
 
 
 def embedded_cpus(cpus_taken: int) -> int:
@@ -42,6 +50,76 @@ def embedded_cpus(cpus_taken: int) -> int:
     forever on a 2-core machine (as in :mod:`recsys.train`).
     """
     return max(os.cpu_count() or 1, cpus_taken) + 2
+
+
+@dataclass(frozen=True)
+class ActorResources:
+    """What each scoring actor asks Ray for, and how many there are.
+
+    Attributes:
+        actors: scoring actors (at most one per partition is started).
+        cpus: CPUs of each actor (its torch and polars threads).
+        gpus: the GPU share of each actor; 0 runs the model on the CPU.
+    """
+
+    actors: int
+    cpus: int
+    gpus: float
+
+    @property
+    def device(self) -> str:
+        """The torch device of the actors' model: ``cuda`` is the GPU Ray assigned to the actor."""
+        return "cuda" if self.gpus > 0 else "cpu"
+
+
+def actor_resources(config: ScoreConfig, cpus: int, gpus: float) -> ActorResources:
+    """The scoring actors for a cluster: as configured, else one per ``threads_per_actor`` CPUs.
+
+    With ``use_gpu``, the actors share the GPUs: each GPU takes ``ceil(actors / gpus)`` of them, each with
+    that fraction of it (rounded down to Ray's step), so that every actor fits on some GPU; an actor
+    never gets more than one GPU, since the model runs on one device.
+
+    Args:
+        config: the run's config (``concurrency``, ``threads_per_actor``, ``use_gpu``).
+        cpus: the CPUs the actors may take: an embedded Ray's, this machine's cores (it has Ray Data's
+            headroom besides, :func:`embedded_cpus`); a cluster's, its CPUs less one for Ray Data's tasks.
+        gpus: the cluster's GPUs (Ray's ``GPU`` resource).
+
+    Raises:
+        ValueError: ``use_gpu`` on a cluster without a GPU, or more actors per GPU than Ray can share one
+            among.
+
+    Example:
+        >>> actor_resources(ScoreConfig(model="m", input="i", output="o", use_gpu=True), cpus=16, gpus=1)
+        ActorResources(actors=16, cpus=1, gpus=0.0625)
+    """
+    threads = config.threads_per_actor
+    actors = config.concurrency if config.concurrency is not None else max(1, cpus // threads)
+    if not config.use_gpu:
+        return ActorResources(actors, threads, 0.0)
+    devices = math.floor(gpus)  # a fractional GPU resource (a shared card) holds no whole device
+    if devices < 1:
+        raise ValueError(
+            f"score.use_gpu: true, but the Ray cluster has no GPU (its GPU resource: {gpus:g}); "
+            "score without use_gpu (--use-gpu), or on a cluster with GPUs"
+        )
+    per_device = math.ceil(actors / devices)
+    share = math.floor(RESOURCE_STEP / per_device) / RESOURCE_STEP
+    if share <= 0:  # Ray's finest share is 1 / RESOURCE_STEP of a GPU
+        raise invalid("score", "concurrency", actors, f"expected at most {RESOURCE_STEP} actors per GPU")
+    return ActorResources(actors, threads, share)
+
+
+def plan_resources(config: ScoreConfig) -> ActorResources:
+    """The scoring actors on the running Ray (inside :func:`ray_for`), by :func:`actor_resources`."""
+    import ray
+
+    cluster = ray.cluster_resources()
+    if config.address or os.environ.get("RAY_ADDRESS"):
+        cpus = int(cluster.get("CPU", 1)) - 1  # one CPU left to Ray Data's own tasks
+    else:
+        cpus = os.cpu_count() or 1
+    return actor_resources(config, cpus, float(cluster.get("GPU", 0.0)))
 
 
 @contextlib.contextmanager
@@ -95,15 +173,25 @@ class ScoreStage:
             ``history`` Arrow tables.
         batch_size: rows per model call.
         threads: torch threads of the actor.
+        device: where the model runs: ``cpu``, or ``cuda`` (the GPU Ray assigned to this actor, the only
+            one it sees).
+
+    Raises:
+        RuntimeError: ``cuda`` and this actor's torch sees no CUDA device.
     """
 
-    def __init__(self, shared: dict[str, Any], batch_size: int, threads: int) -> None:
+    def __init__(self, shared: dict[str, Any], batch_size: int, threads: int, device: str = "cpu") -> None:
         import ray
         import torch
 
         torch.set_num_threads(threads)
+        if device == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError(
+                f"score.use_gpu: this scoring actor sees no CUDA device (torch {torch.__version__}, CUDA "
+                f"{torch.version.cuda}, CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r})"
+            )
         package_dir = _materialize(ray.get(shared["package"]))
-        self.package = load_package(package_dir)
+        self.package = load_package(package_dir, map_location=device)
         shutil.rmtree(package_dir, ignore_errors=True)
         self.batch_size = batch_size
         self.columns = {t.name: output_column(t) for t in self.package.model_config.tasks}
@@ -133,9 +221,15 @@ class ScoreStage:
 
 
 def scored_frames(
-    config: ScoreConfig, package: dict[str, bytes], inputs: Inputs, work: list[Partition]
+    config: ScoreConfig,
+    resources: ActorResources,
+    package: dict[str, bytes],
+    inputs: Inputs,
+    work: list[Partition],
 ) -> Iterator[pl.DataFrame]:
     """The Ray Data pipeline: partitions -> :class:`ScoreStage` -> scored rows (inside :func:`ray_for`).
+
+    ``resources`` (:func:`plan_resources`) sizes the actor pool and says what each actor asks Ray for.
 
     Yields:
         (B, keys + one column per task + ``__partition``) frames, in no particular order.
@@ -147,19 +241,26 @@ def scored_frames(
     context.print_on_execution_start = False
     tables = {"users": inputs.users, "items": inputs.items, "history": inputs.history}
     shared = {"package": ray.put(package)} | {k: ray.put(v.to_arrow()) for k, v in tables.items()}
-    threads = config.threads_per_actor
+    threads = resources.cpus
     specs = [{"partition": p.to_json()} for p in work]
+    kwargs = {
+        "shared": shared,
+        "batch_size": config.batch_size,
+        "threads": threads,
+        "device": resources.device,
+    }
     dataset = ray.data.from_items(specs, override_num_blocks=len(specs)).map_batches(
         ScoreStage,
-        fn_constructor_kwargs={"shared": shared, "batch_size": config.batch_size, "threads": threads},
+        fn_constructor_kwargs=kwargs,
         batch_size=1,  # one partition per call
         batch_format="numpy",
         # One partition per actor at a time: a partition queued behind a busy actor while another is
         # idle (or still starting) would leave a core idle for a whole partition.
         compute=ray.data.ActorPoolStrategy(
-            size=min(_actors(config), len(specs)), max_tasks_in_flight_per_actor=1
+            size=min(resources.actors, len(specs)), max_tasks_in_flight_per_actor=1
         ),
         num_cpus=threads,
+        num_gpus=resources.gpus,  # 0, or this actor's share of a GPU: Ray sets its CUDA_VISIBLE_DEVICES
         # Polars sizes its thread pool when imported: set before the actor's process starts.
         runtime_env={
             "env_vars": {
@@ -171,15 +272,3 @@ def scored_frames(
     )
     for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0):
         yield pl.from_arrow(batch)
-
-
-def _actors(config: ScoreConfig) -> int:
-    """Scoring actors: as configured, else one per CPU of this machine (local Ray) or of the cluster."""
-    import ray
-
-    if config.concurrency is not None:
-        return config.concurrency
-    if not (config.address or os.environ.get("RAY_ADDRESS")):
-        return max(1, (os.cpu_count() or 1) // config.threads_per_actor)
-    cpus = int(ray.cluster_resources().get("CPU", 1))
-    return max(1, (cpus - 1) // config.threads_per_actor)  # one CPU left to Ray Data's own tasks
