@@ -333,7 +333,10 @@ def _score(package: LoadedPackage, table: pa.Table, batch_size: int) -> dict[str
     with torch.no_grad(), _eval_mode(model):
         for start in range(0, table.num_rows, batch_size):
             batch = batch_from_arrow(table.slice(start, batch_size), package.layout, labels=False)
-            batch = batch.to(device)
+            # To a GPU the copy is queued on the forward's stream; from pageable memory CUDA stages the batch
+            # before returning, so the host batch may be freed, and the outputs' .cpu() waits for it all.
+            # Pinning the batch first would only add a host copy of a batch just built.
+            batch = batch.to(device, non_blocking=device.type == "cuda")
             logits, _ = model(batch.dense, batch.sparse)
             for task in package.model_config.tasks:
                 # ESMM tasks: the logit already is that of p(given and task).
