@@ -9,6 +9,9 @@ Examples::
     # a pinned version, the best 10 per request, ranked by p_click * p_purchase^0.5, logged to MLflow:
     python -m pipelines.score --model models:/ecommerce-ranker/3 --input 'cands/*.parquet' \
         --output out --top-k 10 --alpha 0.5 --experiment ecommerce-ranker-scoring
+    # on the machine's GPU(s), shared by the actors, with large model batches:
+    python -m pipelines.score --model models:/ecommerce-ranker@champion --input 'cands/*.parquet' \
+        --output out --use-gpu --batch-size 65536
     # the same command as a job on a Ray cluster (input and output on a shared filesystem):
     ray job submit --address http://127.0.0.1:8265 --working-dir . -- python -m pipelines.score ...
 
@@ -95,6 +98,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help=f"torch and polars threads per actor ({defaults.threads_per_actor})",
     )
     parser.add_argument(
+        "--use-gpu",
+        action="store_true",
+        help="actors share the cluster's GPUs; the model runs there (the features stay on the CPU); use a "
+        "large --batch-size, e.g. 65536",
+    )
+    parser.add_argument(
         "--rows-per-partition",
         type=int,
         default=defaults.rows_per_partition,
@@ -144,6 +153,7 @@ def _config(args: argparse.Namespace) -> ScoreConfig:
         batch_size=args.batch_size,
         concurrency=args.concurrency,
         threads_per_actor=args.threads_per_actor,
+        use_gpu=args.use_gpu,
         rows_per_partition=args.rows_per_partition,
         tracking_uri=args.tracking_uri,
         experiment=args.experiment,
