@@ -3,13 +3,16 @@
 # register the model in MLflow, then score a fresh candidate set with GPU actors through Ray Data.
 #
 # On a GPU machine without Ray, MLflow, polars, TorchRec or FBGEMM (the `device` machines: see
-# benchmarks/gpu_pack.sh, which packs them into .whl/part1..3.tar.xz), one call per part, each within the
-# 30 s the machine stays warm, from the repository root there:
-#     bash benchmarks/gpu_e2e.sh unpack 1 && bash benchmarks/gpu_e2e.sh generate
-#     bash benchmarks/gpu_e2e.sh unpack 2
-#     bash benchmarks/gpu_e2e.sh unpack 3 && bash benchmarks/gpu_e2e.sh run
-# `generate` starts the data generation (numpy and pyarrow only, which the machine has) in its own process
-# session, so that it goes on while the other parts travel; `run` waits for it.
+# benchmarks/gpu_pack.sh, which packs them into .whl/part1..3.tar.xz, 105 MiB in all), in two calls, the
+# second within the 30 s the machine stays warm after the first, from the repository root there. A call
+# carries at most 64 MiB, so part 3 is cut in pieces here (split -b 16M -a 1 .whl/part3.tar.xz
+# .whl/part3.tar.xz.): the first call carries part1.tar.xz and part3.tar.xz.a, the second the rest.
+#     bash benchmarks/gpu_e2e.sh unpack 1 && bash benchmarks/gpu_e2e.sh keep part3.tar.xz.a \
+#         && bash benchmarks/gpu_e2e.sh generate
+#     bash benchmarks/gpu_e2e.sh unpack 2 && bash benchmarks/gpu_e2e.sh unpack 3 && bash benchmarks/gpu_e2e.sh run
+# `keep` sets a piece aside for the next call; `unpack N` joins part N's pieces (.whl/partN.tar.xz*, and
+# those kept) and unpacks them; `generate` starts the data generation (numpy and pyarrow only, which the
+# machine has) in its own process session, so that it goes on while the other parts travel; `run` waits.
 # A dry run of the same steps on this machine's CPU, small:
 #     PY=.venv/bin/python USE_GPU=0 IMPRESSIONS=300000 CANDIDATES=200000 bash benchmarks/gpu_e2e.sh run
 #
@@ -28,15 +31,26 @@ IMPRESSIONS=${IMPRESSIONS:-26000000}
 CANDIDATES=${CANDIDATES:-20000000}
 BATCH=${BATCH:-65536}
 
+KEPT=${KEPT:-/tmp/e2e-pieces}
+if [ "${1:-}" = "keep" ]; then
+    mkdir -p "$KEPT" && cp ".whl/$2" "$KEPT/" && echo "kept $2 in $KEPT"
+    exit $?
+fi
 if [ "${1:-}" = "unpack" ]; then
-    mkdir -p "$SITE"
+    mkdir -p "$SITE" "$KEPT"
     started=$(date +%s)
+    pieces=$(cd .whl && ls "part$2.tar.xz"* 2>/dev/null; cd "$KEPT" && ls "part$2.tar.xz"* 2>/dev/null)
+    whole="$KEPT/whole$2.tar.xz"
+    : >"$whole"
+    for piece in $(echo "$pieces" | sort -u); do  # part3.tar.xz.a, .b, ... in order
+        if [ -f ".whl/$piece" ]; then cat ".whl/$piece" >>"$whole"; else cat "$KEPT/$piece" >>"$whole"; fi
+    done
     if command -v xz >/dev/null; then
-        tar -xJf ".whl/part$2.tar.xz" -C "$SITE" || exit 1
+        tar -xJf "$whole" -C "$SITE" || exit 1
     else
-        "$PY" -c "import sys, tarfile; tarfile.open(sys.argv[1]).extractall(sys.argv[2])" \
-            ".whl/part$2.tar.xz" "$SITE" || exit 1
+        "$PY" -c "import sys, tarfile; tarfile.open(sys.argv[1]).extractall(sys.argv[2])" "$whole" "$SITE" || exit 1
     fi
+    rm -f "$whole"
     touch "$SITE/.part$2"
     echo "part $2 unpacked in $(($(date +%s) - started)) s; parts there: $(ls -a "$SITE" | grep -c '^\.part')"
     exit 0
