@@ -18,6 +18,8 @@
 #
 # Knobs (environment): IMPRESSIONS (26,000,000: a training split of ~20.8M rows), CANDIDATES (20,000,000),
 # BATCH (65,536 rows per training step and per scoring model call), USE_GPU (1), PY (python3),
+# SCORE2_ARGS (a second scoring run of the same candidates with these pipelines.score options, e.g.
+# "--concurrency 4 --threads-per-actor 4"),
 # SITE (/tmp/site: where the parts are unpacked), WORK (/tmp/e2e), OUT (results: /tmp/e2e/out).
 # Results in OUT: e2e.log (the story of each step, timings), train.log and score.log (library output),
 # dmon.log (nvidia-smi dmon: GPU utilization every second), summary.json.
@@ -156,5 +158,14 @@ step score "$PY" -m pipelines.score --model models:/ecommerce-ranker@champion \
     --input "$WORK/cands/impressions.parquet" --history "$WORK/cands/history.parquet" \
     --output "$WORK/scores" "${gpu[@]}" --batch-size "$BATCH" --tracking-uri "sqlite:///$WORK/mlflow.db" \
     --overwrite --no-progress --log-file "$OUT/score.log"
+scores=("$WORK/scores")
+if [ -n "${SCORE2_ARGS:-}" ]; then  # the same candidates again, with other scoring settings
+    # shellcheck disable=SC2086
+    step score2 "$PY" -m pipelines.score --model models:/ecommerce-ranker@champion \
+        --input "$WORK/cands/impressions.parquet" --history "$WORK/cands/history.parquet" \
+        --output "$WORK/scores2" "${gpu[@]}" --batch-size "$BATCH" --tracking-uri "sqlite:///$WORK/mlflow.db" \
+        --overwrite --no-progress --log-file "$WORK/score2.log" $SCORE2_ARGS
+    scores+=("$WORK/scores2")
+fi
 [ -n "${dmon:-}" ] && kill "$dmon" 2>/dev/null
-"$PY" -m benchmarks.gpu_e2e_summary "$OUT" "$WORK/scores" | tee -a "$OUT/e2e.log"
+"$PY" -m benchmarks.gpu_e2e_summary "$OUT" "${scores[@]}" | tee -a "$OUT/e2e.log"

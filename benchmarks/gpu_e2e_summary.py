@@ -5,7 +5,7 @@ Reads OUT/steps.txt (``name start_ns end_ns status`` per step), OUT/dmon.log (``
 and OUT/e2e.log (the steps' own output), and SCORES (the scoring output: its manifest and part files);
 prints one line per step and writes OUT/summary.json.
 
-Run: python -m benchmarks.gpu_e2e_summary OUT [SCORES]
+Run: python -m benchmarks.gpu_e2e_summary OUT [SCORES ...]
 """
 
 from __future__ import annotations
@@ -73,11 +73,11 @@ def steady_scoring(scores: Path) -> dict | None:
 def main(argv: list[str] | None = None) -> int:
     """Prints and writes the summary of the check whose results are in ``argv[0]``."""
     args = sys.argv[1:] if argv is None else argv
-    if len(args) not in (1, 2):
-        print("usage: python -m benchmarks.gpu_e2e_summary OUT [SCORES]", file=sys.stderr)
+    if not args:
+        print("usage: python -m benchmarks.gpu_e2e_summary OUT [SCORES ...]", file=sys.stderr)
         return 2
     out = Path(args[0])
-    steady = steady_scoring(Path(args[1])) if len(args) == 2 else None
+    steady = {name: steady_scoring(Path(name)) for name in args[1:]}
     ran = steps(out)
     day = dt.datetime.fromtimestamp(ran[0]["start"]).date() if ran else dt.date.today()
     samples = gpu_samples(out, day)
@@ -92,11 +92,12 @@ def main(argv: list[str] | None = None) -> int:
     lines = (out / "e2e.log").read_text().splitlines()
     said = [line for line in lines if STORY.search(line) and not line.startswith((" ", '"', "{"))]
     print("\n".join(said[-40:]))
-    if steady:
-        print(
-            f"scoring between the first and the last part file: {steady['rows']:,} rows in "
-            f"{steady['seconds']} s, {steady['rows_per_s']:,.0f} rows/s ({steady['partitions']} partitions)"
-        )
+    for name, rate in steady.items():
+        if rate:
+            print(
+                f"{name}: between the first and the last part file {rate['rows']:,} rows in "
+                f"{rate['seconds']} s, {rate['rows_per_s']:,.0f} rows/s ({rate['partitions']} partitions)"
+            )
     summary = {"steps": ran, "story": said, "steady_scoring": steady}
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     return 0

@@ -219,7 +219,26 @@ def test_lockstep_batches_prepare_each_batch_on_the_read_ahead_thread(split, wor
     plain, prepared = batches(), batches(prepare=prepare)
     assert [n for _, n in prepared] == [n for _, n in plain] == [64] * (1000 // 64)
     assert [ids for (_, ids), _ in prepared] == ids(t for t, _ in plain)  # the same rows, in the same order
-    assert {thread for (thread, _), _ in prepared} == {"parquet-read-ahead"}  # built off the training thread
+    threads = {thread for (thread, _), _ in prepared}
+    assert threads and all(t.startswith("batch-prepare") for t in threads)  # built off the training thread
+    assert [ids for (_, ids), _ in batches(prepare=prepare, prepare_threads=3)] == ids(t for t, _ in plain)
     assert len(batches(prepare=prepare, max_steps=3)) == 3
     with pytest.raises(ValueError, match="prepare: only in training mode"):
         next(lockstep_batches(ParquetShard(split, 0, 1), 64, complete=True, prepare=prepare))
+
+
+def test_parallel_map_keeps_the_order_and_raises_the_error_in_the_consumer():
+    import time
+
+    from recsys.data.shard import parallel_map
+
+    def slow_square(i):
+        time.sleep(0.01 * (5 - i % 5))  # later items finish first
+        if i == 7:
+            raise ValueError("bad batch 7")
+        return i * i
+
+    results = parallel_map(slow_square, iter(range(10)), workers=3)
+    assert [next(results) for _ in range(7)] == [i * i for i in range(7)]
+    with pytest.raises(ValueError, match="bad batch 7"):
+        next(results)

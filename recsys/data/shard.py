@@ -64,6 +64,7 @@ def lockstep_batches(
     shuffle_rows: int = 0,
     seed: int = 0,
     prepare: Callable[[pa.Table], Any] | None = None,
+    prepare_threads: int = 1,
 ) -> Iterator[tuple[Any, int]]:
     """Arrow batches of exactly ``batch_size`` rows, the same number on every worker.
 
@@ -76,9 +77,11 @@ def lockstep_batches(
         max_steps: stop after this many batches (0: no cap).
         shuffle_rows: shuffle within a buffer of this many rows (0: read order).
         seed: the shuffle's seed.
-        prepare: training mode only: applied to each table on the read-ahead thread, and what it returns
-            is yielded instead of the table (a GPU's batches are built and pinned there, off the training
-            thread: see :func:`recsys.train.worker.train_epoch`).
+        prepare: training mode only: applied to each table off this thread (on ``prepare_threads``
+            threads, in order), and what it returns is yielded instead of the table: a GPU's batches are
+            built and pinned there, off the training thread (see :func:`recsys.train.worker.train_epoch`).
+        prepare_threads: threads that copy the batches' rows out of the shuffle buffer and ``prepare``
+            them (Arrow's ``take`` and most of NumPy's work release the GIL).
 
     Yields:
         ``(table, n_real)``: the batch (or what ``prepare`` made of it) and how many of its first rows are
@@ -86,19 +89,23 @@ def lockstep_batches(
     """
     if prepare is not None and complete:
         raise ValueError("lockstep_batches: prepare: only in training mode (complete=False): no padding")
-    batches = shard.iter_batches(
-        batch_size=batch_size,
-        batch_format="pyarrow",
-        drop_last=not complete,
-        prefetch_batches=0 if prepare is not None else 2,
-        local_shuffle_buffer_size=shuffle_rows or None,
-        local_shuffle_seed=seed if shuffle_rows else None,
-    )
-    if prepare is not None:
-        # Reading and preparing on one background thread; the collectives below stay on this one.
-        it = read_ahead(((prepare(t), t.num_rows) for t in batches if t.num_rows), PREPARED_AHEAD)
+    if prepare is not None and isinstance(shard, ParquetShard):
+        # Reading on the read-ahead thread; copying each batch's rows out of the shuffle buffer and
+        # preparing it on ``prepare_threads``; the collectives below stay on this thread.
+        rows = read_ahead(shard.iter_rows(batch_size, True, shuffle_rows, seed), PREPARED_AHEAD)
+        it = parallel_map(lambda r: (prepare(r.table()), r.num_rows), rows, prepare_threads)
     else:
+        batches = shard.iter_batches(
+            batch_size=batch_size,
+            batch_format="pyarrow",
+            drop_last=not complete,
+            prefetch_batches=2,
+            local_shuffle_buffer_size=shuffle_rows or None,
+            local_shuffle_seed=seed if shuffle_rows else None,
+        )
         it = ((t, t.num_rows) for t in batches if t is not None and t.num_rows)
+        if prepare is not None:  # a Ray Data shard: prepared on this thread
+            it = ((prepare(t), n) for t, n in it)
     steps = 0
     while not max_steps or steps < max_steps:
         table, n_real = next(it, (None, 0))
@@ -181,26 +188,26 @@ class ParquetShard:
                         break
             offset += n
 
-    def _batches(self, batch_size: int, drop_last: bool, shuffle_rows: int, seed: int) -> Iterator[pa.Table]:
+    def _batches(self, batch_size: int, drop_last: bool, shuffle_rows: int, seed: int) -> Iterator[Rows]:
         rng = np.random.default_rng(seed)
         # Rows wait in the buffer until it holds ``shuffle_rows`` (at least one batch); the buffer is then
         # permuted and cut into batches, and what is left over (less than a batch) starts the next buffer.
+        # A batch is yielded as the buffer and its rows' positions, copied out only by ``Rows.table``.
         fill = max(batch_size, shuffle_rows)
         buffer: list[pa.Table] = []
         buffered = 0
 
-        def cut(final: bool) -> Iterator[pa.Table]:
+        def cut(final: bool) -> Iterator[Rows]:
             nonlocal buffer, buffered
             whole = pa.concat_tables(buffer)
-            if shuffle_rows:
-                whole = whole.take(pa.array(rng.permutation(whole.num_rows)))
+            order = rng.permutation(whole.num_rows) if shuffle_rows else np.arange(whole.num_rows)
             n_full = whole.num_rows // batch_size * batch_size
             for start in range(0, n_full, batch_size):
-                yield whole.slice(start, batch_size).combine_chunks()
-            rest = whole.slice(n_full)
+                yield Rows(whole, order[start : start + batch_size], shuffled=bool(shuffle_rows))
+            rest = Rows(whole, order[n_full:], shuffled=bool(shuffle_rows)).table()
             buffer, buffered = [rest], rest.num_rows
             if final and buffered and not drop_last:
-                yield rest.combine_chunks()
+                yield Rows(rest, np.arange(rest.num_rows), shuffled=False)
 
         for table in self._tables():
             buffer.append(table)
@@ -228,10 +235,64 @@ class ParquetShard:
             local_shuffle_buffer_size: shuffle within a buffer of this many rows (None or 0: read order).
             local_shuffle_seed: the shuffle's seed; the same seed gives the same batches.
         """
-        batches = self._batches(
-            batch_size, drop_last, local_shuffle_buffer_size or 0, local_shuffle_seed or 0
-        )
+        rows = self.iter_rows(batch_size, drop_last, local_shuffle_buffer_size, local_shuffle_seed)
+        batches = (r.table() for r in rows)
         return read_ahead(batches, prefetch_batches) if prefetch_batches else batches
+
+    def iter_rows(
+        self,
+        batch_size: int,
+        drop_last: bool = False,
+        shuffle_rows: int | None = None,
+        seed: int | None = None,
+    ) -> Iterator[Rows]:
+        """The batches of :meth:`iter_batches` (no read-ahead), each not yet copied out of its buffer."""
+        return self._batches(batch_size, drop_last, shuffle_rows or 0, seed or 0)
+
+
+class Rows:
+    """A batch not yet copied out of its buffer: the buffer and the batch's row positions in it.
+
+    Copying the rows out (:meth:`table`: Arrow's ``take``, or a slice made contiguous) is left to whoever
+    builds the batch, so that several threads can do it (:func:`parallel_map`).
+    """
+
+    def __init__(self, buffer: pa.Table, positions: np.ndarray, shuffled: bool) -> None:
+        self.buffer, self.positions, self.shuffled = buffer, positions, shuffled
+
+    @property
+    def num_rows(self) -> int:
+        """The batch's rows."""
+        return len(self.positions)
+
+    def table(self) -> pa.Table:
+        """The batch's rows as one contiguous Arrow table."""
+        if self.shuffled:
+            return self.buffer.take(pa.array(self.positions))
+        start = int(self.positions[0]) if len(self.positions) else 0
+        return self.buffer.slice(start, len(self.positions)).combine_chunks()
+
+
+def parallel_map(fn: Callable[[Any], Any], items: Iterator[Any], workers: int) -> Iterator[Any]:
+    """``fn`` of each item, on ``workers`` threads, in the items' order, at most ``2 * workers`` ahead.
+
+    Items are taken from ``items`` on the caller's thread (wrap a slow source in :func:`read_ahead`). An
+    exception of ``fn`` is raised in the consumer; a consumer that stops early cancels what is queued.
+    """
+    from collections import deque
+    from concurrent.futures import ThreadPoolExecutor
+
+    pool = ThreadPoolExecutor(workers, thread_name_prefix="batch-prepare")
+    pending: deque = deque()
+    try:
+        for item in items:
+            pending.append(pool.submit(fn, item))
+            if len(pending) >= 2 * workers:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def read_ahead(items: Iterator[Any], depth: int) -> Iterator[Any]:

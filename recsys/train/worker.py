@@ -214,6 +214,7 @@ def train_epoch(worker: Worker, state: TrainingState, epoch: int) -> TrainingSta
     batches = lockstep_batches(
         shard, t.batch_size, complete=False, max_steps=t.max_steps_per_epoch, shuffle_rows=t.shuffle_rows,
         seed=t.seed * 1000 + epoch, prepare=_gpu_feed(worker.sharded),
+        prepare_threads=max(1, worker.config.run.cpus_per_worker // 2),
     )  # fmt: skip
     bar = _progress_bar(worker, epoch, getattr(shard, "num_rows", None))
     step, skip = state.step, state.epoch_step
