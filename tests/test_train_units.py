@@ -242,3 +242,15 @@ def test_parallel_map_keeps_the_order_and_raises_the_error_in_the_consumer():
     assert [next(results) for _ in range(7)] == [i * i for i in range(7)]
     with pytest.raises(ValueError, match="bad batch 7"):
         next(results)
+
+
+def test_ray_dashboard_is_off_where_ray_default_is_not_installed(monkeypatch):
+    import sys
+
+    from recsys.runtime import dashboard_available
+
+    monkeypatch.delitem(sys.modules, "ray.dashboard.optional_deps", raising=False)
+    assert dashboard_available()  # this machine has ray[default]
+    monkeypatch.delitem(sys.modules, "ray.dashboard.optional_deps", raising=False)
+    monkeypatch.setitem(sys.modules, "aiohttp_cors", None)  # as in a minimal install: not importable
+    assert not dashboard_available()
