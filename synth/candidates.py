@@ -44,7 +44,9 @@ class CandidateSet:
     rows: int
 
 
-def generate_candidates(out: str | Path, n_impressions: int, seed: int, **kwargs: Any) -> CandidateSet:
+def generate_candidates(
+    out: str | Path, n_impressions: int, seed: int, *, world: str = "default", **kwargs: Any
+) -> CandidateSet:
     """Generates a candidate set with :func:`synth.generate.generate`: labels dropped, kept as history.
 
     Writes ``OUT/impressions.parquet`` (no labels), ``OUT/users.parquet``, ``OUT/items.parquet`` and
@@ -54,16 +56,17 @@ def generate_candidates(out: str | Path, n_impressions: int, seed: int, **kwargs
         out: the folder.
         n_impressions: candidate rows.
         seed: the generator's seed.
+        world: the truth model (a key of :data:`synth.generate.WORLDS`).
         **kwargs: passed to :func:`synth.generate.generate` (``chunk_rows``, ``progress``, ...).
     """
     out = Path(out)
-    world = out / ".world"
-    generate(world, n_impressions, seed, **kwargs)
+    staging = out / ".world"
+    generate(staging, n_impressions, seed, world=world, **kwargs)
     out.mkdir(parents=True, exist_ok=True)
-    os.replace(world / "impressions.parquet", out / "history.parquet")
-    os.replace(world / "users.parquet", out / "users.parquet")
-    os.replace(world / "items.parquet", out / "items.parquet")
-    shutil.rmtree(world, ignore_errors=True)
+    os.replace(staging / "impressions.parquet", out / "history.parquet")
+    os.replace(staging / "users.parquet", out / "users.parquet")
+    os.replace(staging / "items.parquet", out / "items.parquet")
+    shutil.rmtree(staging, ignore_errors=True)
     rows = _without_labels(out / "history.parquet", out / "impressions.parquet")
     return CandidateSet(
         out / "impressions.parquet",

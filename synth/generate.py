@@ -5,7 +5,8 @@ contract of :mod:`features.contract`) and ``truth`` (``impression_id``, ``p_clic
 ``p_purchase_given_click``, ``p_purchase``), so a model's predictions can be scored against the exact
 probabilities the labels were drawn from, not only against the noisy labels.
 
-The world and its truth are described in :mod:`synth.world`; the code is split by what it makes:
+The truth model is chosen by name, ``world`` (:data:`WORLDS`): today's world, described in :mod:`synth.world`,
+is ``default``; the others are described in :mod:`synth.worlds`. The code is split by what it makes:
 :mod:`synth.tables` (the catalogue, the users, the Parquet rows), :mod:`synth.traffic` (sessions, page views,
 the items shown) and :mod:`synth.truth` (the probabilities and the labels).
 
@@ -43,8 +44,9 @@ from synth.tables import (
     truth_table,
 )
 from synth.traffic import Chunk, plan_chunks, simulate_requests
-from synth.truth import calibrate, components, draw_labels, remember_clicks
+from synth.truth import Rows, calibrate, components, draw_labels, remember_clicks
 from synth.world import COMPONENTS, N_TOP, POSITION_BIAS, START, W_CLICK, TruthModel, purchase_weights
+from synth.worlds import WORLDS, World, get_world
 
 __all__ = [
     "COMPONENTS",
@@ -53,6 +55,7 @@ __all__ = [
     "START",
     "W_CLICK",
     "GenerateResult",
+    "WORLDS",
     "TruthModel",
     "generate",
     "purchase_weights",
@@ -81,6 +84,7 @@ class GenerateResult:
         mean_p_click: mean of ``p_click``.
         mean_p_purchase: mean of ``p_purchase``.
         model: the truth model.
+        world: the world's name (a key of ``WORLDS``).
     """
 
     impressions_path: Path
@@ -98,6 +102,7 @@ class GenerateResult:
     mean_p_click: float
     mean_p_purchase: float
     model: TruthModel
+    world: str = "default"
 
 
 @contextmanager
@@ -144,6 +149,7 @@ def generate(
     n_items: int | None = None,
     days: int = 30,
     *,
+    world: str = "default",
     chunk_rows: int = DEFAULT_CHUNK_ROWS,
     progress: bool = True,
 ) -> GenerateResult:
@@ -160,9 +166,10 @@ def generate(
         n_impressions: rows of ``impressions`` (>= 1).
         seed: non-negative seed; the same seed gives byte-identical files.
         task_correlation: ``rho`` in [-1, 1], the cosine between the click and purchase weight vectors.
-        n_users: users (default ``max(100, n_impressions // 100)``).
-        n_items: items, >= 20 (default ``max(200, n_impressions // 50)``).
+        n_users: users (default: the world's, ``max(100, n_impressions // 100)`` in ``default``).
+        n_items: items, >= 20 (default: the world's, ``max(200, n_impressions // 50)`` in ``default``).
         days: length of the window in days, starting at ``START``.
+        world: the truth model, a key of ``WORLDS`` (see :mod:`synth.worlds`).
         chunk_rows: most rows generated and written at once.
         progress: show a progress bar over chunks (on the screen's standard error).
 
@@ -173,9 +180,11 @@ def generate(
         ValueError: naming the argument, if one is out of range.
     """
     _check_arguments(n_impressions, seed, n_users, n_items, days, chunk_rows)
-    w_purchase = purchase_weights(task_correlation)
-    n_users = max(100, n_impressions // 100) if n_users is None else int(n_users)
-    n_items = max(200, n_impressions // 50) if n_items is None else int(n_items)
+    spec = get_world(world)
+    w_click = np.array([t.w_click for t in spec.terms])
+    w_purchase = purchase_weights(task_correlation, w_click, np.array([t.purchase for t in spec.terms]))
+    n_users = spec.default_users(n_impressions) if n_users is None else int(n_users)
+    n_items = spec.default_items(n_impressions) if n_items is None else int(n_items)
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -184,21 +193,23 @@ def generate(
     )
     items_seq, users_seq, pilot_seq, chunks_seq = np.random.SeedSequence(seed).spawn(4)
     items, items_table = make_items(np.random.default_rng(items_seq), n_items, days)
-    users, users_table = make_users(np.random.default_rng(users_seq), n_users)
-    b_click, b_purchase = calibrate(np.random.default_rng(pilot_seq), users, items, days, W_CLICK, w_purchase)
+    users, users_table = make_users(np.random.default_rng(users_seq), n_users, spec.pref_concentration)
+    pilot_rng = np.random.default_rng(pilot_seq)
+    b_click, b_purchase = calibrate(pilot_rng, spec, users, items, days, w_click, w_purchase)
     model = TruthModel(
         task_correlation=float(task_correlation),
         bias_click=b_click,
         bias_purchase=b_purchase,
-        w_click=tuple(float(w) for w in W_CLICK),
+        w_click=tuple(float(w) for w in w_click),
         w_purchase=tuple(float(w) for w in w_purchase),
+        components=spec.components,
     )
     chunks = plan_chunks(n_impressions, days, chunk_rows)
 
     with _staged([impressions_path, truth_path]) as (impressions_tmp, truth_tmp):
-        with ChunkWriter(impressions_tmp, truth_tmp, model) as writer:
+        with ChunkWriter(impressions_tmp, truth_tmp, _truth_metadata(model, spec)) as writer:
             bar = progress_bar(chunks, desc="generate", unit="chunk", disable=None if progress else True)
-            totals = _stream_impressions(writer, bar, chunks_seq, users, items, model)
+            totals = _stream_impressions(writer, bar, chunks_seq, spec, users, items, model)
         atomic_write(users_path, parquet_bytes(users_table))
         atomic_write(items_path, parquet_bytes(items_table))
 
@@ -218,13 +229,27 @@ def generate(
         mean_p_click=totals.sum_p_click / n_impressions,
         mean_p_purchase=totals.sum_p_purchase / n_impressions,
         model=model,
+        world=spec.name,
     )
+
+
+def _truth_metadata(model: TruthModel, world: World) -> dict[str, str]:
+    """Schema metadata of ``truth.parquet``: the model and, outside ``default``, the world's parameters.
+
+    Files written before worlds existed carry no ``world`` key and are all of the default world, so the
+    default world writes none either: its files stay byte-identical to theirs.
+    """
+    metadata = {"truth_model": model.to_json()}
+    if world.name != "default":
+        metadata["world"] = world.to_json()
+    return metadata
 
 
 def _stream_impressions(
     writer: ChunkWriter,
     chunks: Sequence[Chunk],
     chunks_seq: np.random.SeedSequence,
+    world: World,
     users: Users,
     items: Items,
     model: TruthModel,
@@ -242,7 +267,7 @@ def _stream_impressions(
             todays_clicks, today = [], chunk.day
         rng = np.random.default_rng(chunk_seq)
         imps = simulate_requests(rng, users, items, chunk)
-        z = components(imps, users, items, last_click_top)
+        z = components(world, Rows(imps, users, items, last_click_top))
         p_click, p_given, click, purchase = draw_labels(rng, z, imps.position, model)
         p_purchase = p_click * p_given
         todays_clicks.append((imps.user[click], items.top[imps.item[click]]))

@@ -32,7 +32,6 @@ from synth.world import (
     TOP_CATEGORIES,
     US_PER_DAY,
     Guided,
-    TruthModel,
     days_before,
     draw,
     normalized_cdf,
@@ -150,10 +149,16 @@ class Users:
     log_pref: np.ndarray  # (U * 20,) log(max(20 * pref, 0.05)), the raw affinity
     price_sensitivity: np.ndarray  # (U,) s_u
     propensity: np.ndarray  # (U,) a_u
+    member: np.ndarray  # (U,) int64 member level 0..4, as in the users table
 
 
-def make_users(rng: np.random.Generator, n_users: int) -> tuple[Users, pa.Table]:
-    """Draws the users: the latent arrays the truth needs and the contract's ``users`` table."""
+def make_users(
+    rng: np.random.Generator, n_users: int, pref_concentration: float = 0.5
+) -> tuple[Users, pa.Table]:
+    """Draws the users: the latent arrays the truth needs and the contract's ``users`` table.
+
+    ``pref_concentration`` is the Dirichlet concentration of the top-category preferences (smaller: peakier).
+    """
     age = draw(rng, normalized_cdf(np.asarray(AGE_PROBS)), n_users)
     gender = draw(rng, normalized_cdf(np.asarray(GENDER_PROBS)), n_users)
     city = draw(rng, normalized_cdf(1.0 / np.arange(1, len(CITIES) + 1)), n_users)
@@ -161,7 +166,7 @@ def make_users(rng: np.random.Generator, n_users: int) -> tuple[Users, pa.Table]
     signup_us = days_before(rng, n_users, 1.0, 1500.0)
     activity = rng.lognormal(0.0, 1.0, n_users)
     device = draw(rng, normalized_cdf(np.asarray(DEVICE_PROBS)), n_users)
-    pref = rng.dirichlet(np.full(N_TOP, 0.5), n_users)  # (U, 20)
+    pref = rng.dirichlet(np.full(N_TOP, pref_concentration), n_users)  # (U, 20)
     pref_cdf = np.cumsum(pref, axis=1)
     pref_cdf /= pref_cdf[:, -1:]
     pref_cdf[:, -1] = 1.0
@@ -174,6 +179,7 @@ def make_users(rng: np.random.Generator, n_users: int) -> tuple[Users, pa.Table]
         log_pref=np.log(np.maximum(N_TOP * pref, 0.05)).ravel(),
         price_sensitivity=rng.lognormal(math.log(0.6) - sigma**2 / 2, sigma, n_users),
         propensity=rng.normal(0.0, 0.3, n_users),
+        member=member,
     )
     table = pa.table(
         {
@@ -265,7 +271,7 @@ class ChunkWriter:
     and writes keep their order, so the files are byte-identical to a sequential write.
     """
 
-    def __init__(self, impressions_path: Path, truth_path: Path, model: TruthModel) -> None:
+    def __init__(self, impressions_path: Path, truth_path: Path, truth_metadata: dict[str, str]) -> None:
         self._impressions = pq.ParquetWriter(
             impressions_path,
             IMPRESSIONS_SCHEMA,
@@ -275,7 +281,7 @@ class ChunkWriter:
         # Probabilities are all distinct: a dictionary attempt would only cost time.
         self._truth = pq.ParquetWriter(
             truth_path,
-            TRUTH_SCHEMA.with_metadata({"truth_model": model.to_json()}),
+            TRUTH_SCHEMA.with_metadata(truth_metadata),
             use_dictionary=False,
         )
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="parquet-writer")
@@ -288,7 +294,7 @@ class ChunkWriter:
 
     def _write(self, impressions: pa.Table, truth: pa.Table) -> None:
         self._impressions.write_table(impressions, row_group_size=impressions.num_rows)
-        # The schemas are compared without metadata; the file keeps the writer's (the truth model).
+        # The schemas are compared without metadata; the file keeps the writer's (the truth model, the world).
         self._truth.write_table(truth, row_group_size=truth.num_rows)
 
     def _wait(self) -> None:

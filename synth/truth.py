@@ -1,11 +1,14 @@
-"""The truth of each impression (its ten components, the two probabilities) and the labels drawn from it.
+"""The truth of each impression (its world's terms, the two probabilities) and the labels drawn from it.
 
-See :mod:`synth.world` for the model; :func:`calibrate` solves its two biases on a pilot day.
+See :mod:`synth.world` for the model and :mod:`synth.worlds` for the worlds; :func:`calibrate` solves its
+two biases on a pilot day.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from functools import cached_property
 
 import numpy as np
 
@@ -26,6 +29,7 @@ from synth.world import (
     US_PER_HOUR,
     TruthModel,
 )
+from synth.worlds import PEAK_HOUR, WEEKEND_LIFT, World
 
 
 def _standardized(effect: np.ndarray, probs: np.ndarray) -> np.ndarray:
@@ -39,31 +43,60 @@ def _standardized(effect: np.ndarray, probs: np.ndarray) -> np.ndarray:
 _DEVICE_Z = _standardized(DEVICE_EFFECT, np.asarray(DEVICE_PROBS))
 _PAGE_Z = _standardized(PAGE_EFFECT, np.asarray(PAGE_PROBS))
 _HOUR_Z = _standardized(np.cos(2 * np.pi * (np.arange(24) - 21) / 24), HOUR_PROBS)
-# Centre and scale of the raw affinity, history, price, rating and novelty values over impressions,
-# measured once on the last 20 days of a 2M-impression world (seed 0) and frozen, so the truth never
-# depends on a run's own statistics. Propensity and quality use their prior sd; device, page and hour are
-# standardized exactly above. History (~7.5% of impressions) and novelty (~3% fresh) are rare, so scaled up.
-_Z_CENTER = np.array([0.0, 0.0, 0.18, 0.075, 0.0, -0.03, 0.025, 0.0, 0.0, 0.0])
-_Z_SCALE = np.array([0.3, 0.4, 1.31, 0.26, 0.36, 0.53, 0.10, 1.0, 1.0, 1.0])
 
 
-def components(imps: Impressions, users: Users, items: Items, last_click_top: np.ndarray) -> list[np.ndarray]:
-    """The ten standardized components ``z`` (each (N,) float64), in the order of ``COMPONENTS``."""
-    u, i = imps.user, imps.item
-    top = items.top[i]
-    age_days = (imps.ts_us - items.listing_us[i]) / US_PER_DAY
-    hour = (imps.ts_us // US_PER_HOUR) % 24
-    raw = [
-        users.propensity[u],
-        items.quality[i],
-        users.log_pref[u * N_TOP + top],
-        (last_click_top[u] == top).astype(np.float64),
-        -users.price_sensitivity[u] * items.log_price_dev[i],
-        items.rating_centered[i],
-        np.exp(-age_days / 14.0),
-    ]
-    z = [(x - c) / s for x, c, s in zip(raw, _Z_CENTER, _Z_SCALE, strict=False)]
-    return [*z, _DEVICE_Z[imps.device], _PAGE_Z[imps.page], _HOUR_Z[hour]]
+class Rows:
+    """One chunk's impressions with what their terms read: users, items, history, and shared lookups."""
+
+    def __init__(self, imps: Impressions, users: Users, items: Items, last_click_top: np.ndarray) -> None:
+        self.imps, self.users, self.items = imps, users, items
+        self.user, self.item = imps.user, imps.item  # (N,) 0-based indices
+        self.last_click_top = last_click_top  # (U,) top category of each user's latest earlier-day click
+
+    @cached_property
+    def top(self) -> np.ndarray:
+        """(N,) top category of the item shown."""
+        return self.items.top[self.item]
+
+    @cached_property
+    def hour(self) -> np.ndarray:
+        """(N,) hour of day, UTC."""
+        return (self.imps.ts_us // US_PER_HOUR) % 24
+
+    def age_days(self) -> np.ndarray:
+        """(N,) days since the item's listing."""
+        return (self.imps.ts_us - self.items.listing_us[self.item]) / US_PER_DAY
+
+    def is_weekend(self) -> np.ndarray:
+        """(N,) bool: a Saturday or Sunday (1970-01-01, day 0 of the epoch, was a Thursday)."""
+        return (self.imps.ts_us // US_PER_DAY + 3) % 7 >= 5
+
+
+_PEAK_HOUR = np.asarray(PEAK_HOUR)
+_WEEKEND_LIFT = np.asarray(WEEKEND_LIFT)
+
+RAW_TERMS: dict[str, Callable[[Rows], np.ndarray]] = {
+    "propensity": lambda r: r.users.propensity[r.user],
+    "quality": lambda r: r.items.quality[r.item],
+    "affinity": lambda r: r.users.log_pref[r.user * N_TOP + r.top],
+    "history": lambda r: (r.last_click_top[r.user] == r.top).astype(np.float64),
+    "price": lambda r: -r.users.price_sensitivity[r.user] * r.items.log_price_dev[r.item],
+    "rating": lambda r: r.items.rating_centered[r.item],
+    "novelty": lambda r: np.exp(-r.age_days() / 14.0),
+    "device": lambda r: _DEVICE_Z[r.imps.device],
+    "page": lambda r: _PAGE_Z[r.imps.page],
+    "hour": lambda r: _HOUR_Z[r.hour],
+    "member": lambda r: r.users.member[r.user].astype(np.float64),
+    "relative_price": lambda r: -r.items.log_price_dev[r.item],
+    "daypart": lambda r: np.cos(2 * np.pi * (r.hour - _PEAK_HOUR[r.top]) / 24),
+    "weekend": lambda r: r.is_weekend() * _WEEKEND_LIFT[r.top],
+}
+"""Raw value of each term a world may use, (N,) float64 per impression (see :mod:`synth.worlds`)."""
+
+
+def components(world: World, rows: Rows) -> list[np.ndarray]:
+    """The world's standardized terms ``z`` (each (N,) float64), in the order of ``world.terms``."""
+    return [(RAW_TERMS[t.name](rows) - t.center) / t.scale for t in world.terms]
 
 
 def _logits(
@@ -96,6 +129,7 @@ def _solve_bias(logit: np.ndarray, weight: np.ndarray | None, target: float) -> 
 
 def calibrate(
     rng: np.random.Generator,
+    world: World,
     users: Users,
     items: Items,
     days: int,
@@ -111,7 +145,8 @@ def calibrate(
     pilot = simulate_requests(rng, users, items, Chunk(days // 2, 0.0, 1.0, PILOT_ROWS))
     history = preferred_top(users, np.arange(n_users), rng.random(n_users))
     history = np.where(rng.random(n_users) < 0.7, history, -1)
-    click, purchase = _logits(components(pilot, users, items, history), pilot.position, w_click, w_purchase)
+    z = components(world, Rows(pilot, users, items, history))
+    click, purchase = _logits(z, pilot.position, w_click, w_purchase)
     b_click = _solve_bias(click, None, TARGET_CTR)
     b_purchase = _solve_bias(purchase, _sigmoid(b_click + click), TARGET_CVR)
     return b_click, b_purchase
