@@ -136,17 +136,27 @@ def calibrate(
     w_click: np.ndarray,
     w_purchase: np.ndarray,
 ) -> tuple[float, float]:
-    """Biases ``(b_c, b_p)`` hitting TARGET_CTR and TARGET_CVR on a pilot day mid-window.
+    """Biases ``(b_c, b_p)`` hitting TARGET_CTR and TARGET_CVR on pilot days mid-window.
 
-    The pilot's users get a synthetic click history (70% a top category drawn from their preference), close
-    to what they accumulate after a few days, so the real rates stay near the targets over the window.
+    The pilot is ``world.pilot_days`` consecutive days (PILOT_ROWS in all; a week where a term depends on the
+    day of the week). Its users get a synthetic click history (70% a top category drawn from their
+    preference), close to what they accumulate after a few days, so the real rates stay near the targets
+    over the window.
     """
     n_users = len(users.propensity)
-    pilot = simulate_requests(rng, users, items, Chunk(days // 2, 0.0, 1.0, PILOT_ROWS))
+    k = min(world.pilot_days, days)
+    first = min(max(0, days // 2 - k // 2), days - k)
+    pilots = [
+        simulate_requests(rng, users, items, Chunk(d, 0.0, 1.0, PILOT_ROWS // k))
+        for d in range(first, first + k)
+    ]
     history = preferred_top(users, np.arange(n_users), rng.random(n_users))
     history = np.where(rng.random(n_users) < 0.7, history, -1)
-    z = components(world, Rows(pilot, users, items, history))
-    click, purchase = _logits(z, pilot.position, w_click, w_purchase)
+    logits = [
+        _logits(components(world, Rows(pilot, users, items, history)), pilot.position, w_click, w_purchase)
+        for pilot in pilots
+    ]
+    click, purchase = (np.concatenate(parts) for parts in zip(*logits, strict=True))
     b_click = _solve_bias(click, None, TARGET_CTR)
     b_purchase = _solve_bias(purchase, _sigmoid(b_click + click), TARGET_CVR)
     return b_click, b_purchase

@@ -74,6 +74,7 @@ class World:
         terms: the terms, in the order of ``TruthModel.w_click``.
         pref_concentration: Dirichlet concentration of the users' top-category preferences (smaller: peakier).
         sqrt_sizes: default users and items ``5 * sqrt(n_impressions)`` (else ``n / 100`` and ``n / 50``).
+        pilot_days: consecutive days mid-window the biases are calibrated on (7 covers a weekend).
 
     Example:
         >>> get_world("interest").components
@@ -84,6 +85,7 @@ class World:
     terms: tuple[Term, ...]
     pref_concentration: float = 0.5
     sqrt_sizes: bool = True
+    pilot_days: int = 7
 
     @property
     def components(self) -> tuple[str, ...]:
@@ -122,6 +124,7 @@ DEFAULT = World(
     ),
     pref_concentration=0.5,
     sqrt_sizes=False,
+    pilot_days=1,
 )
 # Centres and scales of the new worlds' raw values: measured once over the last 20 days of a 500k-impression
 # world of seed 0 (``python -m benchmarks.worlds_table``) and frozen, like the default world's. Propensity
