@@ -1,5 +1,8 @@
 """The simulated world's fixed parameters, its truth model, and the sampling primitives the tables share.
 
+This docstring describes the ``default`` world; the other worlds of the family (:mod:`synth.worlds`) share its
+catalogue, users and traffic and change the terms of the truth, the preferences' concentration and the sizes.
+
 The world
 ---------
 * Items: 20 top categories with 10 leaf categories each (``category_id`` 1..200, leaf popularity skewed).

@@ -24,8 +24,8 @@ The worlds
   (:data:`PEAK_HOUR`; groceries in the morning, electronics late in the evening) and a weekend lift
   (:data:`WEEKEND_LIFT`; garden and outdoors up, computers down); clicks follow the user's bias, the item's
   quality, the category's fit to the hour and to the day, the page, and the price relative to the leaf
-  category (the same for all users); purchase given click follows that price, the rating, the weekend fit and
-  the member level.
+  category (the same for all users); purchase given click follows that price, the rating, the weekend fit,
+  the member level, and a little quality and page. Its biases are calibrated on a week, not a day.
 
 Sizes
 -----
