@@ -30,7 +30,7 @@ import pyarrow as pa
 
 from features.checks import invalid
 from features.pipeline import Tables
-from recsys.package import load_package, model_ready, output_column, score_ready
+from recsys.package import LoadedPackage, load_package, model_ready, output_column, score_ready
 from recsys.runtime import init_ray, model_process_env
 from recsys.scoring.config import ScoreConfig
 from recsys.scoring.inputs import Inputs
@@ -156,14 +156,67 @@ def _materialize(files: dict[str, bytes]) -> Path:
     return directory
 
 
+class PartitionScorer:
+    """The work of one partition, without Ray: read it, build the model's features, run the model.
+
+    Args:
+        package: the loaded model package.
+        users: the users table.
+        items: the items table.
+        history: (H, ``HISTORY_COLUMNS``) click events for the history features.
+        batch_size: rows per model call.
+    """
+
+    def __init__(
+        self,
+        package: LoadedPackage,
+        users: pl.DataFrame,
+        items: pl.DataFrame,
+        history: pl.DataFrame,
+        batch_size: int,
+    ) -> None:
+        self.package = package
+        self.users = users
+        self.items = items
+        self.history = history
+        self.batch_size = batch_size
+        self.columns = {t.name: output_column(t) for t in package.model_config.tasks}
+
+    def score(self, part: Partition) -> pa.Table:
+        """(rows, keys + one column per task + ``__partition``): the scored rows of ``part``."""
+        *_, (_, out) = self.steps(part)
+        return out
+
+    def steps(self, part: Partition) -> Iterator[tuple[str, Any]]:
+        """The parts of :meth:`score`, each yielded as ``(name, result)`` when done (to time them)."""
+        rows = read_partition(part)
+        yield "read", rows
+        # A user's history states depend on that user's clicks only: the rest need not be derived.
+        history = self.history.filter(pl.col("user_id").is_in(rows["user_id"].drop_nulls().unique()))
+        yield "history", history
+        tables = Tables(rows.lazy(), self.users.lazy(), self.items.lazy(), history.lazy())
+        frame = model_ready(self.package.spec, tables)
+        yield "features", frame
+        ready = frame.to_arrow()
+        yield "to_arrow", ready
+        scores = score_ready(self.package, ready, self.batch_size)
+        yield "model", scores
+        out = ready.select(list(KEY_COLUMNS)).append_column(
+            PARTITION, pa.array(np.full(ready.num_rows, part.index, np.int64))
+        )
+        for task, column in self.columns.items():
+            out = out.append_column(column, pa.array(scores[task], pa.float64()))
+        yield "output", out
+
+
 class ScoreStage:
     """Ray Data stage: partition specs in; per partition, key columns and one ``p_<task>`` per task out.
 
-    Each actor does all the work of a partition: it reads the rows, runs the training feature code
-    (:func:`recsys.package.model_ready`) and the model (:func:`recsys.package.score_ready`, ``batch_size``
-    rows per call). The model is rebuilt once per actor from the package bytes in the object store; the
-    users, items and click-history tables are fetched once per actor. The feature rows never leave the
-    actor: only the narrow scored rows go to the driver.
+    Each actor does all the work of a partition (:class:`PartitionScorer`): it reads the rows, runs the
+    training feature code (:func:`recsys.package.model_ready`) and the model
+    (:func:`recsys.package.score_ready`, ``batch_size`` rows per call). The model is rebuilt once per actor
+    from the package bytes in the object store; the users, items and click-history tables are fetched once
+    per actor. The feature rows never leave the actor: only the narrow scored rows go to the driver.
 
     One stage rather than a feature stage feeding a model stage: two stages' actors fight over the cores
     of a small machine, and every feature block would be copied through the object store.
@@ -191,33 +244,17 @@ class ScoreStage:
                 f"{torch.version.cuda}, CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r})"
             )
         package_dir = _materialize(ray.get(shared["package"]))
-        self.package = load_package(package_dir, map_location=device)
+        package = load_package(package_dir, map_location=device)
         shutil.rmtree(package_dir, ignore_errors=True)
-        self.batch_size = batch_size
-        self.columns = {t.name: output_column(t) for t in self.package.model_config.tasks}
-        self.users = pl.from_arrow(ray.get(shared["users"]))
-        self.items = pl.from_arrow(ray.get(shared["items"]))
-        self.history = pl.from_arrow(ray.get(shared["history"]))
+        tables = {k: pl.from_arrow(ray.get(shared[k])) for k in ("users", "items", "history")}
+        self.scorer = PartitionScorer(
+            package, tables["users"], tables["items"], tables["history"], batch_size
+        )
 
     def __call__(self, batch: dict[str, np.ndarray]) -> Iterator[pa.Table]:
         """Yields (rows, keys + one column per task + ``__partition``) Arrow tables, one per partition."""
         for raw in batch["partition"]:
-            part = Partition.from_json(raw)
-            ready = self._model_ready(read_partition(part))
-            scores = score_ready(self.package, ready, self.batch_size)
-            out = ready.select(list(KEY_COLUMNS)).append_column(
-                PARTITION, pa.array(np.full(ready.num_rows, part.index, np.int64))
-            )
-            for task, column in self.columns.items():
-                out = out.append_column(column, pa.array(scores[task], pa.float64()))
-            yield out
-
-    def _model_ready(self, rows: pl.DataFrame) -> pa.Table:
-        """The model's input rows for candidate ``rows``, by the training feature code."""
-        # A user's history states depend on that user's clicks only: the rest need not be derived.
-        history = self.history.filter(pl.col("user_id").is_in(rows["user_id"].drop_nulls().unique()))
-        tables = Tables(rows.lazy(), self.users.lazy(), self.items.lazy(), history.lazy())
-        return model_ready(self.package.spec, tables).to_arrow()
+            yield self.scorer.score(Partition.from_json(raw))
 
 
 def scored_frames(
