@@ -41,6 +41,7 @@ from features.checks import (
 )
 
 POOLINGS = ("sum", "mean")
+HISTORY_POOLINGS = ("mean", "attention")
 ARCHS = ("mmoe", "ple", "shared_bottom", "single_task")
 GATES = ("softmax", "noisy_topk")
 OVERFLOWS = ("fallback", "drop")
@@ -70,17 +71,28 @@ class EmbeddingConfig:
             (history items share the item embeddings).
         shared_tables: further groups of features that share one table; each group's features must have
             the same number of embeddings.
+        history_pooling: ``mean`` (a history bag is pooled as any bag, by ``pooling``) or ``attention``
+            (DIN target attention: a multi-hot feature that shares its table with a single-id feature, such
+            as ``hist_items`` with ``item``, is the weighted sum of its ids' embeddings, weighted by an MLP
+            of the candidate's embedding and each id's; see :mod:`recsys.modules.attention`).
+        attention_hidden: attention: the hidden layer sizes of the attention MLP (may be empty).
     """
 
     dim: int = 16
     pooling: str = "mean"
     share_vocab_tables: bool = True
     shared_tables: tuple[tuple[str, ...], ...] = ()
+    history_pooling: str = "mean"
+    attention_hidden: tuple[int, ...] = (64, 32)
 
     def __post_init__(self) -> None:
         where = "model.embedding"
         check_int(where, "dim", self.dim, minimum=1)
         check_choice(where, "pooling", self.pooling, POOLINGS)
+        check_choice(where, "history_pooling", self.history_pooling, HISTORY_POOLINGS)
+        object.__setattr__(
+            self, "attention_hidden", _check_sizes(where, "attention_hidden", self.attention_hidden, True)
+        )
         if not isinstance(self.share_vocab_tables, bool):
             raise invalid(where, "share_vocab_tables", self.share_vocab_tables, "expected true or false")
         groups = self.shared_tables

@@ -37,7 +37,8 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from recsys.config import ModelConfig
 from recsys.data.batch import Batch, FeatureLayout
-from recsys.modules.embedding import SparseArch, embedding_bag_collection
+from recsys.modules.attention import HistoryArch, history_queries
+from recsys.modules.embedding import SparseArch, embedding_bag_collection, embedding_collection
 from recsys.modules.experts import MLP
 from recsys.modules.gates import NoisyTopKGate, SoftmaxGate
 from recsys.modules.interaction import DotInteraction
@@ -89,15 +90,18 @@ class RankingModel(nn.Module):
 
     The multi-task architecture reads the pooled embeddings of every sparse feature and the dense
     features, concatenated: ``(B, F * D + n_dense)``, followed by their pairwise dot products when an
-    interaction module is given.
+    interaction module is given. With target attention, the history features and their candidates come
+    from ``history_arch``, after the pooled ones.
 
     Args:
-        sparse_arch: pools the sparse features to ``(B, F, D)``.
+        sparse_arch: pools the sparse features to ``(B, F, D)`` (``None`` when ``history_arch`` has them all).
         multitask: maps the ``(B, in_dim)`` inputs to one representation per task and statistics.
         towers: one tower per task, in task order.
         given: entire-space (ESMM) tasks: task -> the binary task it is conditioned on.
         interaction: maps ``(B, F, D)`` and ``(B, n_dense)`` to the ``(B, in_dim)`` inputs; ``None``
             concatenates them.
+        history_arch: the attended histories and their candidates, ``(B, F_h, D)``; ``None`` pools every
+            feature in ``sparse_arch``.
 
     Returns of ``forward``: ``(logits, stats)``. ``logits[task]`` is ``(B,)``; for an entire-space task it is
     the logit of p(given and task), and ``logits[f"{task}_given_{given}"]`` is the conditional tower's.
@@ -106,19 +110,38 @@ class RankingModel(nn.Module):
 
     def __init__(
         self,
-        sparse_arch: SparseArch,
+        sparse_arch: SparseArch | None,
         multitask: nn.Module,
         towers: nn.ModuleDict,
         given: Mapping[str, str],
         interaction: nn.Module | None = None,
+        history_arch: HistoryArch | None = None,
     ) -> None:
         super().__init__()
+        if sparse_arch is None and history_arch is None:
+            raise ValueError("model: expected a sparse_arch or a history_arch, got neither")
         self.sparse_arch = sparse_arch
+        self.history_arch = history_arch
         self.interaction = interaction
         self.multitask = multitask
         self.towers = towers
         self.task_names = list(towers.keys())
         self.given = dict(given)
+
+    @property
+    def keys(self) -> list[str]:
+        """The sparse features the model reads, in the order of its embedded features."""
+        return [
+            *(self.sparse_arch.keys if self.sparse_arch else []),
+            *(self.history_arch.keys if self.history_arch else []),
+        ]
+
+    def embedding_parameters(self) -> list[nn.Parameter]:
+        """The embedding tables' weights (trained by a sparse optimizer; the rest is dense)."""
+        params = list(self.sparse_arch.parameters()) if self.sparse_arch else []
+        if self.history_arch:
+            params += self.history_arch.embedding_collection.parameters()
+        return params
 
     def forward(
         self, dense: torch.Tensor, sparse: KeyedJaggedTensor
@@ -132,7 +155,8 @@ class RankingModel(nn.Module):
         Returns:
             ``(logits, stats)``, see the class docstring.
         """
-        embedded = self.sparse_arch(sparse)  # (B, F, D)
+        parts = [arch(sparse) for arch in (self.sparse_arch, self.history_arch) if arch is not None]
+        embedded = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)  # (B, F, D)
         if self.interaction is None:
             x = torch.cat([embedded.flatten(1), dense], dim=1)  # (B, F * D + n_dense)
         else:
@@ -170,10 +194,8 @@ def build_model(
     if not layout.sparse:
         raise ValueError("layout.sparse: the model needs at least one sparse feature, got none")
     emb, arch, gate = config.embedding, config.arch, config.gate
-    tables = embedding_bag_collection(
-        layout, emb.dim, emb.pooling, torch.device(embedding_device) if embedding_device else None
-    )
-    sparse_arch = SparseArch(tables, layout.keys)
+    device = torch.device(embedding_device) if embedding_device else None
+    sparse_arch, history_arch = _embedding_archs(config, layout, device)
     interaction = (
         DotInteraction(len(layout.sparse), emb.dim, len(layout.dense)) if arch.interaction == "dot" else None
     )
@@ -206,7 +228,34 @@ def build_model(
         multitask = SingleTask(in_dim, len(names), arch.expert_hidden, arch.dropout)
     towers = nn.ModuleDict({n: Tower(multitask.out_dim, arch.tower_hidden, arch.dropout) for n in names})
     given = {t.name: t.given for t in config.tasks if t.given}
-    return RankingModel(sparse_arch, multitask, towers, given, interaction)
+    return RankingModel(sparse_arch, multitask, towers, given, interaction, history_arch)
+
+
+def _embedding_archs(
+    config: ModelConfig, layout: FeatureLayout, device: torch.device | None
+) -> tuple[SparseArch | None, HistoryArch | None]:
+    """The pooled tables and, with ``history_pooling: attention``, the attended ones."""
+    emb = config.embedding
+    if emb.history_pooling == "mean":
+        return SparseArch(embedding_bag_collection(layout, emb.dim, emb.pooling, device), layout.keys), None
+    queries = history_queries(layout)
+    if not queries:
+        raise ValueError(
+            "model.embedding.history_pooling: attention needs a multi-hot feature sharing its table with a "
+            f"single-id feature (share_vocab_tables or shared_tables), got {emb.history_pooling!r} and "
+            f"tables { ({t: list(f) for t, (_, f) in layout.tables.items()}) }"
+        )
+    # Every feature of an attended table moves to the EmbeddingCollection (a table is in one collection).
+    attended = {f.table for f in layout.sparse if f.name in queries}
+    history_keys = [f.name for f in layout.sparse if f.table in attended]
+    history_arch = HistoryArch(
+        embedding_collection(layout, emb.dim, attended, device), history_keys, queries, emb.attention_hidden
+    )
+    pooled_keys = [k for k in layout.keys if k not in history_keys]
+    if not pooled_keys:
+        return None, history_arch
+    bags = embedding_bag_collection(layout, emb.dim, emb.pooling, device, exclude=attended)
+    return SparseArch(bags, pooled_keys), history_arch
 
 
 class FlatInputs(nn.Module):
@@ -248,13 +297,17 @@ def export_model(model: RankingModel, example: Batch) -> torch.export.ExportedPr
 
     Raises:
         ValueError: the model uses top-k dispatch (data-dependent routing that export cannot trace); export
-            a copy built with ``gate.dispatch: false``, which has the same parameters.
+            a copy built with ``gate.dispatch: false``, which has the same parameters; or the model uses
+            target attention (history lengths are data-dependent shapes); score it eagerly, as the model
+            package does.
     """
     if any(isinstance(m, GatedExperts) and m.capacity_factor is not None for m in model.modules()):
         raise ValueError("model.gate.dispatch: export traces the dense path only, got dispatch true")
-    keys = model.sparse_arch.keys
-    if example.sparse.keys() != keys:
-        raise ValueError(f"batch.sparse: expected keys {keys}, got {example.sparse.keys()}")
+    if model.history_arch is not None:
+        raise ValueError("model.embedding.history_pooling: export supports mean only, got 'attention'")
+    keys = example.sparse.keys()
+    if sorted(keys) != sorted(model.keys):
+        raise ValueError(f"batch.sparse: expected keys {model.keys}, got {keys}")
     batch = torch.export.Dim("batch", min=1)
     ids = torch.export.Dim("ids", min=1)
     dynamic = {"dense": {0: batch}, "values": {0: ids}, "lengths": {0: len(keys) * batch}}

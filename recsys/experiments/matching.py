@@ -58,13 +58,8 @@ def count_parameters(model_config: Any, spec: Any) -> ParameterCount:
 
     layout = FeatureLayout.from_spec(spec, model_config.embedding)
     model = build_model(model_config, layout, embedding_device="meta")
-    dense = embedding = 0
-    for name, parameter in model.named_parameters():
-        if name.startswith("sparse_arch."):
-            embedding += parameter.numel()
-        else:
-            dense += parameter.numel()
-    return ParameterCount(dense, embedding)
+    embedding = sum(p.numel() for p in model.embedding_parameters())
+    return ParameterCount(sum(p.numel() for p in model.parameters()) - embedding, embedding)
 
 
 def match_parameters(model_config: Any, spec: Any, target: int, max_width: int = 8192) -> Any:

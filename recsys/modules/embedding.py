@@ -14,10 +14,12 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Collection
+
 import torch
 from torch import nn
-from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
-from torchrec.modules.embedding_modules import EmbeddingBagCollection
+from torchrec.modules.embedding_configs import EmbeddingBagConfig, EmbeddingConfig, PoolingType
+from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from recsys.data.batch import FeatureLayout
@@ -26,7 +28,11 @@ _POOLING = {"sum": PoolingType.SUM, "mean": PoolingType.MEAN}
 
 
 def embedding_bag_collection(
-    layout: FeatureLayout, dim: int, pooling: str = "mean", device: torch.device | None = None
+    layout: FeatureLayout,
+    dim: int,
+    pooling: str = "mean",
+    device: torch.device | None = None,
+    exclude: Collection[str] = (),
 ) -> EmbeddingBagCollection:
     """One TorchRec table per table of the layout (shared tables are looked up by several features).
 
@@ -35,6 +41,7 @@ def embedding_bag_collection(
         dim: the embedding dimension of every table.
         pooling: ``sum`` or ``mean`` over a bag's ids.
         device: where to allocate the tables (``meta`` to defer, for sharding).
+        exclude: layout tables to leave out (those of an :func:`embedding_collection`).
     """
     if pooling not in _POOLING:
         raise ValueError(f"model.embedding.pooling: expected one of {list(_POOLING)}, got {pooling!r}")
@@ -47,8 +54,35 @@ def embedding_bag_collection(
             pooling=_POOLING[pooling],
         )
         for table, (size, features) in layout.tables.items()
+        if table not in exclude
     ]
     return EmbeddingBagCollection(tables=tables, device=device)
+
+
+def embedding_collection(
+    layout: FeatureLayout, dim: int, tables: Collection[str], device: torch.device | None = None
+) -> EmbeddingCollection:
+    """Unpooled TorchRec tables (one embedding per id) for the given tables of the layout.
+
+    TorchRec shards an ``EmbeddingCollection`` as it does an ``EmbeddingBagCollection``, but a table
+    belongs to one collection: every feature of these tables is looked up here, single ids included.
+
+    Args:
+        layout: the feature layout.
+        dim: the embedding dimension of every table.
+        tables: the layout's tables to hold (same names as in :func:`embedding_bag_collection`).
+        device: where to allocate the tables (``meta`` to defer, for sharding).
+    """
+    return EmbeddingCollection(
+        tables=[
+            EmbeddingConfig(
+                name=f"t_{table}", embedding_dim=dim, num_embeddings=size, feature_names=list(features)
+            )
+            for table, (size, features) in layout.tables.items()
+            if table in tables
+        ],
+        device=device,
+    )
 
 
 class SparseArch(nn.Module):

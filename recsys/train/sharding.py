@@ -52,6 +52,7 @@ def build_sharded_model(config: TrainConfig, spec: FeatureSpec, device: torch.de
 
 def shard_model(config: TrainConfig, layout: FeatureLayout, device: torch.device) -> ShardedModel:
     """:func:`build_sharded_model` for a layout given directly (benchmarks build one without a spec)."""
+    from torchrec.distributed.embedding import EmbeddingCollectionSharder
     from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
     from torchrec.distributed.model_parallel import DistributedModelParallel
     from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
@@ -65,7 +66,7 @@ def shard_model(config: TrainConfig, layout: FeatureLayout, device: torch.device
     model = build_model(config.model, layout, embedding_device="meta")
     train_module = RankingTrain.from_config(model, config.model)
     apply_optimizer_in_backward(
-        _fused_optimizer(t.embedding_optimizer), model.sparse_arch.parameters(), {"lr": t.embedding_lr}
+        _fused_optimizer(t.embedding_optimizer), model.embedding_parameters(), {"lr": t.embedding_lr}
     )
     world = dist.get_world_size()
     constraints = None
@@ -74,7 +75,8 @@ def shard_model(config: TrainConfig, layout: FeatureLayout, device: torch.device
         constraints = {name: ParameterConstraints(sharding_types=[t.sharding]) for name in tables}
     topology = Topology(world_size=world, compute_device=device.type)
     planner = EmbeddingShardingPlanner(topology=topology, constraints=constraints)
-    sharders = [EmbeddingBagCollectionSharder()]
+    # EmbeddingCollection: the unpooled tables of target attention (recsys.modules.attention).
+    sharders = [EmbeddingBagCollectionSharder(), EmbeddingCollectionSharder()]
     plan = planner.collective_plan(train_module, sharders, dist.GroupMember.WORLD)
     dmp = DistributedModelParallel(train_module, device=device, plan=plan, sharders=sharders)
     dense = KeyedOptimizerWrapper(
