@@ -270,3 +270,20 @@ def test_model_config_survives_json_with_every_section():
         }
     )
     assert ModelConfig.from_dict(json.loads(json.dumps(dataclasses.asdict(config)))) == config
+
+
+def test_attention_round_trip_gives_the_in_memory_predictions(ecommerce_built, scoring_rows, tmp_path):
+    spec = ecommerce_built[0].spec
+    attention = {
+        **TINY_MODEL,
+        "embedding": {"dim": 4, "history_pooling": "attention", "attention_hidden": [8]},
+    }
+    package = in_memory_package(spec, attention)
+    assert package.model.history_arch.keys == ["item", "category", "hist_items", "hist_categories"]
+    expected = predict_frame(package, scoring_rows)
+    assert np.isfinite(expected["p_click"].to_numpy()).all()
+    mean = predict_frame(in_memory_package(spec, TINY_MODEL), scoring_rows)
+    assert not np.allclose(expected["p_click"].to_numpy(), mean["p_click"].to_numpy())
+    loaded = load_package(save_package(tmp_path / "pkg", package.model, package.model_config, spec))
+    assert loaded.model_config.embedding.history_pooling == "attention"
+    assert_frame_equal(predict_frame(loaded, scoring_rows), expected)
