@@ -116,8 +116,8 @@ def main() -> None:
     parser.add_argument(
         "--partitions", type=int, default=3, help="partitions timed, spread over the input (after a warm-up)"
     )
-    parser.add_argument("--save", type=Path, help="write the first timed partition's output here")
-    parser.add_argument("--check", type=Path, help="compare the first timed partition's output with this")
+    parser.add_argument("--save", type=Path, help="write the timed partitions' output here")
+    parser.add_argument("--check", type=Path, help="compare the timed partitions' output with this file")
     parser.add_argument("--profile", action="store_true", help="cProfile the timed partitions")
     args = parser.parse_args()
 
@@ -137,7 +137,7 @@ def main() -> None:
     timed_partition(scorer, parts[0], {})  # warm-up
     times: dict[str, float] = {}
     profiler = cProfile.Profile() if args.profile else None
-    rows, first = 0, None
+    outs = []
     # Spread over the input (in time order): a partition's history grows with its time.
     picked = [parts[int(i)] for i in np.unique(np.linspace(1, len(parts) - 1, args.partitions).round())]
     for part in picked:
@@ -146,16 +146,16 @@ def main() -> None:
         out = timed_partition(scorer, part, times)
         if profiler:
             profiler.disable()
-        rows += out.num_rows
-        first = out if first is None else first
+        outs.append(out)
     print(f"{lscpu_model()}; polars {pl.__version__}, {pl.thread_pool_size()} thread(s); torch 1 thread")
-    print(f"partitions {[p.index for p in picked]} of {len(parts)}, {rows:,} rows")
-    report(times, rows)
+    scored = pa.concat_tables(outs)
+    print(f"partitions {[p.index for p in picked]} of {len(parts)}, {scored.num_rows:,} rows")
+    report(times, scored.num_rows)
     if args.save:
-        pq.write_table(first, args.save)
-        print(f"saved {first.num_rows:,} rows to {args.save}")
+        pq.write_table(scored, args.save)
+        print(f"saved {scored.num_rows:,} rows to {args.save}")
     if args.check:
-        compare(first, args.check)
+        compare(scored, args.check)
     if profiler:
         pstats.Stats(profiler).sort_stats("cumulative").print_stats(30)
         pstats.Stats(profiler).sort_stats("tottime").print_stats(20)

@@ -191,8 +191,10 @@ class PartitionScorer:
         """The parts of :meth:`score`, each yielded as ``(name, result)`` when done (to time them)."""
         rows = read_partition(part)
         yield "read", rows
-        # A user's history states depend on that user's clicks only: the rest need not be derived.
-        history = self.history.filter(pl.col("user_id").is_in(rows["user_id"].drop_nulls().unique()))
+        # A row's history features read its user's clicks strictly before its ts: the other users' clicks,
+        # and clicks at or after the partition's last ts, need not be derived.
+        users = rows["user_id"].drop_nulls().unique().implode()
+        history = self.history.filter(pl.col("user_id").is_in(users), pl.col("ts") < rows["ts"].max())
         yield "history", history
         tables = Tables(rows.lazy(), self.users.lazy(), self.items.lazy(), history.lazy())
         frame = model_ready(self.package.spec, tables)
