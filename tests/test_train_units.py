@@ -254,3 +254,36 @@ def test_ray_dashboard_is_off_where_ray_default_is_not_installed(monkeypatch):
     monkeypatch.delitem(sys.modules, "ray.dashboard.optional_deps", raising=False)
     monkeypatch.setitem(sys.modules, "aiohttp_cors", None)  # as in a minimal install: not importable
     assert not dashboard_available()
+
+
+def test_weight_decay_shrinks_only_the_embedding_rows_a_batch_touches(tmp_path, world_of_one):
+    from recsys.train.config import TrainConfig
+    from recsys.train.sharding import shard_model
+    from tests.test_model_model import LAYOUT, tiny_batch
+
+    model = {
+        "tasks": [{"name": "click"}, {"name": "purchase", "given": "click"}],
+        "embedding": {"dim": 4},
+        "arch": {"num_experts": 2, "expert_hidden": [8], "tower_hidden": [4]},
+    }
+
+    def user_table_after_steps(**training):
+        config = TrainConfig.from_dict({"features": str(tmp_path), "model": model, "training": training})
+        sharded = shard_model(config, LAYOUT, torch.device("cpu"))
+        for _ in range(3):  # one step showed no decay with the CPU kernel here; three do
+            loss, _ = sharded.dmp(tiny_batch())
+            loss.backward()
+            sharded.optimizer.step()
+            sharded.optimizer.zero_grad()
+        key = "model.sparse_arch.embedding_bag_collection.embedding_bags.t_user.weight"
+        table = sharded.dmp.state_dict()[key]
+        return table.local_shards()[0].tensor.detach().clone(), sharded
+
+    plain, _ = user_table_after_steps()
+    decayed, sharded = user_table_after_steps(embedding_weight_decay=5.0, dense_weight_decay=0.1)
+    touched = [0, 1, 2]  # the batch's users; row 3 is not in it
+    assert not torch.allclose(plain[touched], decayed[touched])
+    torch.testing.assert_close(plain[3], decayed[3])  # an untouched row does not decay
+    assert isinstance(sharded.dense_optimizer._optimizer, torch.optim.AdamW)
+    with pytest.raises(ValueError, match=r"training\.embedding_weight_decay: expected a number >= 0, got -1"):
+        TrainConfig.from_dict({"features": "f", "model": model, "training": {"embedding_weight_decay": -1}})

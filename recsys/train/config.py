@@ -45,6 +45,10 @@ class TrainingSettings:
         embedding_optimizer: the fused sparse optimizer of the embedding tables: ``rowwise_adagrad``,
             ``adam`` or ``sgd`` (TorchRec's fused optimizers update only the rows a batch touches).
         embedding_lr: its learning rate.
+        embedding_weight_decay: weight decay of the embedding rows a batch touches, applied by the fused
+            optimizer at each step, decoupled from the gradient (FBGEMM's ``WeightDecayMode.DECOUPLE``;
+            its ``L2`` mode barely moved the rows of the CPU kernel); 0: none.
+        dense_weight_decay: decoupled weight decay of the dense parameters (AdamW instead of Adam); 0: Adam.
         sharding: how the planner may place tables: ``table_wise`` (whole tables on one worker each),
             ``column_wise``, ``table_column_wise``, ``row_wise`` (CUDA only) or ``auto`` (the planner's
             choice, which may replicate small tables).
@@ -67,6 +71,8 @@ class TrainingSettings:
     dense_lr: float = 1e-3
     embedding_optimizer: str = "rowwise_adagrad"
     embedding_lr: float = 0.05
+    embedding_weight_decay: float = 0.0
+    dense_weight_decay: float = 0.0
     sharding: str = "table_wise"
     seed: int = 0
     log_every_steps: int = 50
@@ -83,6 +89,8 @@ class TrainingSettings:
         check_int(w, "batch_size", self.batch_size)
         check_number(w, "dense_lr", self.dense_lr)
         check_number(w, "embedding_lr", self.embedding_lr)
+        for name in ("embedding_weight_decay", "dense_weight_decay"):
+            check_number(w, name, getattr(self, name), low_open=False)
         check_choice(w, "embedding_optimizer", self.embedding_optimizer, EMBEDDING_OPTIMIZERS)
         check_choice(w, "sharding", self.sharding, SHARDING_TYPES)
         check_int(w, "seed", self.seed, minimum=0)

@@ -17,7 +17,7 @@ import torch.distributed as dist
 from recsys.data.batch import FeatureLayout
 from recsys.losses import RankingTrain
 from recsys.model import build_model
-from recsys.train.config import TrainConfig
+from recsys.train.config import TrainConfig, TrainingSettings
 
 if TYPE_CHECKING:  # polars, which features.spec needs, is not needed to shard or step the model
     from features.spec import FeatureSpec
@@ -39,6 +39,26 @@ def _fused_optimizer(name: str) -> type:
     from torchrec.optim import RowWiseAdagrad
 
     return {"rowwise_adagrad": RowWiseAdagrad, "adam": torch.optim.Adam, "sgd": torch.optim.SGD}[name]
+
+
+def _fused_params(t: TrainingSettings) -> dict[str, Any]:
+    """The tables' fused optimizer settings: learning rate, and decay of the rows a batch touches."""
+    params: dict[str, Any] = {"lr": t.embedding_lr}
+    if t.embedding_weight_decay:
+        from fbgemm_gpu.split_table_batched_embeddings_ops_training import WeightDecayMode
+
+        params |= {"weight_decay": t.embedding_weight_decay, "weight_decay_mode": WeightDecayMode.DECOUPLE}
+    return params
+
+
+def _dense_optimizer(params: Any, t: TrainingSettings) -> torch.optim.Optimizer:
+    """Adam over the dense parameters; AdamW with ``dense_weight_decay``.
+
+    Fused: one kernel over all parameters instead of ~6 elementwise ops per parameter (CPU and CUDA).
+    """
+    if t.dense_weight_decay:
+        return torch.optim.AdamW(params, lr=t.dense_lr, weight_decay=t.dense_weight_decay, fused=True)
+    return torch.optim.Adam(params, lr=t.dense_lr, fused=True)
 
 
 def build_sharded_model(config: TrainConfig, spec: FeatureSpec, device: torch.device) -> ShardedModel:
@@ -66,7 +86,7 @@ def shard_model(config: TrainConfig, layout: FeatureLayout, device: torch.device
     model = build_model(config.model, layout, embedding_device="meta")
     train_module = RankingTrain.from_config(model, config.model)
     apply_optimizer_in_backward(
-        _fused_optimizer(t.embedding_optimizer), model.embedding_parameters(), {"lr": t.embedding_lr}
+        _fused_optimizer(t.embedding_optimizer), model.embedding_parameters(), _fused_params(t)
     )
     world = dist.get_world_size()
     constraints = None
@@ -81,8 +101,7 @@ def shard_model(config: TrainConfig, layout: FeatureLayout, device: torch.device
     dmp = DistributedModelParallel(train_module, device=device, plan=plan, sharders=sharders)
     dense = KeyedOptimizerWrapper(
         dict(in_backward_optimizer_filter(dmp.named_parameters())),
-        # fused: one kernel over all parameters instead of ~6 elementwise ops per parameter (CPU and CUDA)
-        lambda params: torch.optim.Adam(params, lr=t.dense_lr, fused=True),
+        lambda params: _dense_optimizer(params, t),
     )
     optimizer = CombinedOptimizer([dmp.fused_optimizer, dense])
     return ShardedModel(dmp, optimizer, dense, plan, layout, device)
