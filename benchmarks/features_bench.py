@@ -24,6 +24,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from synth.worlds import WORLDS
+
 CHILD = """
 import json, sys, time
 from features.config import FeatureConfig, builtin_config
@@ -54,16 +56,20 @@ def main() -> int:
     )
     parser.add_argument("--impressions", type=int, default=10_000_000)
     parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument(
+        "--world", choices=tuple(WORLDS), default="default", help="the generator's truth model"
+    )
     parser.add_argument("--data", type=Path, default=None, help="cache folder for the generated data")
     parser.add_argument("--repeat", type=int, default=3)
     args = parser.parse_args()
 
-    data = args.data or Path(tempfile.gettempdir()) / f"recsys-bench-{args.impressions}-{args.seed}"
+    world = "" if args.world == "default" else f"-{args.world}"
+    data = args.data or Path(tempfile.gettempdir()) / f"recsys-bench-{args.impressions}-{args.seed}{world}"
     if not (data / "impressions.parquet").exists():
         from synth.generate import generate
 
         t = time.perf_counter()
-        generate(data, args.impressions, args.seed)
+        generate(data, args.impressions, args.seed, world=args.world)
         print(f"generated {args.impressions:,} impressions in {time.perf_counter() - t:.1f} s -> {data}")
     out = Path(tempfile.mkdtemp(prefix="recsys-bench-features-"))
     try:

@@ -27,6 +27,7 @@ from recsys.train.driver import run_training
 from recsys.train.summary import TrainingSummary
 from synth.candidates import generate_candidates
 from synth.generate import generate
+from synth.worlds import WORLDS
 
 
 @dataclass(frozen=True)
@@ -42,12 +43,17 @@ class DemoResult:
 
 
 def run_demo(
-    out: Path, impressions: int, seed: int, num_workers: int = 2, candidates: int = 50_000
+    out: Path,
+    impressions: int,
+    seed: int,
+    num_workers: int = 2,
+    candidates: int = 50_000,
+    world: str = "default",
 ) -> DemoResult:
     """Generates data, builds features, trains, registers and scores the demo model; returns what it made."""
     out = out.resolve()
     raw, feats = out / "raw", out / "features"
-    gen = generate(raw, impressions, seed)
+    gen = generate(raw, impressions, seed, world=world)
     console.story(
         f"generated {impressions:,} impressions into {raw} "
         f"(click rate {gen.click_rate:.3f}, purchase rate {gen.purchase_rate:.4f})"
@@ -64,7 +70,7 @@ def run_demo(
     tracking_uri = f"sqlite:///{out / 'mlflow.db'}"
     trained = run_training(train, tracking_uri=tracking_uri)
     # A fresh candidate set (another seed: new requests; its click log is the history), scored by alias.
-    cands = generate_candidates(out / "candidates", candidates, seed + 1, progress=False)
+    cands = generate_candidates(out / "candidates", candidates, seed + 1, world=world, progress=False)
     scored = run_scoring(
         ScoreConfig(
             model=f"models:/{train.run.model_name}@champion",
@@ -93,10 +99,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=7, help="generator seed")
     parser.add_argument("--num-workers", type=int, default=2, help="Ray Train workers")
     parser.add_argument("--candidates", type=int, default=50_000, help="candidate rows to score")
+    parser.add_argument(
+        "--world",
+        choices=tuple(WORLDS),
+        default="default",
+        help="the generator's truth model (default: %(default)s)",
+    )
     add_console_flags(parser, "OUT/demo.log")
     args = parser.parse_args(argv)
     with quiet_console(args, Path(args.out) / "demo.log"):
-        made = run_demo(Path(args.out), args.impressions, args.seed, args.num_workers, args.candidates)
+        made = run_demo(
+            Path(args.out), args.impressions, args.seed, args.num_workers, args.candidates, args.world
+        )
         _print_summary(made)
     return 0
 

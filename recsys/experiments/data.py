@@ -58,11 +58,19 @@ def _feature_config(dataset: DatasetSpec) -> Path:
 def _recipe(dataset: DatasetSpec, max_rows: int) -> dict[str, Any]:
     """What builds the data set: its digest decides whether a cached folder is reused."""
     return {
-        "generate": dataclasses.asdict(dataset.generate) if dataset.generate else None,
+        "generate": _generate_recipe(dataset.generate) if dataset.generate else None,
         "table": dataset.table,
         "max_rows": max_rows if dataset.table else 0,
         "features": _feature_config(dataset).read_text(),
     }
+
+
+def _generate_recipe(generate: Any) -> dict[str, Any]:
+    """The generator's arguments; ``world`` only when not ``default``, so that older caches stay valid."""
+    recipe = dataclasses.asdict(generate)
+    if recipe.get("world") == "default":
+        del recipe["world"]
+    return recipe
 
 
 def _build(dataset: DatasetSpec, folder: Path, max_rows: int) -> None:
@@ -80,6 +88,7 @@ def _build(dataset: DatasetSpec, folder: Path, max_rows: int) -> None:
             task_correlation=g.task_correlation,
             n_users=g.n_users or None,
             n_items=g.n_items or None,
+            world=g.world,
             progress=False,
         )
         tables = load_tables(folder / "raw")

@@ -20,7 +20,7 @@ from typing import Any
 
 import yaml
 
-from features.checks import check_int, config_path, from_mapping, invalid, is_int, is_number
+from features.checks import check_choice, check_int, config_path, from_mapping, invalid, is_int, is_number
 from recsys.experiments.matching import deep_merge
 
 SPEC_DIR = Path(__file__).parent / "specs"
@@ -51,6 +51,7 @@ class GeneratedData:
         task_correlation: cosine between the click and purchase weight vectors, in [-1, 1].
         n_users: users (0: the generator's default for the size).
         n_items: items (0: the generator's default).
+        world: the truth model, one of :data:`synth.worlds.WORLDS` (``default``, ``interest``, ``daypart``).
     """
 
     impressions: int = 100_000
@@ -58,11 +59,15 @@ class GeneratedData:
     task_correlation: float = 0.5
     n_users: int = 0
     n_items: int = 0
+    world: str = "default"
 
     def __post_init__(self) -> None:
+        from synth.worlds import WORLDS
+
         w = "dataset.generate"
         for name, low in (("impressions", 1), ("seed", 0), ("n_users", 0), ("n_items", 0)):
             check_int(w, name, getattr(self, name), minimum=low)
+        check_choice(w, "world", self.world, tuple(WORLDS))
         rho = self.task_correlation
         if not is_number(rho) or not -1 <= rho <= 1:
             raise invalid(w, "task_correlation", rho, "expected a number in [-1, 1]")
