@@ -5,7 +5,8 @@ A package is everything needed to score raw contract rows, and nothing that must
     DIR/weights.pt          the model's state_dict: plain tensors only (``torch.load(weights_only=True)``)
     DIR/model_config.json   the model config as plain data (``ModelConfig.from_dict`` reads it)
     DIR/spec.json           the fitted feature spec (with its content hash)
-    DIR/package.json        format version, tasks, the spec's content hash, library versions, extra
+    DIR/package.json        format version, tasks, the spec's content hash, library versions, extra, and
+                            ``calibration``: per binary task, the Platt scaling of its logit (absent: none)
 
 :func:`save_package` writes the folder under a temporary name and renames it when complete.
 :func:`predict_frame` runs the training feature code (:mod:`features.pipeline`, :mod:`features.spec`) on raw
@@ -39,6 +40,7 @@ from features.contract import IMPRESSIONS, ITEMS, LABELS, USERS, TableContract, 
 from features.files import staged_dir
 from features.pipeline import Tables, derived, validate_tables
 from features.spec import FeatureSpec, output_exprs
+from recsys.calibration import PlattScaling, calibrators_from_dict, calibrators_to_dict
 from recsys.config import ModelConfig, TaskConfig
 from recsys.data.batch import FeatureLayout, batch_from_arrow
 from recsys.model import RankingModel, build_model
@@ -61,6 +63,8 @@ class LoadedPackage:
         spec: the fitted feature spec it was trained on.
         layout: the feature layout the model was built with.
         metadata: the package manifest (``package.json``); empty for a package built in memory.
+        calibration: per binary task, the Platt scaling applied to its logit before the sigmoid; a task
+            without one scores the model's own probability.
     """
 
     model: RankingModel
@@ -68,6 +72,7 @@ class LoadedPackage:
     spec: FeatureSpec
     layout: FeatureLayout
     metadata: dict[str, Any] = field(default_factory=dict)
+    calibration: dict[str, PlattScaling] = field(default_factory=dict)
 
 
 def output_column(task: TaskConfig) -> str:
@@ -116,6 +121,7 @@ def save_package(
     spec: FeatureSpec,
     extra: Mapping[str, Any] | None = None,
     *,
+    calibration: Mapping[str, PlattScaling] | None = None,
     overwrite: bool = False,
 ) -> Path:
     """Writes a model package atomically: a temporary folder beside ``directory``, then a rename.
@@ -126,6 +132,8 @@ def save_package(
         model_config: the config the model was built from.
         spec: the feature spec its training data was transformed with.
         extra: JSON-able metadata stored under ``extra`` in ``package.json`` (metrics, run id, ...).
+        calibration: per binary task, the Platt scaling scoring applies to its logit
+            (:mod:`recsys.calibration`); stored under ``calibration`` in ``package.json``.
         overwrite: replace an existing package folder.
 
     Returns:
@@ -133,9 +141,14 @@ def save_package(
 
     Raises:
         FileExistsError: ``directory`` exists and ``overwrite`` is False.
-        ValueError: ``extra`` is not JSON-able, or the model's state holds a non-plain tensor.
+        ValueError: ``extra`` is not JSON-able, ``calibration`` names a task that is not a binary task of
+            the model, or the model's state holds a non-plain tensor.
     """
     directory = Path(directory)
+    binary = [t.name for t in model_config.tasks if t.kind == "binary"]
+    unknown = sorted(set(calibration or {}) - set(binary))
+    if unknown:
+        raise ValueError(f"calibration: {unknown} are not binary tasks of the model ({binary})")
     if directory.exists() and not overwrite:
         raise FileExistsError(f"package folder {directory} exists; pass overwrite=True to replace it")
     try:
@@ -150,6 +163,8 @@ def save_package(
         "versions": {dist: _version(dist) for dist in ("torch", "torchrec", "polars", "recsys-mmoe")},
         "extra": extra_json,
     }
+    if calibration:  # absent when there is none: the manifest of an uncalibrated package is unchanged
+        manifest["calibration"] = calibrators_to_dict(calibration)
     state = _plain_state_dict(model)
     with staged_dir(directory) as tmp:
         torch.save(state, tmp / WEIGHTS)
@@ -196,7 +211,8 @@ def load_package(directory: str | Path, map_location: str | torch.device = "cpu"
     state = torch.load(directory / WEIGHTS, map_location=map_location, weights_only=True)
     model.load_state_dict(state)
     model.to(map_location).eval()
-    return LoadedPackage(model, model_config, spec, layout, manifest)
+    calibration = calibrators_from_dict(manifest.get("calibration"), f"{directory / MANIFEST}: calibration")
+    return LoadedPackage(model, model_config, spec, layout, manifest, calibration)
 
 
 # ---------------------------------------------------------------------------------------------- score
@@ -326,7 +342,10 @@ def _eval_mode(model: torch.nn.Module) -> Iterator[None]:
 
 
 def _score(package: LoadedPackage, table: pa.Table, batch_size: int) -> dict[str, np.ndarray]:
-    """Per task, the model's scores of every row of model-ready ``table``, float64."""
+    """Per task, the model's scores of every row of model-ready ``table``, float64.
+
+    A binary task's score is the sigmoid of its logit, after the task's calibration if it has one.
+    """
     model = package.model
     device = next(model.parameters()).device
     parts: dict[str, list[np.ndarray]] = {t.name: [] for t in package.model_config.tasks}
@@ -341,6 +360,9 @@ def _score(package: LoadedPackage, table: pa.Table, batch_size: int) -> dict[str
             for task in package.model_config.tasks:
                 # ESMM tasks: the logit already is that of p(given and task).
                 out = logits[task.name].float()
+                platt = package.calibration.get(task.name)
+                if platt is not None:
+                    out = platt.a * out + platt.b
                 out = torch.sigmoid(out) if task.kind == "binary" else out
                 parts[task.name].append(out.cpu().numpy().astype(np.float64))
     return {
@@ -374,8 +396,9 @@ def score_ready(
 ) -> dict[str, np.ndarray]:
     """The model alone on model-ready rows (e.g. from :func:`model_ready`): per task, (N,) float64.
 
-    Binary tasks give probabilities (the sigmoid of the logit), regression tasks the prediction; the model
-    runs in batches of ``batch_size`` rows, without gradients and in eval mode.
+    Binary tasks give probabilities (the sigmoid of the logit, calibrated if the package has a calibrator),
+    regression tasks the prediction; the model runs in batches of ``batch_size`` rows, without gradients and
+    in eval mode.
     """
     return _score(package, table, batch_size)
 
@@ -414,8 +437,9 @@ def predict_frame(
 
     Returns:
         One row per input row, in input order: the spec's passthrough columns (e.g. ``impression_id``),
-        then per task ``p_<task>`` (float64 probability, the sigmoid of the logit; for an entire-space task
-        p(given and task)) or ``pred_<task>`` for a regression task.
+        then per task ``p_<task>`` (float64 probability, the sigmoid of the logit after the task's
+        calibration, if the package has one; for an entire-space task p(given and task)) or
+        ``pred_<task>`` for a regression task.
 
     Raises:
         ValueError: a needed column is missing or cannot take its contract type (the message names it),

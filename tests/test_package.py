@@ -14,6 +14,7 @@ from polars.testing import assert_frame_equal
 
 from features.config import FeatureConfig, builtin_config
 from features.pipeline import Tables, build, fit_spec
+from recsys.calibration import PlattScaling
 from recsys.config import ModelConfig
 from recsys.data.batch import FeatureLayout, batch_from_arrow
 from recsys.model import build_model
@@ -188,6 +189,30 @@ def test_save_refuses_to_overwrite_and_load_checks_the_files(ecommerce, tmp_path
     (path / WEIGHTS).unlink()
     with pytest.raises(FileNotFoundError, match=r"weights\.pt is missing"):
         load_package(path)
+
+
+def test_a_calibrated_package_applies_its_platt_scaling_and_an_uncalibrated_one_loads_as_before(
+    ecommerce, scoring_rows, tmp_path
+):
+    args = (ecommerce.model, ecommerce.model_config, ecommerce.spec)
+    plain = save_package(tmp_path / "plain", *args)
+    assert "calibration" not in json.loads((plain / MANIFEST).read_text())  # as packages before it
+    loaded_plain = load_package(plain)
+    assert loaded_plain.calibration == {}
+    raw = predict_frame(loaded_plain, scoring_rows)
+    assert_frame_equal(raw, predict_frame(ecommerce, scoring_rows))
+
+    calibration = {"click": PlattScaling(0.5, -1.0)}  # purchase keeps the model's own probability
+    path = save_package(tmp_path / "calibrated", *args, calibration=calibration)
+    loaded = load_package(path)
+    assert loaded.calibration == calibration
+    scored = predict_frame(loaded, scoring_rows)
+    expected = calibration["click"].probs(raw["p_click"].to_numpy())
+    np.testing.assert_allclose(scored["p_click"].to_numpy(), expected, rtol=1e-5)
+    assert not np.allclose(scored["p_click"].to_numpy(), raw["p_click"].to_numpy(), rtol=1e-3)
+    assert_frame_equal(scored.drop("p_click"), raw.drop("p_click"))
+    with pytest.raises(ValueError, match=r"calibration: \['dwell'\] are not binary tasks"):
+        save_package(tmp_path / "bad", *args, calibration={"dwell": PlattScaling()})
 
 
 # ----------------------------------------------------------------------------------------- flat source
