@@ -2,7 +2,9 @@
 
 Names are ``{split}/{task}/{metric}`` (``valid/click/auc``) for ranking metrics and
 ``{split}/{gate}/load/expert{e}`` (``valid/moe/click/load/expert3``) for the share of rows a gate routed to
-each expert.
+each expert. After calibration (:mod:`recsys.calibration`) a split's metrics are those of the calibrated
+probabilities, and the metrics calibration changes are also given before it, as
+``{split}/{task}/{metric}_raw`` (``test/purchase/calibration_raw``).
 """
 
 from __future__ import annotations
@@ -11,6 +13,9 @@ from collections.abc import Mapping
 from typing import Any
 
 _LOAD = "/load/expert"
+RAW = "_raw"  # the suffix of a metric of the model's own probabilities, before calibration
+# What calibration changes: a monotone map of the scores leaves AUC, GAUC and the oracle gap as they were.
+CALIBRATION_SENSITIVE = ("log_loss", "ne", "calibration")
 
 
 def expert_load_metrics(prefix: str, loads: Mapping[str, Any]) -> dict[str, float]:
@@ -57,3 +62,17 @@ def expert_loads(metrics: Mapping[str, float], prefix: str) -> dict[str, list[fl
         if parsed is not None:
             cells.setdefault(parsed[0], {})[parsed[1]] = float(value)
     return {gate: [shares[e] for e in sorted(shares)] for gate, shares in sorted(cells.items())}
+
+
+def uncalibrated_metrics(metrics: Mapping[str, float]) -> dict[str, float]:
+    """The metrics calibration changes, of the model's own probabilities, named with :data:`RAW`.
+
+    Example:
+        >>> uncalibrated_metrics({"test/click/auc": 0.7, "test/click/calibration": 1.2})
+        {'test/click/calibration_raw': 1.2}
+    """
+    return {
+        f"{key}{RAW}": float(value)
+        for key, value in metrics.items()
+        if key.rsplit("/", 1)[-1] in CALIBRATION_SENSITIVE
+    }

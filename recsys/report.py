@@ -17,7 +17,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from recsys.metric_names import parse_expert_load
-from recsys.metrics import calibration_curve
+from recsys.metrics import calibration, calibration_curve, log_loss
 
 
 def new_figure(**kwargs: Any) -> Figure:
@@ -32,28 +32,53 @@ def new_figure(**kwargs: Any) -> Figure:
 
 
 def calibration_figure(
-    labels: Mapping[str, np.ndarray], probs: Mapping[str, np.ndarray], title: str
+    labels: Mapping[str, np.ndarray],
+    probs: Mapping[str, np.ndarray],
+    title: str,
+    raw: Mapping[str, np.ndarray] | None = None,
 ) -> Figure:
-    """Reliability diagram per task: observed rate against mean prediction in quantile bins."""
+    """Reliability diagram per task: observed rate against mean prediction in quantile bins.
+
+    With ``raw``, the probabilities before calibration, a task shows both curves, and its title the
+    calibration (mean prediction / observed rate) and log loss before and after.
+    """
+    raw = raw or {}
     tasks = [t for t in labels if t in probs]
     fig = new_figure(figsize=(4.5 * len(tasks), 4.2))
     axes = fig.subplots(1, len(tasks), squeeze=False)
     for ax, task in zip(axes[0], tasks, strict=True):
-        predicted, observed, count = calibration_curve(labels[task], probs[task], bins=20)
-        top = max(float(np.nanmax(predicted)), float(np.nanmax(observed)), 1e-6) * 1.05
+        curves = {"model": probs[task]}
+        if task in raw:
+            curves = {"before calibration": raw[task], "calibrated": probs[task]}
+        points = {name: calibration_curve(labels[task], p, bins=20) for name, p in curves.items()}
+        top = max(max(np.nanmax(pt[0]), np.nanmax(pt[1])) for pt in points.values())
+        top = max(float(top), 1e-6) * 1.05
         ax.plot([0, top], [0, top], color="0.6", linestyle="--", linewidth=1, label="perfect")
-        ax.plot(predicted, observed, marker="o", markersize=3, label="model")
+        for name, (predicted, observed, _) in points.items():
+            ax.plot(predicted, observed, marker="o", markersize=3, label=name)
+        rows = int(np.sum(next(iter(points.values()))[2]))
+        subtitle = f"{task} ({rows:,} rows)"
+        if task in raw:
+            before, after = (
+                _calibration_text(labels[task], raw[task]),
+                _calibration_text(labels[task], probs[task]),
+            )
+            subtitle += f"\ncalibration, log loss: {before} -> {after}"
         ax.set(
             xlim=(0, top),
             ylim=(0, top),
             xlabel="mean predicted probability",
             ylabel="observed rate",
-            title=f"{task} ({int(np.sum(count)):,} rows)",
+            title=subtitle,
         )
         ax.legend(loc="upper left")
     fig.suptitle(title)
     fig.tight_layout()
     return fig
+
+
+def _calibration_text(labels: np.ndarray, probs: np.ndarray) -> str:
+    return f"{calibration(labels, probs):.3f}, {log_loss(labels, probs):.4f}"
 
 
 def expert_load_figure(history: Sequence[Mapping[str, float]], title: str) -> Figure:

@@ -12,6 +12,7 @@ import pytest
 
 from features.config import FeatureConfig, builtin_config
 from features.pipeline import build, load_tables
+from recsys.package import load_package
 from recsys.tracking import TrackingError
 from recsys.train.config import TrainConfig
 from recsys.train.driver import run_training
@@ -85,6 +86,13 @@ def test_two_workers_train_log_register_and_the_registered_model_agrees(data):
     assert run.data.metrics["valid/click/count"] == split_rows(data, "valid")
     assert run.data.metrics["test/click/count"] == split_rows(data, "test")
     assert 0 < run.data.metrics["test/click/oracle_auc"] - run.data.metrics["test/click/auc"] < 0.3
+    # The test metrics are those of the calibrated package, with those before calibration beside them.
+    for task in ("click", "purchase"):
+        for name in ("calibration", "log_loss"):
+            assert np.isfinite(run.data.metrics[f"test/{task}/{name}_raw"])
+        assert run.data.metrics[f"test/{task}/auc"] > 0.5
+    calibration = load_package(summary.model_package).calibration
+    assert sorted(calibration) == ["click", "purchase"] and all(c.a > 0 for c in calibration.values())
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "report")}
     assert {"report/calibration_test.png", "report/expert_load.png", "report/loss.png"} <= artifacts
 

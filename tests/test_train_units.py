@@ -77,6 +77,10 @@ def test_padding_rows_make_a_valid_batch():
         ({"training": {"sharding": "diagonal"}}, r"training\.sharding: .* got 'diagonal'"),
         ({"training": {"main_metric": "dwell/auc"}}, r"training\.main_metric: expected a task of"),
         ({"training": {"ingest": "kafka"}}, r"training\.ingest: expected one of .* got 'kafka'"),
+        (
+            {"training": {"calibration": "isotonic"}},
+            r"training\.calibration: expected one of .* got 'isotonic'",
+        ),
         ({"run": {"num_workers": 0}}, r"run\.num_workers: expected an integer >= 1, got 0"),
         ({"run": {"colour": 1}}, r"run: unknown field\(s\) \['colour'\]"),
     ],

@@ -26,6 +26,7 @@ from features.checks import (
     invalid,
     shipped_config,
 )
+from recsys.calibration import METHODS as CALIBRATION_METHODS
 from recsys.config import ModelConfig
 
 EMBEDDING_OPTIMIZERS = ("rowwise_adagrad", "adam", "sgd")
@@ -64,6 +65,10 @@ class TrainingSettings:
         ingest: how workers read the training split: ``parquet`` (each worker reads its own share of the
             files, on a background thread; the default) or ``ray_data`` (one Ray Data execution per epoch,
             streamed to the workers by a split coordinator).
+        calibration: ``platt`` (the default): after training, fit Platt scaling per binary task on the
+            validation split's predictions of the kept model, store it in the package and report the test
+            metrics after it (and before it, as ``..._raw``); ``none``: the package scores the model's own
+            probabilities (:mod:`recsys.calibration`).
     """
 
     epochs: int = 2
@@ -82,6 +87,7 @@ class TrainingSettings:
     max_steps_per_epoch: int = 0
     shuffle_rows: int = 100_000
     ingest: str = "parquet"
+    calibration: str = "platt"
 
     def __post_init__(self) -> None:
         w = "training"
@@ -103,6 +109,7 @@ class TrainingSettings:
         ):
             check_int(w, name, getattr(self, name), minimum=0)  # 0: off
         check_choice(w, "ingest", self.ingest, INGEST_MODES)
+        check_choice(w, "calibration", self.calibration, CALIBRATION_METHODS)
         if not isinstance(self.main_metric, str) or self.main_metric.count("/") != 1:
             raise invalid(w, "main_metric", self.main_metric, "expected 'task/metric', e.g. 'click/auc'")
 

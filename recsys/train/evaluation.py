@@ -9,7 +9,7 @@ lost.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -17,15 +17,17 @@ import pyarrow as pa
 import torch
 import torch.distributed as dist
 
+from recsys.calibration import PlattScaling, calibrate, fit_calibrators
 from recsys.data.batch import batch_from_arrow
 from recsys.data.shard import lockstep_batches, padding_row
-from recsys.metric_names import expert_load_metrics
+from recsys.metric_names import expert_load_metrics, uncalibrated_metrics
 from recsys.metrics import evaluate, oracle_gap
 from recsys.train.config import TrainConfig
 from recsys.train.sharding import ShardedModel
 
 LABEL_PREFIX = "label_"  # a label column in a predictions table
 PROB_PREFIX = "p_"  # a task's predicted probability in a predictions table
+RAW_PROB_PREFIX = "raw_p_"  # a task's probability before calibration in a predictions table
 
 
 @dataclass
@@ -37,18 +39,22 @@ class Predictions:
         probs: per task, the predicted probability ``(N,)``.
         keys: per key column (``impression_id``, the GAUC group), ``(N,)``.
         stats: per routing statistic ``{gate}/load``, the share of rows sent to each expert ``(E,)``.
+        raw_probs: per calibrated task, the model's own probability before calibration ``(N,)``; empty
+            before :meth:`calibrated`.
     """
 
     labels: dict[str, np.ndarray]
     probs: dict[str, np.ndarray]
     keys: dict[str, np.ndarray] = field(default_factory=dict)
     stats: dict[str, np.ndarray] = field(default_factory=dict)
+    raw_probs: dict[str, np.ndarray] = field(default_factory=dict)
 
     def to_arrow(self) -> pa.Table:
-        """Keys, ``p_{task}`` and ``label_{label}`` columns (the routing statistics are left out)."""
+        """Keys, ``p_{task}``, ``raw_p_{task}`` and ``label_{label}`` columns (not the routing statistics)."""
         columns = {
             **self.keys,
             **{PROB_PREFIX + k: v for k, v in self.probs.items()},
+            **{RAW_PROB_PREFIX + k: v for k, v in self.raw_probs.items()},
             **{LABEL_PREFIX + k: v for k, v in self.labels.items()},
         }
         return pa.table({k: pa.array(v) for k, v in columns.items()})
@@ -56,21 +62,28 @@ class Predictions:
     @classmethod
     def from_arrow(cls, table: pa.Table) -> Predictions:
         """Reads :meth:`to_arrow`'s table back."""
-        labels, probs, keys = {}, {}, {}
+        labels, probs, keys, raw = {}, {}, {}, {}
         for name in table.column_names:
             values = table.column(name).to_numpy()
             if name.startswith(LABEL_PREFIX):
                 labels[name[len(LABEL_PREFIX) :]] = values
             elif name.startswith(PROB_PREFIX):
                 probs[name[len(PROB_PREFIX) :]] = values
+            elif name.startswith(RAW_PROB_PREFIX):
+                raw[name[len(RAW_PROB_PREFIX) :]] = values
             else:
                 keys[name] = values
-        return cls(labels, probs, keys)
+        return cls(labels, probs, keys, raw_probs=raw)
 
     def binary(self, config: TrainConfig) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
         """Labels and probabilities of the binary tasks, both keyed by task name."""
         tasks = [t for t in config.model.tasks if t.kind == "binary"]
         return {t.name: self.labels[t.label] for t in tasks}, {t.name: self.probs[t.name] for t in tasks}
+
+    def calibrated(self, calibrators: dict[str, PlattScaling]) -> Predictions:
+        """These predictions with each task's calibrator applied; the probabilities before it kept as raw."""
+        raw = {task: self.probs[task] for task in calibrators}
+        return replace(self, probs=calibrate(self.probs, calibrators), raw_probs={**self.raw_probs, **raw})
 
 
 def predict_split(
@@ -144,9 +157,15 @@ def _gather(local: dict[str, dict[str, np.ndarray]]) -> Predictions | None:
 def split_metrics(
     preds: Predictions, config: TrainConfig, truth: dict[str, np.ndarray] | None, prefix: str
 ) -> dict[str, float]:
-    """Per-task metrics of gathered predictions, the expert loads, and the oracle gap on synthetic data."""
+    """Per-task metrics of gathered predictions, the expert loads, and the oracle gap on synthetic data.
+
+    Of calibrated predictions, the metrics calibration changes are also given before it (``..._raw``).
+    """
     labels, probs = preds.binary(config)
     out = evaluate(labels, probs, preds.keys.get(config.group_column), prefix=prefix)
+    raw = {task: preds.raw_probs[task] for task in labels if task in preds.raw_probs}
+    if raw:
+        out.update(uncalibrated_metrics(evaluate({t: labels[t] for t in raw}, raw, prefix=prefix)))
     if truth is not None and "impression_id" in preds.keys:
         order = np.searchsorted(truth["impression_id"], preds.keys["impression_id"])
         for task, task_labels in labels.items():
@@ -156,6 +175,17 @@ def split_metrics(
                 out.update({f"{prefix}{task}/{k}": float(v) for k, v in gap.items()})
     out.update(expert_load_metrics(prefix, preds.stats))
     return out
+
+
+def fit_calibration(preds: Predictions | None, config: TrainConfig) -> dict[str, PlattScaling]:
+    """Per binary task, Platt scaling fitted to gathered (validation) predictions; empty if turned off.
+
+    Empty also where there are no predictions (on ranks other than 0).
+    """
+    if preds is None or config.training.calibration == "none":
+        return {}
+    labels, probs = preds.binary(config)
+    return fit_calibrators(labels, probs)
 
 
 def read_truth(path: str) -> dict[str, np.ndarray] | None:

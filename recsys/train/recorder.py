@@ -13,7 +13,8 @@ reports again; it never opens a run. A recorder that fails stops the training (s
 
 The recorder logs the config, the feature spec and the sharding plan (at the workers' first start), train
 loss and throughput every N steps, the validation metrics and a calibration plot every epoch, and at the
-end the test metrics and plots, the test predictions, and the model package: logged as an MLflow model and
+end the test metrics (after the package's calibration, and before it as ``..._raw``) and plots (the
+calibration plot before and after), the test predictions, and the model package: logged as an MLflow model and
 registered (``champion`` if it beats the current champion on the main validation metric, else
 ``challenger``). ``tracking.json`` in the run's folder keeps the MLflow run's id, so that ``--resume``
 reopens the same run.
@@ -48,7 +49,17 @@ from recsys.train.reports import (
 from recsys.train.summary import TrainingSummary
 
 TRACKING_FILE = "tracking.json"  # in the run's folder: {"run_id": ...}
-SUMMARY_METRICS = ("/auc", "/gauc", "/log_loss", "/ne", "/calibration", "/oracle_auc", "/auc_gap")
+SUMMARY_METRICS = (
+    "/auc",
+    "/gauc",
+    "/log_loss",
+    "/ne",
+    "/calibration",
+    "/oracle_auc",
+    "/auc_gap",
+    "/log_loss_raw",
+    "/calibration_raw",
+)
 
 
 class RunRecorder:
@@ -155,7 +166,7 @@ class RunRecorder:
             {**finite_metrics(report.metrics), "epoch": float(report.epoch)}, report.step
         )
         with checkpoint.as_directory() as directory:
-            labels, probs = _predictions(Path(directory) / VALID_PREDICTIONS, self.config)
+            labels, probs, _ = _predictions(Path(directory) / VALID_PREDICTIONS, self.config)
         figure = calibration_figure(labels, probs, f"validation, epoch {report.epoch}")
         self.tracker.log_figure(figure, f"report/calibration_valid_epoch{report.epoch:03d}.png")
 
@@ -178,9 +189,9 @@ class RunRecorder:
         from recsys.train.evaluation import finite_metrics
 
         history = list(report.state.history)
-        labels, probs = _predictions(test_predictions, self.config)
+        labels, probs, raw = _predictions(test_predictions, self.config)
         self.tracker.log_figure(
-            calibration_figure(labels, probs, "test split"), "report/calibration_test.png"
+            calibration_figure(labels, probs, "test split", raw=raw), "report/calibration_test.png"
         )
         load = expert_load_figure(history, "expert load per gate (validation)")
         self.tracker.log_figure(load, "report/expert_load.png")
@@ -247,13 +258,15 @@ def _end_status(kind: type[BaseException]) -> str:
     return "KILLED" if issubclass(kind, KeyboardInterrupt) else "FAILED"
 
 
-def _predictions(path: Path, config: TrainConfig) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Labels and probabilities of the binary tasks from a predictions file of a checkpoint."""
+def _predictions(path: Path, config: TrainConfig) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """Labels, probabilities and those before calibration (if any) of the binary tasks, from a checkpoint."""
     import pyarrow.parquet as pq
 
     from recsys.train.evaluation import Predictions
 
-    return Predictions.from_arrow(pq.read_table(path)).binary(config)
+    preds = Predictions.from_arrow(pq.read_table(path))
+    labels, probs = preds.binary(config)
+    return labels, probs, {task: preds.raw_probs[task] for task in probs if task in preds.raw_probs}
 
 
 def _replace_folder(source: Path, target: Path) -> None:

@@ -10,8 +10,10 @@
    epoch they validate (:mod:`recsys.train.evaluation`) and checkpoint their shards; a run resumed from a
    checkpoint within an epoch skips the batches that epoch already trained on (their order depends only
    on the seed and the epoch);
-3. **finish**: the best epoch's weights are restored, the test split is scored, and the tables are gathered
-   into one unsharded model, which rank 0 saves as a model package into the final checkpoint.
+3. **finish**: the best epoch's weights are restored, the validation split is scored again to fit each
+   binary task's calibration (``training.calibration``), the test split is scored (its metrics after the
+   calibration, and before it as ``..._raw``), and the tables are gathered into one unsharded model, which
+   rank 0 saves with the calibration as a model package into the final checkpoint.
 
 Workers never call MLflow: they compute, and report (:mod:`recsys.train.reports`) what the driver's recorder
 logs. Rank 0 draws a progress bar per epoch (``ray.experimental.tqdm_ray``, drawn by the driver) and tells one
@@ -38,7 +40,14 @@ from recsys.data.batch import Batch, batch_from_arrow
 from recsys.data.shard import ParquetShard, lockstep_batches
 from recsys.train.checkpoints import gather_unsharded, load_checkpoint, restore_best_epoch, save_checkpoint
 from recsys.train.config import TrainConfig
-from recsys.train.evaluation import Predictions, finite_metrics, predict_split, read_truth, split_metrics
+from recsys.train.evaluation import (
+    Predictions,
+    finite_metrics,
+    fit_calibration,
+    predict_split,
+    read_truth,
+    split_metrics,
+)
 from recsys.train.reports import (
     PACKAGE_DIR,
     TEST_PREDICTIONS,
@@ -56,6 +65,7 @@ from recsys.train.state import TrainingState, WorkerSettings
 
 if TYPE_CHECKING:
     from features.spec import FeatureSpec
+    from recsys.calibration import PlattScaling
 
 
 class WindowMeter:
@@ -329,10 +339,11 @@ def report_checkpoint(
 
 
 def finish(worker: Worker, state: TrainingState) -> None:
-    """Restores the best epoch, scores the test split, and reports the final checkpoint with the package.
+    """Restores the best epoch, calibrates, scores the test split, and reports the final checkpoint.
 
     The final checkpoint holds the last epoch's shards (a resumed run goes on from there, as from the last
-    epoch's checkpoint), and on rank 0 the test predictions and the gathered model's package.
+    epoch's checkpoint), and on rank 0 the test predictions (calibrated, with the probabilities before
+    calibration) and the gathered model's package with its calibration.
     """
     from recsys.package import save_package
 
@@ -340,16 +351,34 @@ def finish(worker: Worker, state: TrainingState) -> None:
         directory = Path(tmp)
         save_checkpoint(worker.sharded, directory, state)
         state = restore_best_epoch(worker.sharded, state, Path(worker.settings.run_dir))
+        calibration = _fit_calibration(worker)
         preds = predict_split(worker.sharded, worker.split("test"), worker.config, worker.key_columns)
         model = gather_unsharded(worker.sharded, worker.config)
         record = None
         if worker.rank == 0:
+            preds = preds.calibrated(calibration)
             metrics = split_metrics(preds, worker.config, worker.truth, "test/")
             _write_predictions(preds, directory / TEST_PREDICTIONS)
             extra = {"run_id": worker.settings.mlflow_run_id, "test_metrics": finite_metrics(metrics)}
-            save_package(directory / PACKAGE_DIR, model, worker.config.model, worker.spec, extra=extra)
+            package = directory / PACKAGE_DIR
+            save_package(
+                package, model, worker.config.model, worker.spec, extra=extra, calibration=calibration
+            )
             record = FinalReport(state, metrics, worker.meter.take())
         _report(worker, record, directory, "final")
+
+
+def _fit_calibration(worker: Worker) -> dict[str, PlattScaling]:
+    """The calibration of the model as restored, fitted on rank 0 to the validation split (others: empty).
+
+    Every worker scores the split (a collective). The validation predictions of the best epoch were
+    written with its checkpoint, but scoring them again costs one validation pass and relies on no file of
+    an earlier process (a resumed run's best epoch may be from before the restart).
+    """
+    if worker.config.training.calibration == "none":
+        return {}
+    preds = predict_split(worker.sharded, worker.split("valid"), worker.config, worker.key_columns)
+    return fit_calibration(preds, worker.config)
 
 
 def _write_predictions(preds: Predictions, path: Path) -> None:
