@@ -85,3 +85,13 @@ def impressions() -> pl.DataFrame:
             (14, 10, at(9, 10), 30, 999, 1, 0, 0),  # item 999 is not in the items table
         ]
     )
+
+
+@pytest.fixture
+def world_of_one(tmp_path):
+    """A gloo process group of one process: for collectives, and TorchRec's sharding in one process."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()

@@ -117,15 +117,6 @@ def test_attention_needs_a_history_sharing_a_candidate_table_and_refuses_export(
         export_model(seeded(attention_config()), tiny_batch())
 
 
-@pytest.fixture
-def world_of_one(tmp_path):
-    import torch.distributed as dist
-
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
-
-
 def test_dmp_shards_the_sequence_tables_trains_and_gathers_to_the_eager_model(tmp_path, world_of_one):
     from recsys.train.checkpoints import gather_unsharded
     from recsys.train.config import TrainConfig

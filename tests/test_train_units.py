@@ -200,16 +200,6 @@ def test_read_ahead_raises_the_producers_error_and_stops_with_its_consumer():
     assert len(produced) <= 3 + 2 + 1  # read at most depth ahead (+1 waiting to be put)
 
 
-@pytest.fixture
-def world_of_one(tmp_path):
-    """A gloo process group of one process, for the collectives of :func:`lockstep_batches`."""
-    import torch.distributed as dist
-
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
-
-
 def test_lockstep_batches_prepare_each_batch_on_the_read_ahead_thread(split, world_of_one):
     from recsys.data.shard import lockstep_batches
 
