@@ -95,9 +95,9 @@ step() {  # step NAME COMMAND...: runs it, logs its wall time; stops the check i
 : >"$OUT/steps.txt"
 "$PY" - <<'EOF' 2>&1 | grep -v -i warn | tee -a "$OUT/e2e.log"
 import os, torch, ray, mlflow, polars, torchrec, fbgemm_gpu
+from benchmarks.measure import cpu_model
 gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
-print(f"{gpu} | {os.cpu_count()} CPUs ({cpu}) | torch {torch.__version__} | fbgemm_gpu {fbgemm_gpu.__version__} | "
+print(f"{gpu} | {os.cpu_count()} CPUs ({cpu_model()}) | torch {torch.__version__} | fbgemm_gpu {fbgemm_gpu.__version__} | "
       f"torchrec {torchrec.__version__} | ray {ray.__version__} | mlflow {mlflow.__version__} | "
       f"polars {polars.__version__}")
 EOF

@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import platform
 import socket
 import statistics
 import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Self
 
 import numpy as np
@@ -39,6 +41,17 @@ NUM_CATEGORICAL = 16
 NUM_DENSE = 8
 BAG_MEAN = 20
 MAX_CARDINALITY = 200_000
+
+
+def cpu_model() -> str:
+    """The processor's name from /proc/cpuinfo (else what platform knows)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def cardinalities() -> list[int]:

@@ -24,7 +24,8 @@ import sys
 import time
 
 # One thread each, as a scoring actor with threads_per_actor 1: polars reads this when it is imported.
-if os.environ.get("POLARS_MAX_THREADS") != "1":
+# Only when run as a script: importing the module must not replace the importing process.
+if __name__ == "__main__" and os.environ.get("POLARS_MAX_THREADS") != "1":
     os.environ.update(POLARS_MAX_THREADS="1", OMP_NUM_THREADS="1")
     os.execv(sys.executable, [sys.executable, "-m", "benchmarks.score_actor_profile", *sys.argv[1:]])
 
@@ -38,6 +39,7 @@ import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 import torch  # noqa: E402
 
+from benchmarks.measure import cpu_model  # noqa: E402
 from recsys.data.batch import batch_from_arrow  # noqa: E402
 from recsys.package import load_package  # noqa: E402
 from recsys.scoring.config import ScoreConfig  # noqa: E402
@@ -147,7 +149,7 @@ def main() -> None:
         if profiler:
             profiler.disable()
         outs.append(out)
-    print(f"{lscpu_model()}; polars {pl.__version__}, {pl.thread_pool_size()} thread(s); torch 1 thread")
+    print(f"{cpu_model()}; polars {pl.__version__}, {pl.thread_pool_size()} thread(s); torch 1 thread")
     scored = pa.concat_tables(outs)
     print(f"partitions {[p.index for p in picked]} of {len(parts)}, {scored.num_rows:,} rows")
     report(times, scored.num_rows)
@@ -159,16 +161,6 @@ def main() -> None:
     if profiler:
         pstats.Stats(profiler).sort_stats("cumulative").print_stats(30)
         pstats.Stats(profiler).sort_stats("tottime").print_stats(20)
-
-
-def lscpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown CPU"
 
 
 if __name__ == "__main__":

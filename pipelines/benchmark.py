@@ -44,7 +44,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import statistics
 import sys
@@ -277,17 +276,6 @@ def prediction(features: Path, out: Path, reps: int, threads: int) -> tuple[floa
     return spread(rates)
 
 
-def cpu_model() -> str:
-    """The processor's name from /proc/cpuinfo (else what platform knows)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def fmt(values: tuple[float, float, float]) -> str:
     """``median  (min-max)``."""
     median, low, high = values
@@ -348,7 +336,7 @@ def gpu_main(args: argparse.Namespace) -> int:
     """``--use-gpu``: the model alone on the first CUDA device, at each batch size and sharding."""
     import torch
 
-    from benchmarks.measure import device_measurements
+    from benchmarks.measure import cpu_model, device_measurements
 
     if not torch.cuda.is_available():
         raise SystemExit(
@@ -384,6 +372,8 @@ def main(argv: list[str] | None = None) -> int:
 def cpu_main(args: argparse.Namespace) -> int:
     """The CPU measurements and their table."""
     import torch
+
+    from benchmarks.measure import cpu_model
 
     torch.set_num_threads(args.threads)
     out = Path(args.out)
