@@ -10,6 +10,9 @@ A config names every model input and how it is computed from the (derived) colum
   With ``bucketize`` last, the output is an id (bucket index) instead of a float.
 * ``multi_hot``: a list of ids (a bag), with its own vocabulary, hashing, or the vocabulary of another
   categorical feature (``vocab_of``) so that both can share one embedding table.
+* ``affinity``: a count, rate, share or mean over the events before the row (what the user, or everybody,
+  did with the candidate's item, category, brand or shop; :mod:`features.affinity`), then fitted and
+  transformed like a numeric feature.
 
 Labels are declared separately; a feature may never read a label column.
 
@@ -33,6 +36,8 @@ from typing import Any
 import yaml
 
 # invalid, from_mapping and shipped_config live in features.checks; other modules still import them from here.
+from features import affinity
+from features.affinity import AFFINITY
 from features.checks import (
     check_choice,
     check_int,
@@ -44,7 +49,8 @@ from features.checks import (
 )
 
 CATEGORICAL, NUMERIC, MULTI_HOT = "categorical", "numeric", "multi_hot"
-FEATURE_KINDS = (CATEGORICAL, NUMERIC, MULTI_HOT)
+FEATURE_KINDS = (CATEGORICAL, NUMERIC, MULTI_HOT, AFFINITY)
+AFFINITY_FIELDS = ("by", "key", "event", "stat", "per", "window_days", "smoothing", "value")
 TRANSFORMS = ("log1p", "standardize", "bucketize")
 SOURCES = ("ecommerce", "flat")
 
@@ -103,6 +109,8 @@ class FeatureDef:
         boundaries: bucketize: fixed boundaries; if empty, ``num_buckets`` quantiles are fitted.
         num_buckets: bucketize: number of fitted quantile buckets.
         max_length: multi_hot: keep at most this many ids (the most recent, for history lists).
+        by, key, event, stat, per, window_days, smoothing, value: affinity only; see
+            :mod:`features.affinity`.
     """
 
     name: str
@@ -118,12 +126,30 @@ class FeatureDef:
     boundaries: tuple[float, ...] = ()
     num_buckets: int = 0
     max_length: int = 0
+    by: str = "user"
+    key: str = ""
+    event: str = "click"
+    stat: str = "count"
+    per: str = ""
+    window_days: int = 0
+    smoothing: float = 10.0
+    value: str = ""
 
     def __post_init__(self) -> None:
         where = f"features[{self.name}]"
         if not isinstance(self.name, str) or not self.name:
             raise invalid("features", "name", self.name, "expected a non-empty string")
         check_choice(where, "kind", self.kind, FEATURE_KINDS)
+        if self.kind == AFFINITY:
+            self._check_affinity(where)
+            if self.source and self.source != affinity.derived_column(self.name):
+                raise invalid(where, "source", self.source, "affinity features compute their own column")
+            object.__setattr__(self, "source", affinity.derived_column(self.name))
+        else:
+            defaults = {f: FeatureDef.__dataclass_fields__[f].default for f in AFFINITY_FIELDS}
+            for name, default in defaults.items():
+                if getattr(self, name) != default:
+                    raise invalid(where, name, getattr(self, name), "only affinity features take it")
         if not self.source:
             object.__setattr__(self, "source", self.name)
         object.__setattr__(self, "transforms", tuple(self.transforms))
@@ -131,7 +157,7 @@ class FeatureDef:
         check_int(where, "min_count", self.min_count, minimum=1)
         for name in ("max_size", "hash_buckets", "num_buckets", "max_length"):
             check_int(where, name, getattr(self, name), minimum=0)
-        if self.kind == NUMERIC:
+        if self.kind in (NUMERIC, AFFINITY):
             self._check_numeric(where)
         else:
             for name in ("transforms", "relative_to", "boundaries", "num_buckets"):
@@ -162,6 +188,30 @@ class FeatureDef:
         fill = self.fill_null
         if not (fill in ("mean", "median", "zero") or is_number(fill)):
             raise invalid(where, "fill_null", fill, "expected 'mean', 'median', 'zero' or a number")
+
+    def _check_affinity(self, where: str) -> None:
+        check_choice(where, "by", self.by, affinity.BY)
+        check_choice(where, "key", self.key, ("", *affinity.KEYS))
+        check_choice(where, "event", self.event, affinity.EVENTS)
+        check_choice(where, "stat", self.stat, affinity.STATS)
+        check_int(where, "window_days", self.window_days, minimum=0)
+        if not is_number(self.smoothing) or self.smoothing < 0:
+            raise invalid(where, "smoothing", self.smoothing, "expected a number >= 0")
+        if self.by == "all" and not self.key:
+            raise invalid(where, "key", self.key, "by: all counts everybody's events on a key; name one")
+        if self.stat == "rate":
+            check_choice(where, "per", affinity.rate_per(self), ("impression", "click"))
+            if affinity.EVENTS.index(self.event) <= affinity.EVENTS.index(affinity.rate_per(self)):
+                follows = f"a rate needs an event that follows per {affinity.rate_per(self)!r}"
+                raise invalid(where, "event", self.event, follows)
+        elif self.per:
+            raise invalid(where, "per", self.per, "only stat: rate takes per")
+        if self.stat == "share" and (self.by != "user" or not self.key):
+            raise invalid(where, "stat", self.stat, "a share is the user's events on a key: by: user, a key")
+        if self.stat in ("mean", "gap"):
+            check_choice(where, "value", self.value, affinity.VALUES)
+        elif self.value:
+            raise invalid(where, "value", self.value, "only stat: mean or gap takes value")
 
     @property
     def is_bucketized(self) -> bool:
@@ -295,6 +345,11 @@ class FeatureConfig:
                     raise invalid(
                         f"features[{f.name}]", "vocab_of", f.vocab_of, "expected a categorical feature"
                     )
+        if self.source != "ecommerce" and any(f.kind == AFFINITY for f in self.features):
+            bad = next(f for f in self.features if f.kind == AFFINITY)
+            raise invalid(
+                f"features[{bad.name}]", "kind", bad.kind, "affinity features need the ecommerce source"
+            )
         if self.source == "ecommerce" and self.split.method != "time":
             raise invalid("split", "method", self.split.method, "ecommerce data is split by time")
 
@@ -319,9 +374,12 @@ class FeatureConfig:
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> FeatureConfig:
-        """Loads and validates a YAML config file."""
-        with open(path) as fh:
-            return cls.from_dict(yaml.safe_load(fh))
+        """Loads and validates a YAML config file.
+
+        ``extends: NAME`` (a shipped config or a YAML path, relative to this file) starts from that config:
+        this file's ``features`` are added after the base's, and its other fields replace the base's.
+        """
+        return cls.from_dict(_resolved_yaml(Path(path)))
 
     def feature(self, name: str) -> FeatureDef:
         """Returns the feature called ``name``."""
@@ -334,3 +392,23 @@ CONFIG_DIR = Path(__file__).parent / "configs"
 def builtin_config(name: str) -> Path:
     """Path of a feature config shipped with the package (``ecommerce``, ``census_group1``, ...)."""
     return shipped_config(CONFIG_DIR, name)
+
+
+def _resolved_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """The YAML mapping of ``path`` with its ``extends`` chain merged in (see ``FeatureConfig.from_yaml``)."""
+    with open(path) as fh:
+        data = yaml.safe_load(fh)
+    if not isinstance(data, dict) or "extends" not in data:
+        return data
+    data = dict(data)
+    parent = data.pop("extends")
+    if not isinstance(parent, str) or not parent:
+        raise invalid(str(path), "extends", parent, "expected a shipped config name or a YAML path")
+    base_path = Path(parent) if parent.endswith((".yaml", ".yml")) else builtin_config(parent)
+    if not base_path.is_absolute() and not base_path.exists():
+        base_path = path.parent / base_path
+    if base_path.resolve() in seen:
+        raise invalid(str(path), "extends", parent, "the configs extend each other in a loop")
+    base = _resolved_yaml(base_path, (*seen, path.resolve()))
+    features = list(base.get("features") or []) + list(data.pop("features", None) or [])
+    return {**base, **data, "features": features}

@@ -25,9 +25,12 @@ caller supplies.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import polars as pl
 
-from features.config import HistoryConfig
+from features.affinity import add_affinities
+from features.config import FeatureDef, HistoryConfig
 
 HIST_ITEMS, HIST_CATEGORIES = "hist_item_ids", "hist_category_ids"
 HIST_STATE = "__hist_state"
@@ -170,20 +173,22 @@ def derive_ecommerce_indexed(
     items: pl.LazyFrame,
     cfg: HistoryConfig,
     history: pl.LazyFrame | None = None,
+    affinities: Sequence[FeatureDef] = (),
 ) -> tuple[pl.LazyFrame, pl.DataFrame]:
     """:func:`derive_ecommerce` with the history lists kept in their own table.
 
     See :func:`add_history_index`; ``features.spec.apply`` takes both parts and gives the same output.
+    ``affinities`` adds one column per affinity feature (:func:`features.affinity.add_affinities`).
     """
-    if history is None:
-        history = impressions
+    log = impressions if history is None else history
     base = (
         impressions.sort("ts", "impression_id")
         .join(users, on="user_id", how="left", maintain_order="left")
         .join(items, on="item_id", how="left", maintain_order="left")
         .pipe(add_time_features)
     )
-    return add_history_index(base, history, items, cfg)
+    rows, lists = add_history_index(base, log, items, cfg)
+    return add_affinities(rows, history, items, affinities), lists
 
 
 def derive_ecommerce(
@@ -192,6 +197,7 @@ def derive_ecommerce(
     items: pl.LazyFrame,
     cfg: HistoryConfig,
     history: pl.LazyFrame | None = None,
+    affinities: Sequence[FeatureDef] = (),
 ) -> pl.LazyFrame:
     """Joins the three contract tables and adds every derived column, sorted by (ts, impression_id).
 
@@ -201,9 +207,10 @@ def derive_ecommerce(
         items: the items table; unknown items likewise.
         cfg: history settings.
         history: the click log to take history from; ``None`` means ``impressions`` itself (training).
+        affinities: the affinity features to add (:func:`features.affinity.add_affinities`).
 
     Returns:
         One row per impression, every input column kept.
     """
-    rows, lists = derive_ecommerce_indexed(impressions, users, items, cfg, history)
+    rows, lists = derive_ecommerce_indexed(impressions, users, items, cfg, history, affinities)
     return gather_lists(rows, lists)

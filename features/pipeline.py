@@ -30,7 +30,7 @@ from typing import Any, ParamSpec, TypeVar
 
 import polars as pl
 
-from features.config import FeatureConfig
+from features.config import AFFINITY, FeatureConfig
 from features.console import progress as progress_bar
 from features.contract import ContractError, validate
 from features.derive import derive_ecommerce_indexed
@@ -235,8 +235,9 @@ def derived(config: FeatureConfig, tables: Tables) -> tuple[pl.LazyFrame, pl.Dat
     """
     if config.source == "flat":
         return tables.impressions.with_row_index("__row"), None
+    affinities = [f for f in config.features if f.kind == AFFINITY]
     return derive_ecommerce_indexed(
-        tables.impressions, tables.users, tables.items, config.history, tables.history
+        tables.impressions, tables.users, tables.items, config.history, tables.history, affinities
     )
 
 

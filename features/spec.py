@@ -22,7 +22,7 @@ from typing import Any
 
 import polars as pl
 
-from features.config import CATEGORICAL, MULTI_HOT, NUMERIC, FeatureConfig, FeatureDef, LabelConfig
+from features.config import AFFINITY, CATEGORICAL, MULTI_HOT, NUMERIC, FeatureConfig, FeatureDef, LabelConfig
 from features.derive import HIST_STATE, gather_lists
 from features.files import atomic_write
 
@@ -380,7 +380,7 @@ def fit(
     fitted: dict[str, dict[str, Any]] = {}
     pending: dict[str, pl.LazyFrame] = {}
     for f in config.features:
-        if f.kind == NUMERIC:
+        if f.kind in (NUMERIC, AFFINITY):
             fitted[f.name] = _fit_numeric(f, train, schema)
         elif f.vocab_of:
             fitted[f.name] = {"vocab_of": f.vocab_of, "output": ID_LIST}
@@ -399,7 +399,7 @@ def fit(
         dtype = _vocab_dtype(counts.schema[f.source])
         fitted[name] = {"vocab": vocab, "dtype": dtype, "num_embeddings": len(vocab) + 1}
     for f in config.features:
-        if f.kind != NUMERIC:
+        if f.kind not in (NUMERIC, AFFINITY):
             fitted[f.name]["output"] = ID_LIST if f.kind == MULTI_HOT else ID
         if f.vocab_of:
             fitted[f.name]["num_embeddings"] = fitted[f.vocab_of]["num_embeddings"]

@@ -36,6 +36,8 @@ import polars as pl
 import pyarrow as pa
 import torch
 
+from features.affinity import AFFINITY, HistoryNeeds
+from features.affinity import history_needs as affinity_needs
 from features.contract import IMPRESSIONS, ITEMS, LABELS, USERS, TableContract, validate
 from features.files import staged_dir
 from features.pipeline import Tables, derived, validate_tables
@@ -50,6 +52,19 @@ WEIGHTS, MODEL_CONFIG, SPEC, MANIFEST = "weights.pt", "model_config.json", "spec
 _ROW = "__input_row"  # the input's row number, carried through the feature code to restore the row order
 # Columns the click history reads from a history frame (see features.derive.click_history).
 HISTORY_COLUMNS = ("impression_id", "ts", "user_id", "item_id", "click")
+
+
+def history_needs(spec: FeatureSpec) -> tuple[tuple[str, ...], HistoryNeeds]:
+    """The history columns a spec's features read, and what else its affinity features need of the log.
+
+    Without affinity features: :data:`HISTORY_COLUMNS` of the click events. Affinity features may also
+    need ``purchase``, the non-click impressions and the other users' events
+    (:func:`features.affinity.history_needs`).
+    """
+    needs = affinity_needs([f for f in spec.feature_config.features if f.kind == AFFINITY])
+    return HISTORY_COLUMNS + (("purchase",) if needs.purchases else ()), needs
+
+
 DEFAULT_BATCH_SIZE = 8192  # rows per model call when scoring: the batch of the measured CPU scoring figures
 
 
@@ -280,8 +295,8 @@ def _cast_contract(data: pl.DataFrame, contracts: tuple[TableContract, ...], nam
     return data.with_columns(casts) if casts else data
 
 
-def _empty_history() -> pl.DataFrame:
-    schema = {c.name: c.dtype for c in IMPRESSIONS.columns if c.name in HISTORY_COLUMNS}
+def _empty_history(columns: tuple[str, ...] = HISTORY_COLUMNS) -> pl.DataFrame:
+    schema = {c.name: c.dtype for c in IMPRESSIONS.columns if c.name in columns}
     return pl.DataFrame(schema=schema)
 
 
@@ -299,8 +314,13 @@ def _entities(data: pl.DataFrame, contract: TableContract) -> pl.DataFrame:
     )
 
 
-def _ecommerce_tables(data: pl.DataFrame, history: Any, name: str) -> Tables:
-    """Splits joined rows back into the contract tables, as the training pipeline reads them."""
+def _ecommerce_tables(
+    data: pl.DataFrame, history: Any, name: str, columns: tuple[str, ...] = HISTORY_COLUMNS
+) -> Tables:
+    """Splits joined rows back into the contract tables, as the training pipeline reads them.
+
+    ``columns``: what the spec's history features read of a history frame (:func:`history_needs`).
+    """
     without_labels = [c.name for c in IMPRESSIONS.without_labels().columns]
     _require(data, without_labels, name, "an impressions column")
     _require(data, [c.name for c in USERS.columns], name, "a users column")
@@ -312,12 +332,15 @@ def _ecommerce_tables(data: pl.DataFrame, history: Any, name: str) -> Tables:
     users = _entities(data, USERS)
     item_rows = [data.select(c.name for c in ITEMS.columns)]
     if history is None:
-        events = None if "click" in data.columns else _empty_history()
+        labelled = all(c in data.columns for c in columns if c in LABELS)
+        if "click" in data.columns and not labelled:
+            _require(data, list(columns), name, "read by the affinity features of the labelled rows' history")
+        events = None if labelled else _empty_history(columns)
     else:
         hist = _to_polars(history, "history")
-        _require(hist, list(HISTORY_COLUMNS), "history", "read by the click history")
+        _require(hist, list(columns), "history", "read by the history features")
         hist = _cast_contract(hist, (IMPRESSIONS, ITEMS), "history")
-        events = hist.select(HISTORY_COLUMNS)
+        events = hist.select(columns)
         if all(c.name in hist.columns for c in ITEMS.columns):
             # A joined history frame also tells the categories of clicked items the rows do not show.
             item_rows.append(hist.select(c.name for c in ITEMS.columns))
@@ -451,7 +474,7 @@ def predict_frame(
     cfg = spec.feature_config
     data = _to_polars(frame, "frame").with_row_index(_ROW)
     if cfg.source == "ecommerce":
-        tables = _ecommerce_tables(data, history, "frame")
+        tables = _ecommerce_tables(data, history, "frame", history_needs(spec)[0])
     else:
         tables = Tables(data.lazy())
         validate_tables(cfg, tables, labels=False)

@@ -281,3 +281,28 @@ def test_weight_decay_shrinks_only_the_embedding_rows_a_batch_touches(tmp_path, 
     assert isinstance(sharded.dense_optimizer._optimizer, torch.optim.AdamW)
     with pytest.raises(ValueError, match=r"training\.embedding_weight_decay: expected a number >= 0, got -1"):
         TrainConfig.from_dict({"features": "f", "model": model, "training": {"embedding_weight_decay": -1}})
+
+
+def test_lr_decay_sets_each_epochs_rates_in_the_table_kernels_and_the_dense_optimizer(tmp_path, world_of_one):
+    from recsys.train.config import TrainConfig
+    from recsys.train.sharding import set_epoch_lr, shard_model
+    from tests.test_model_model import LAYOUT
+
+    model = {"tasks": [{"name": "click"}], "embedding": {"dim": 4}, "arch": {"num_experts": 2}}
+    training = {"embedding_lr": 0.08, "dense_lr": 0.002, "lr_decay": 0.5}
+    config = TrainConfig.from_dict({"features": str(tmp_path), "model": model, "training": training})
+    sharded = shard_model(config, LAYOUT, torch.device("cpu"))
+
+    def kernels(optimizer):
+        if hasattr(optimizer, "_emb_module"):
+            return [optimizer._emb_module]
+        return [k for _, child in getattr(optimizer, "optimizers", []) for k in kernels(child)]
+
+    kernels = kernels(sharded.dmp.fused_optimizer)
+    assert kernels
+    for epoch, factor in ((0, 1.0), (2, 0.25), (1, 0.5)):  # a resumed run may set any epoch
+        assert set_epoch_lr(sharded, config.training, epoch) == factor
+        assert all(k.get_learning_rate() == pytest.approx(0.08 * factor) for k in kernels)
+        assert [g["lr"] for g in sharded.dense_optimizer.param_groups] == [pytest.approx(0.002 * factor)]
+    with pytest.raises(ValueError, match=r"training\.lr_decay: expected a number > 0 and <= 1, got 1.5"):
+        TrainConfig.from_dict({"features": "f", "model": model, "training": {"lr_decay": 1.5}})

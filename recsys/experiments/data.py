@@ -55,13 +55,23 @@ def _feature_config(dataset: DatasetSpec) -> Path:
     return config_path(dataset.features, CONFIG_DIR, "feature config")
 
 
+def _feature_config_text(dataset: DatasetSpec) -> str:
+    """The feature config's text; a config that ``extends`` another one is resolved first."""
+    text = _feature_config(dataset).read_text()
+    if "extends" not in text:
+        return text  # as before: caches built before ``extends`` existed stay valid
+    from features.config import FeatureConfig
+
+    return json.dumps(dataclasses.asdict(FeatureConfig.from_yaml(_feature_config(dataset))), sort_keys=True)
+
+
 def _recipe(dataset: DatasetSpec, max_rows: int) -> dict[str, Any]:
     """What builds the data set: its digest decides whether a cached folder is reused."""
     return {
         "generate": _generate_recipe(dataset.generate) if dataset.generate else None,
         "table": dataset.table,
         "max_rows": max_rows if dataset.table else 0,
-        "features": _feature_config(dataset).read_text(),
+        "features": _feature_config_text(dataset),
     }
 
 

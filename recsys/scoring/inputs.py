@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import polars as pl
@@ -39,10 +39,12 @@ class Inputs:
         rows: candidate rows in all.
         users: the users table.
         items: the items table.
-        history: (H, ``HISTORY_COLUMNS``) click events for the history features.
+        history: (H, ``HISTORY_COLUMNS``) click events for the history features (or what
+            :func:`with_history` keeps).
         history_source: where they come from, in words.
         groups: the files of each table (``input``, ``users``, ``items``, and ``history`` when given).
         fingerprint: a content fingerprint of all of them: a rerun on changed files is refused.
+        labelled: the input carries labels (they stand for the history when none is given).
     """
 
     files: list[Path]
@@ -53,10 +55,14 @@ class Inputs:
     history_source: str
     groups: dict[str, list[Path]]
     fingerprint: str
+    labelled: bool = False
 
 
 def read_inputs(config: ScoreConfig) -> Inputs:
-    """Finds and validates the input of ``config``.
+    """Finds and validates the input of ``config``, with the click events of the history.
+
+    A model whose affinity features read more of the event log reads it again with
+    :func:`with_history`.
 
     Raises:
         ContractError: a table breaks the contract (the message names the table, the column and a value).
@@ -73,9 +79,29 @@ def read_inputs(config: ScoreConfig) -> Inputs:
     has_labels = _validate_input(files)
     users = _validated_table(groups["users"], "users")
     items = _validated_table(groups["items"], "items")
-    history, source = _history(config, files, has_labels)
+    history, source = _history(config, files, has_labels, HISTORY_COLUMNS, False)
     rows = sum(pq.read_metadata(f).num_rows for f in files)
-    return Inputs(files, rows, users, items, history, source, groups, _fingerprint(groups))
+    return Inputs(files, rows, users, items, history, source, groups, _fingerprint(groups), has_labels)
+
+
+def with_history(
+    config: ScoreConfig, inputs: Inputs, columns: tuple[str, ...], every_impression: bool
+) -> Inputs:
+    """``inputs`` with the history that a model's features read (:func:`recsys.package.history_needs`).
+
+    Args:
+        config: the run's settings.
+        inputs: from :func:`read_inputs`.
+        columns: the history columns to keep.
+        every_impression: keep the non-click impressions too (else the clicks only).
+
+    Raises:
+        ContractError: the history (or the labelled input standing for it) lacks one of ``columns``.
+    """
+    if columns == HISTORY_COLUMNS and not every_impression:
+        return inputs
+    history, _ = _history(config, inputs.files, inputs.labelled, columns, every_impression)
+    return replace(inputs, history=history)
 
 
 def input_files(path: str) -> list[Path]:
@@ -187,8 +213,10 @@ def _validated_table(files: list[Path], table: str) -> pl.DataFrame:
         raise ContractError(f"{table} {files[0] if len(files) == 1 else files}:\n{e}") from None
 
 
-def _history(config: ScoreConfig, files: list[Path], has_labels: bool) -> tuple[pl.DataFrame, str]:
-    """The click events for the history features, and where they come from."""
+def _history(
+    config: ScoreConfig, files: list[Path], has_labels: bool, columns: tuple[str, ...], every_impression: bool
+) -> tuple[pl.DataFrame, str]:
+    """The events for the history features, and where they come from."""
     if config.history:
         hist_files = _table_files(Path(config.history))
         try:
@@ -199,9 +227,12 @@ def _history(config: ScoreConfig, files: list[Path], has_labels: bool) -> tuple[
     elif has_labels:
         lf, source = _scan(files), "the input's own labels"
     else:
-        empty = pl.DataFrame(
-            schema={c.name: c.dtype for c in IMPRESSIONS.columns if c.name in HISTORY_COLUMNS}
-        )
+        empty = pl.DataFrame(schema={c.name: c.dtype for c in IMPRESSIONS.columns if c.name in columns})
         return empty, "none (no --history and no labels in the input): history features are empty"
-    # Only clicks make history (features.derive.click_history); the rest is not needed.
-    return lf.filter(pl.col("click") == 1).select(HISTORY_COLUMNS).collect(), source
+    missing = [c for c in columns if c not in lf.collect_schema().names()]
+    if missing:
+        raise ContractError(f"{source}: missing column(s) {missing}, read by the model's history features")
+    # Only clicks make the click history (features.derive.click_history); affinity features may count
+    # every impression.
+    events = lf if every_impression else lf.filter(pl.col("click") == 1)
+    return events.select(columns).collect(), source

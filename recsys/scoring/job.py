@@ -37,9 +37,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from features import console
-from recsys.package import LoadedPackage, load_package, output_column
+from recsys.package import LoadedPackage, history_needs, load_package, output_column
 from recsys.scoring.config import ScoreConfig, ScoreResult
-from recsys.scoring.inputs import Inputs, read_inputs
+from recsys.scoring.inputs import Inputs, read_inputs, with_history
 from recsys.scoring.manifest import MANIFEST, Manifest, ModelRecord, open_output
 from recsys.scoring.partitions import Partition, plan_partitions
 from recsys.scoring.ranking import ScoreFormula, score_summary
@@ -96,6 +96,8 @@ def run_scoring(config: ScoreConfig) -> ScoreResult:
     tracker = _tracker(config)
     with tempfile.TemporaryDirectory(prefix="recsys-score-") as workdir:
         model = _resolve(config, tracker, Path(workdir))
+    history_columns, needs = history_needs(model.package.spec)
+    inputs = with_history(config, inputs, history_columns, needs.every_impression)
     formula = ScoreFormula.for_tasks(config.score_formula, config.alpha, model.package.model_config.tasks)
     partitions = plan_partitions(inputs.files, config.rows_per_partition)
     out = Path(config.output).resolve()

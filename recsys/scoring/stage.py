@@ -30,7 +30,14 @@ import pyarrow as pa
 
 from features.checks import invalid
 from features.pipeline import Tables
-from recsys.package import LoadedPackage, load_package, model_ready, output_column, score_ready
+from recsys.package import (
+    LoadedPackage,
+    history_needs,
+    load_package,
+    model_ready,
+    output_column,
+    score_ready,
+)
 from recsys.runtime import init_ray, model_process_env
 from recsys.scoring.config import ScoreConfig
 from recsys.scoring.inputs import Inputs
@@ -181,6 +188,7 @@ class PartitionScorer:
         self.history = history
         self.batch_size = batch_size
         self.columns = {t.name: output_column(t) for t in package.model_config.tasks}
+        self.every_user = history_needs(package.spec)[1].every_user
 
     def score(self, part: Partition) -> pa.Table:
         """(rows, keys + one column per task + ``__partition``): the scored rows of ``part``."""
@@ -191,10 +199,12 @@ class PartitionScorer:
         """The parts of :meth:`score`, each yielded as ``(name, result)`` when done (to time them)."""
         rows = read_partition(part)
         yield "read", rows
-        # A row's history features read its user's clicks strictly before its ts: the other users' clicks,
-        # and clicks at or after the partition's last ts, need not be derived.
-        users = rows["user_id"].drop_nulls().unique().implode()
-        history = self.history.filter(pl.col("user_id").is_in(users), pl.col("ts") < rows["ts"].max())
+        # A row's history features read events strictly before its ts, and only its own user's unless an
+        # affinity feature counts everybody's: the rest need not be derived.
+        history = self.history.filter(pl.col("ts") < rows["ts"].max())
+        if not self.every_user:
+            users = rows["user_id"].drop_nulls().unique().implode()
+            history = history.filter(pl.col("user_id").is_in(users))
         yield "history", history
         tables = Tables(rows.lazy(), self.users.lazy(), self.items.lazy(), history.lazy())
         frame = model_ready(self.package.spec, tables)

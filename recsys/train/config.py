@@ -65,6 +65,9 @@ class TrainingSettings:
         ingest: how workers read the training split: ``parquet`` (each worker reads its own share of the
             files, on a background thread; the default) or ``ray_data`` (one Ray Data execution per epoch,
             streamed to the workers by a split coordinator).
+        lr_decay: each epoch's learning rates (dense and embedding) are the first epoch's times
+            ``lr_decay ** epoch`` (epochs counted from 0); 1 (the default): constant. Later passes over the
+            same rows then move the weights less, which keeps them from memorising the training rows.
         calibration: ``platt`` (the default): after training, fit Platt scaling per binary task on the
             validation split's predictions of the kept model, store it in the package and report the test
             metrics after it (and before it, as ``..._raw``); ``none``: the package scores the model's own
@@ -87,6 +90,7 @@ class TrainingSettings:
     max_steps_per_epoch: int = 0
     shuffle_rows: int = 100_000
     ingest: str = "parquet"
+    lr_decay: float = 1.0
     calibration: str = "platt"
 
     def __post_init__(self) -> None:
@@ -95,6 +99,7 @@ class TrainingSettings:
         check_int(w, "batch_size", self.batch_size)
         check_number(w, "dense_lr", self.dense_lr)
         check_number(w, "embedding_lr", self.embedding_lr)
+        check_number(w, "lr_decay", self.lr_decay, high=1.0)
         for name in ("embedding_weight_decay", "dense_weight_decay"):
             check_number(w, name, getattr(self, name), low_open=False)
         check_choice(w, "embedding_optimizer", self.embedding_optimizer, EMBEDDING_OPTIMIZERS)

@@ -51,6 +51,22 @@ def _fused_params(t: TrainingSettings) -> dict[str, Any]:
     return params
 
 
+def set_epoch_lr(sharded: ShardedModel, t: TrainingSettings, epoch: int) -> float:
+    """Sets the epoch's learning rates (``training.lr_decay``); returns the factor on the first epoch's.
+
+    The fused table optimizers pass the rate of their parameter groups to their kernels at ``step`` and
+    ``zero_grad`` (TorchRec's ``EmbeddingFusedOptimizer``); ``zero_grad`` here makes the epoch's first
+    batch use it already.
+    """
+    factor = t.lr_decay**epoch
+    for group in sharded.dmp.fused_optimizer.param_groups:
+        group["lr"] = t.embedding_lr * factor
+    sharded.dmp.fused_optimizer.zero_grad()
+    for group in sharded.dense_optimizer.param_groups:
+        group["lr"] = t.dense_lr * factor
+    return factor
+
+
 def _dense_optimizer(params: Any, t: TrainingSettings) -> torch.optim.Optimizer:
     """Adam over the dense parameters; AdamW with ``dense_weight_decay``.
 

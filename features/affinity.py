@@ -1,0 +1,314 @@
+"""Affinity features: what the user, or everybody, did with the candidate's item, category, brand or shop.
+
+A feature of kind ``affinity`` (see :class:`features.config.FeatureDef`) is a number computed, for every
+impression, from the event log strictly before it, then fitted and transformed like a ``numeric`` feature
+(``fill_null``, ``log1p``, ``standardize``, ``bucketize``). Its fields:
+
+==============  ===========================================================================================
+``by``          ``user``: the impression's user's events; ``all``: every user's events (popularity).
+``key``         the candidate's attribute the events must share: ``item_id``, ``category_id``,
+                ``top_category``, ``brand_id``, ``shop_id``; empty: any item (``by: user`` only).
+``event``       ``impression``, ``click`` or ``purchase``.
+``stat``        ``count``: the events; ``rate``: ``(events + m * prior) / (trials + m)``, trials the ``per``
+                events, prior everybody's rate before the impression's day; ``share``: ``(events on the
+                key + m * prior) / (the user's events on any key + m)``, prior everybody's share of the key
+                before the impression's day; ``mean``: the mean ``value`` of the event's items; ``gap``:
+                the candidate's ``value`` minus that mean (the user's price profile).
+``per``         rate only: ``impression`` or ``click`` (default: ``impression`` for clicks, ``click`` for
+                purchases).
+``window_days`` count only the events of the last ``window_days`` days; 0 (default) counts all.
+``smoothing``   ``m`` above (default 10).
+``value``       mean and gap: ``log_price`` or ``rating`` of the items.
+==============  ===========================================================================================
+
+When "before" is. ``by: user`` counts every event strictly before the impression's instant: the page view's
+own clicks never count, and appending later events never changes earlier rows. ``by: all`` counts, and the
+priors, are as of the start of the impression's UTC day: what a daily batch job over the whole log would
+hold (a same-day global counter needs a streaming system; a day's own events of one item would also leak
+the labels of a busy page).
+
+Cost. ``by: user`` features over clicks and purchases read only the click events (a few per cent of the
+impressions); ``by: user`` with ``event: impression`` or ``per: impression`` reads every impression and is
+several times slower. Features that share ``by``, ``key`` and ``window_days`` share one point-in-time join.
+
+For training data the event log is the impressions themselves; for scoring it is the history the caller
+supplies (it must hold non-click impressions when a feature counts impressions, and ``purchase`` when one
+counts purchases: see :func:`history_needs`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import polars as pl
+
+AFFINITY = "affinity"
+BY = ("user", "all")
+KEYS = ("item_id", "category_id", "top_category", "brand_id", "shop_id")
+EVENTS = ("impression", "click", "purchase")
+STATS = ("count", "rate", "share", "mean", "gap")
+VALUES = ("log_price", "rating")
+_DAY = "1d"
+_ASOF = {"strategy": "backward", "allow_exact_matches": False, "check_sortedness": False}
+_SEEDS = (11, 23)  # of the two hashes combined into one group key
+
+
+def derived_column(name: str) -> str:
+    """The derived column that holds affinity feature ``name`` before its transforms."""
+    return f"affinity__{name}"
+
+
+@dataclass(frozen=True)
+class Counter:
+    """One point-in-time count: events of one kind, grouped ``by`` and ``key``, over one window."""
+
+    by: str
+    key: str
+    window_days: int
+
+    @property
+    def tag(self) -> str:
+        """The prefix of this counter's columns."""
+        return f"__{self.by}_{self.key or 'any'}_{self.window_days}d"
+
+    def column(self, what: str) -> str:
+        """The column of this counter's ``what`` (an event name, or ``v_<event>`` for a value sum)."""
+        return f"{self.tag}_{what}"
+
+
+def _as_int(key: str) -> pl.Expr:
+    """The key as Int64 (strings hashed; equal values give equal codes within one process)."""
+    col = pl.col(key)
+    return col.hash(_SEEDS[0]).reinterpret(signed=True) if key == "top_category" else col.cast(pl.Int64)
+
+
+def _group(counter: Counter) -> pl.Expr:
+    """One Int64 per group: the user, the key, or a hash of both."""
+    if counter.by == "all":
+        return _as_int(counter.key) if counter.key else pl.lit(0, dtype=pl.Int64)
+    if not counter.key:
+        return pl.col("user_id").cast(pl.Int64)
+    return (pl.col("user_id").hash(_SEEDS[0]) ^ _as_int(counter.key).hash(_SEEDS[1])).reinterpret(signed=True)
+
+
+def counters(features: Sequence[Any]) -> dict[Counter, set[str]]:
+    """The counters the features need, each with what it must count (events, and ``v_<event>`` sums).
+
+    A rate needs its ``per`` events, and everybody's counts on the day for its prior; a share needs the
+    user's events on any key and everybody's share of the key.
+    """
+    need: dict[Counter, set[str]] = {}
+
+    def add(counter: Counter, *what: str) -> None:
+        need.setdefault(counter, set()).update(what)
+
+    for f in features:
+        own = Counter(f.by, f.key, f.window_days)
+        add(own, f.event)
+        if f.stat == "rate":
+            add(own, rate_per(f))
+            add(Counter("all", "", f.window_days), f.event, rate_per(f))
+        elif f.stat == "share":
+            add(Counter("user", "", f.window_days), f.event)
+            add(Counter("all", f.key, f.window_days), f.event)
+            add(Counter("all", "", f.window_days), f.event)
+        elif f.stat in ("mean", "gap"):
+            add(own, f"v_{f.event}_{f.value}")
+    return need
+
+
+def rate_per(f: Any) -> str:
+    """A rate's denominator event."""
+    return f.per or ("impression" if f.event == "click" else "click")
+
+
+@dataclass(frozen=True)
+class HistoryNeeds:
+    """What the event log must hold for a set of affinity features.
+
+    Attributes:
+        every_impression: non-click impressions too (``by: all`` counters, and ``by: user`` counters of
+            impressions); without them the click events suffice.
+        purchases: the ``purchase`` column.
+        every_user: the other users' events too (``by: all`` counters); without them a row needs only its
+            own user's events.
+    """
+
+    every_impression: bool = False
+    purchases: bool = False
+    every_user: bool = False
+
+
+def history_needs(features: Sequence[Any]) -> HistoryNeeds:
+    """What the event log must hold for these affinity features (nothing beyond clicks for none)."""
+    need = counters(features)
+    user_what = set().union(set(), *[w for c, w in need.items() if c.by == "user"])
+    every_user = any(c.by == "all" for c in need)
+    return HistoryNeeds(
+        every_impression="impression" in user_what or every_user,
+        purchases=any("purchase" in what for whats in need.values() for what in whats),
+        every_user=every_user,
+    )
+
+
+def _event_expr(what: str) -> pl.Expr:
+    """Per event row: 1 when it is an event of this kind (or the value sum's term)."""
+    if what == "impression":
+        return pl.lit(1, dtype=pl.Int64)
+    if what in ("click", "purchase"):
+        return pl.col(what).cast(pl.Int64)
+    _, event, value = what.split("_", 2)
+    return pl.col(event).cast(pl.Float64) * pl.col(value).cast(pl.Float64)
+
+
+def _cumulative(
+    events: pl.DataFrame, counter: Counter, what: Sequence[str], on: str, weights: bool = False
+) -> pl.DataFrame:
+    """Per group and instant (``on``), the counts up to and including it; sorted by ``on``.
+
+    ``weights``: the events are already sums (one row per item and day) rather than single events.
+
+    The running sums restart at each group without a hash over the groups: the events are sorted by
+    (group, instant), summed once, and each group's starting total is subtracted.
+    """
+    frame = events.select(
+        _group(counter).alias("__g"),
+        pl.col(on),
+        *[(pl.col(w) if weights else _event_expr(w)).alias(w) for w in what],
+    ).sort("__g", on)
+    first = pl.col("__g") != pl.col("__g").shift(1)
+    last = (pl.col("__g") != pl.col("__g").shift(-1)) | (pl.col(on) != pl.col(on).shift(-1))
+    sums = [pl.col(w).cum_sum() for w in what]
+    frame = frame.with_columns(sums).with_columns(
+        (pl.col(w) - pl.when(first.fill_null(True)).then(pl.col(w).shift(1).fill_null(0)).forward_fill())
+        for w in what
+    )
+    # Several events at one instant: the state after the last of them is what later rows see.
+    return frame.filter(last.fill_null(True)).sort(on)
+
+
+def add_affinities(
+    rows: pl.LazyFrame, history: pl.LazyFrame | None, items: pl.LazyFrame, features: Sequence[Any]
+) -> pl.LazyFrame:
+    """Adds one ``affinity__<name>`` Float64 column per affinity feature (null where ``mean`` has no events).
+
+    The rows are collected here: each counter is one point-in-time join against the rows' keys, and a lazy
+    plan with one branch per counter would derive the rows again for each.
+
+    Args:
+        rows: derived rows sorted by ``ts``, with ``user_id``, ``ts`` and the items' columns.
+        history: the event log (impressions with ``click``, and ``purchase`` when needed); None: the rows
+            are their own log (training data).
+        items: the items table (the events' keys and values).
+        features: the affinity feature definitions.
+    """
+    if not features:
+        return rows
+    need = counters(features)
+    purchases = history_needs(features).purchases
+    user_impressions = "impression" in set().union(set(), *[w for c, w in need.items() if c.by == "user"])
+    values = sorted({f.value for f in features if f.value})
+    keys = sorted({c.key for c in need if c.key})
+    attrs = (
+        items.select("item_id", *[k for k in keys if k != "item_id"], "price", "rating")
+        .with_columns(pl.col("price").clip(lower_bound=0.0).log1p().alias("log_price"))
+        .collect()
+    )
+    frame = rows.collect()
+    event_columns = ["user_id", "ts", "item_id", "click", *(["purchase"] if purchases else [])]
+    # Training rows are their own event log, already joined with the items.
+    log = frame.lazy() if history is None else history.select(event_columns)
+    if any(c.by == "user" for c in need):
+        user_log = log if user_impressions else log.filter(pl.col("click") == 1)
+        if history is None:
+            extra = [k for k in (*keys, *values) if k not in event_columns]
+            user_events = user_log.select(*event_columns, *extra).collect()
+        else:
+            user_events = user_log.join(
+                attrs.lazy(), on="item_id", how="left", maintain_order="left"
+            ).collect()
+    if any(c.by == "all" for c in need):
+        day_events = _daily(log.select(event_columns), attrs, need)
+    day = pl.col("ts").dt.truncate(_DAY).alias("__day")
+    user_frame = frame.select("user_id", "ts", *keys, *values)
+    added: dict[str, pl.Series] = {}
+    for counter, what in need.items():
+        if counter.by == "user":
+            state = _cumulative(user_events, counter, sorted(what), "ts")
+            added |= _counts(user_frame, counter, sorted(what), state, "ts")
+    by_all = [c for c in need if c.by == "all"]
+    if by_all:
+        # Everybody's counts as of a day depend on the item and the day only: count them once per pair.
+        pairs = (
+            frame.select("item_id", day)
+            .unique()
+            .sort("__day")
+            .join(attrs, on="item_id", how="left", maintain_order="left")
+        )
+        pair_counts: dict[str, pl.Series] = {}
+        for counter in by_all:
+            what = sorted(need[counter])
+            state = _cumulative(day_events, counter, what, "__day", weights=True)
+            pair_counts |= _counts(pairs, counter, what, state, "__day")
+        pairs = pairs.select("item_id", "__day").with_columns(**pair_counts)
+        joined = frame.select("item_id", day).join(
+            pairs, on=["item_id", "__day"], how="left", maintain_order="left"
+        )
+        added |= {name: joined[name].fill_null(0) for name in pair_counts}
+    values_frame = user_frame.select(values).with_columns(**added)
+    columns = values_frame.select(_feature_expr(f).alias(derived_column(f.name)) for f in features)
+    return frame.hstack(columns.get_columns()).lazy()
+
+
+def _counts(
+    frame: pl.DataFrame, counter: Counter, what: Sequence[str], state: pl.DataFrame, on: str
+) -> dict[str, pl.Series]:
+    """Per row of ``frame``, the counter's counts strictly before ``on`` (over its window)."""
+    left = frame.select(_group(counter).alias("__g"), on)
+    joined = left.join_asof(state, on=on, by="__g", **_ASOF)
+    totals = {w: joined[w].fill_null(0) for w in what}
+    if counter.window_days:
+        start = left.select("__g", (pl.col(on) - pl.duration(days=counter.window_days)).alias(on))
+        before = start.join_asof(state, on=on, by="__g", **_ASOF)
+        totals = {w: totals[w] - before[w].fill_null(0) for w in what}
+    return {counter.column(w): t for w, t in totals.items()}
+
+
+def _daily(log: pl.LazyFrame, attrs: pl.LazyFrame, need: dict[Counter, set[str]]) -> pl.DataFrame:
+    """Everybody's events per item and UTC day, with the items' keys: the input of the ``by: all`` counters.
+
+    Summing per (item, day) first makes the per-key running sums sort a table of items x days instead of
+    every event.
+    """
+    what = sorted(set().union(*[w for c, w in need.items() if c.by == "all"]))
+    per_day = (
+        log.group_by("item_id", pl.col("ts").dt.truncate(_DAY).alias("__day"))
+        .agg((pl.len() if w == "impression" else _event_expr(w).sum()).alias(w) for w in what)
+        .join(attrs.lazy(), on="item_id", how="left")
+    )
+    return per_day.collect()
+
+
+def _feature_expr(f: Any) -> pl.Expr:
+    own = Counter(f.by, f.key, f.window_days)
+    events = pl.col(own.column(f.event)).cast(pl.Float64)
+    m = float(f.smoothing)
+    if f.stat == "count":
+        return events
+    if f.stat == "rate":
+        per = rate_per(f)
+        world = Counter("all", "", f.window_days)
+        prior = pl.col(world.column(f.event)) / pl.col(world.column(per))
+        prior = prior.fill_nan(0.0).fill_null(0.0)
+        return (events + m * prior) / (pl.col(own.column(per)) + m).clip(lower_bound=1e-12)
+    if f.stat == "share":
+        world = Counter("all", "", f.window_days)
+        prior = pl.col(Counter("all", f.key, f.window_days).column(f.event)) / pl.col(world.column(f.event))
+        prior = prior.fill_nan(0.0).fill_null(0.0)
+        total = pl.col(Counter("user", "", f.window_days).column(f.event))
+        return (events + m * prior) / (total + m).clip(lower_bound=1e-12)
+    mean = pl.col(own.column(f"v_{f.event}_{f.value}")) / events
+    mean = pl.when(events > 0).then(mean).otherwise(None)
+    return mean if f.stat == "mean" else pl.col(f.value).cast(pl.Float64) - mean
