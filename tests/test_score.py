@@ -461,3 +461,26 @@ def test_bad_input_fails_before_anything_is_written(tmp_path, raw_world):
         with pytest.raises(ContractError, match=message):
             run_scoring(config)
         assert not out.exists() and not (tmp_path / "none.db").exists(), name
+
+
+@pytest.mark.slow
+def test_an_affinity_model_scores_as_its_package_does_on_the_same_rows(world, raw_world, tmp_path):
+    """Batch scoring of a model with affinity features: everybody's events reach every partition."""
+    from recsys.package import load_package, predict_frame
+
+    config = FeatureConfig.from_yaml(builtin_config("ecommerce_affinity"))
+    spec, _ = build(config, load_tables(raw_world), tmp_path / "features", progress=False)
+    pkg = in_memory_package(spec, TINY_MODEL, seed=2)
+    path = save_package(tmp_path / "package", pkg.model, pkg.model_config, spec)
+    known = world["cands"].filter(pl.col("user_id").is_not_null())
+    result = run_scoring(config_for(world, tmp_path / "affinity", model=str(path)))
+    assert result.ok and result.rows_out == world["cands"].height
+    out = read_output(result.output).filter(pl.col("user_id").is_not_null())
+    # The package on all the joined rows at once, their labels being the history, as the batch run reads it.
+    expected = predict_frame(load_package(path), joined(known, world["users"], world["items"]))
+    expected = expected.sort("impression_id")
+    assert out["impression_id"].to_list() == expected["impression_id"].to_list()
+    np.testing.assert_allclose(out["p_click"].to_numpy(), expected["p_click"].to_numpy(), rtol=0, atol=1e-5)
+    unlabelled = joined(known, world["users"], world["items"]).drop(LABELS)
+    with pytest.raises(ValueError, match=r"history: missing column\(s\) \['purchase'\]"):
+        predict_frame(load_package(path), unlabelled, history=known.drop("purchase"))
