@@ -4,11 +4,14 @@ The oracle AUC of a generated data set scores the test rows with the true probab
 traits the data only hints at: each user's propensity, top-category preferences and price sensitivity, and
 each item's quality. A model learned from labels can at best estimate those traits from the user's and
 item's training rows. This script measures that limit: it fits, by penalized maximum likelihood, a model of
-the generator's exact functional form (see :mod:`synth.generate`, "The truth"), with the exact
-components computed from the raw tables and only the latent traits left to learn:
+the generators' functional form (see :mod:`synth.generate`, "The truth", and :mod:`synth.worlds`), with
+the exact components computed from the raw tables and only the latent traits and the weights left to
+learn. The form is the union of every world's terms, so that it is well specified for each world (a world
+leaves the weights of the terms it does not use at zero):
 
 * click: ``logit = b + a[user] + q[item] + A[user, top category] + s[user] * price deviation
-  + history + rating + novelty + device + page + hour + position`` (one learned weight or effect each);
+  + history + price deviation + rating + novelty + device + page + hour + member level
+  + (top category x hour) + (top category x weekend) + position`` (one learned weight or effect each);
 * purchase given click: the same form without position, fitted on clicked rows;
 * ``p_purchase = p_click * p_purchase_given_click``, as in the truth.
 
@@ -18,6 +21,8 @@ config (the last 3 calendar days test, the 3 before validation); each task keeps
 validation AUC.
 
     python -m benchmarks.oracle_ceiling --raw data/demo/raw [--epochs 6] [--l2 1e-4]
+
+Any world's raw folder works (``python -m pipelines.generate --world interest``).
 
 It prints, per task, the validation and test AUC of the ceiling model and of the oracle, and the gap.
 """
@@ -50,6 +55,7 @@ def load(raw: Path, test_days: int = 3, valid_days: int = 3) -> pl.DataFrame:
         pl.read_parquet(raw / "impressions.parquet")
         .join(items.select("item_id", "top", "price_dev", "rating", "listing_ts"), on="item_id")
         .join(pl.read_parquet(raw / "truth.parquet"), on="impression_id")
+        .join(pl.read_parquet(raw / "users.parquet").select("user_id", "member_level"), on="user_id")
         .sort("ts")
         .with_columns(day=pl.col("ts").dt.truncate("1d"))
     )
@@ -75,6 +81,9 @@ def load(raw: Path, test_days: int = 3, valid_days: int = 3) -> pl.DataFrame:
         device_code=pl.col("device").rank("dense") - 1,
         page_code=pl.col("page").rank("dense") - 1,
         hour=pl.col("ts").dt.hour(),
+        member=pl.col("member_level").cast(pl.Int64).rank("dense") - 1,
+        top_hour=pl.col("top") * 24 + pl.col("ts").dt.hour(),
+        top_weekend=pl.col("top") * 2 + (pl.col("ts").dt.weekday() >= 6).cast(pl.Int64),
         split=pl.when(pl.col("day").is_in(test.implode()))
         .then(2)
         .when(pl.col("day").is_in(valid.implode()))
@@ -90,9 +99,10 @@ class TruthForm(nn.Module):
         num_users: user ids are ``0 .. num_users - 1``.
         num_items: item ids are ``0 .. num_items - 1``.
         num_numeric: numeric components with one learned weight each.
+        num_members: member levels are ``0 .. num_members - 1``.
     """
 
-    def __init__(self, num_users: int, num_items: int, num_numeric: int) -> None:
+    def __init__(self, num_users: int, num_items: int, num_numeric: int, num_members: int = 8) -> None:
         super().__init__()
         self.propensity = nn.Embedding(num_users, 1)
         self.quality = nn.Embedding(num_items, 1)
@@ -102,6 +112,9 @@ class TruthForm(nn.Module):
         self.device = nn.Embedding(3, 1)
         self.page = nn.Embedding(5, 1)
         self.hour = nn.Embedding(24, 1)
+        self.member = nn.Embedding(num_members, 1)
+        self.top_hour = nn.Embedding(N_TOP * 24, 1)
+        self.top_weekend = nn.Embedding(N_TOP * 2, 1)
         self.linear = nn.Linear(num_numeric, 1)
         for module in self.modules():
             if isinstance(module, nn.Embedding):
@@ -127,6 +140,9 @@ class TruthForm(nn.Module):
             + self.device(cols["device"]).squeeze(1)
             + self.page(cols["page"]).squeeze(1)
             + self.hour(cols["hour"]).squeeze(1)
+            + self.member(cols["member"]).squeeze(1)
+            + self.top_hour(cols["top_hour"]).squeeze(1)
+            + self.top_weekend(cols["top_weekend"]).squeeze(1)
         )
         return z, sum(t.pow(2).sum(1) for t in latent)
 
@@ -144,6 +160,9 @@ def tensors(df: pl.DataFrame, numeric: list[str]) -> dict[str, torch.Tensor]:
         "device": col("device_code"),
         "page": col("page_code"),
         "hour": col("hour"),
+        "member": col("member"),
+        "top_hour": col("top_hour"),
+        "top_weekend": col("top_weekend"),
         "price_dev": col("price_dev", torch.float32),
         "numeric": torch.tensor(df.select(numeric).to_numpy(), dtype=torch.float32),
     }
@@ -156,7 +175,9 @@ def fit(
     torch.manual_seed(seed)
     cols = tensors(df, numeric)
     y = torch.tensor(df[label].to_numpy(), dtype=torch.float32)
-    model = TruthForm(int(df["user_id"].max()) + 1, int(df["item_id"].max()) + 1, len(numeric))
+    model = TruthForm(
+        int(df["user_id"].max()) + 1, int(df["item_id"].max()) + 1, len(numeric), int(df["member"].max()) + 1
+    )
     optimizer = torch.optim.Adam(model.parameters(), lr=0.02)
     train = torch.as_tensor(rows)
     per_epoch = []

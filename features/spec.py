@@ -275,68 +275,103 @@ def _fit_vocab(f: FeatureDef, train: pl.LazyFrame, schema: pl.Schema) -> pl.Lazy
     )
 
 
-def _fit_numeric(f: FeatureDef, train: pl.LazyFrame, schema: pl.Schema) -> dict[str, Any]:
-    if not schema[f.source].is_numeric():
-        raise ValueError(
-            f"features[{f.name}].source: numeric features need a numeric column, "
-            f"{f.source!r} is {schema[f.source]}"
-        )
-    raw = pl.col(f.source).cast(pl.Float64).fill_nan(None)
-    fill = f.fill_null
-    if fill in ("mean", "median"):
-        stat = train.select(getattr(raw, fill)()).collect().item()
-        fill_value = _stat(stat) if stat is not None else 0.0
-    else:
-        fill_value = 0.0 if fill == "zero" else float(fill)
-    state: dict[str, Any] = {"fill_value": fill_value, "steps": [], "output": DENSE}
-    if f.relative_to:
-        filled = raw.fill_null(fill_value)
-        group_dtype = _vocab_dtype(schema[f.relative_to])
-        group = pl.col(f.relative_to).cast(pl.Int64 if group_dtype == "int" else pl.String)
-        medians = (
-            train.select(group.alias("g"), filled.alias("v"))
-            .drop_nulls("g")
-            .group_by("g")
-            .agg(pl.col("v").median())
-            .sort("g")
-            .collect()
-        )
-        default = train.select(filled.median()).collect().item()
-        # A median of 0 would divide by zero; such groups fall back to the global median.
-        positive = medians.filter(pl.col("v") > 0)
-        state["group_median"] = {
-            "dtype": group_dtype,
-            "keys": positive["g"].to_list(),
-            "values": [_stat(v) for v in positive["v"].to_list()],
-            "default": _stat(default) if default and default > 0 else 1.0,
-        }
-    for op in f.transforms:
-        x = _numeric_expr(f, state)  # the value after the steps fitted so far
-        if op == "log1p":
-            state["steps"].append({"op": "log1p"})
-        elif op == "standardize":
-            mean, std = train.select(x.mean().alias("mean"), x.std().alias("std")).collect().row(0)
-            state["steps"].append(
-                {
-                    "op": "standardize",
-                    "mean": _stat(mean or 0.0),
-                    "std": _stat(std) if std and std > _MIN_STD else 1.0,
-                }
+def _fit_numerics(
+    features: list[FeatureDef], train: pl.LazyFrame, schema: pl.Schema
+) -> dict[str, dict[str, Any]]:
+    """The fitted states of numeric (and affinity) features.
+
+    The statistics of all features are fitted together, one query per round (fill values, then each
+    transform step in turn), rather than one query per statistic: each query reads the training rows once.
+    """
+    for f in features:
+        if not schema[f.source].is_numeric():
+            raise ValueError(
+                f"features[{f.name}].source: numeric features need a numeric column, "
+                f"{f.source!r} is {schema[f.source]}"
             )
+
+    def raw(f: FeatureDef) -> pl.Expr:
+        return pl.col(f.source).cast(pl.Float64).fill_nan(None)
+
+    fills = [
+        getattr(raw(f), f.fill_null)().alias(f.name) for f in features if f.fill_null in ("mean", "median")
+    ]
+    fitted_fills = train.select(fills).collect().row(0, named=True) if fills else {}
+    states: dict[str, dict[str, Any]] = {}
+    for f in features:
+        if f.fill_null in ("mean", "median"):
+            stat = fitted_fills[f.name]
+            fill_value = _stat(stat) if stat is not None else 0.0
         else:
-            boundaries = list(f.boundaries)
-            if not boundaries:
-                # Quantiles by nearest rank over one sort (polars sorts once per quantile expression).
-                values = train.select(x.drop_nulls().sort().alias("v")).collect().to_series()
-                last = len(values) - 1
-                ranks = (
-                    [round(last * i / f.num_buckets) for i in range(1, f.num_buckets)] if last >= 0 else []
+            fill_value = 0.0 if f.fill_null == "zero" else float(f.fill_null)
+        states[f.name] = {"fill_value": fill_value, "steps": [], "output": DENSE}
+        if f.relative_to:
+            states[f.name]["group_median"] = _fit_group_median(f, train, schema, raw(f).fill_null(fill_value))
+    for k in range(max((len(f.transforms) for f in features), default=0)):
+        step = [f for f in features if len(f.transforms) > k]
+        moments = [
+            e
+            for f in step
+            if f.transforms[k] == "standardize"
+            for x in [_numeric_expr(f, states[f.name])]  # the value after the steps fitted so far
+            for e in (x.mean().alias(f"{f.name}/mean"), x.std().alias(f"{f.name}/std"))
+        ]
+        fitted = train.select(moments).collect().row(0, named=True) if moments else {}
+        for f in step:
+            state, op = states[f.name], f.transforms[k]
+            if op == "log1p":
+                state["steps"].append({"op": "log1p"})
+            elif op == "standardize":
+                mean, std = fitted[f"{f.name}/mean"], fitted[f"{f.name}/std"]
+                state["steps"].append(
+                    {
+                        "op": "standardize",
+                        "mean": _stat(mean or 0.0),
+                        "std": _stat(std) if std and std > _MIN_STD else 1.0,
+                    }
                 )
-                boundaries = sorted({float(values[r]) for r in ranks})
-            state["steps"].append({"op": "bucketize", "boundaries": boundaries})
-            state["output"] = ID
-            state["num_embeddings"] = len(boundaries) + 2  # buckets 1..len+1, and 0 unused
-    return state
+            else:
+                boundaries = list(f.boundaries) or _quantiles(f, train, _numeric_expr(f, state))
+                state["steps"].append({"op": "bucketize", "boundaries": boundaries})
+                state["output"] = ID
+                state["num_embeddings"] = len(boundaries) + 2  # buckets 1..len+1, and 0 unused
+    return states
+
+
+def _fit_group_median(
+    f: FeatureDef, train: pl.LazyFrame, schema: pl.Schema, filled: pl.Expr
+) -> dict[str, Any]:
+    """``relative_to``: the training-window median of the feature per group, and the global one."""
+    group_dtype = _vocab_dtype(schema[f.relative_to])
+    group = pl.col(f.relative_to).cast(pl.Int64 if group_dtype == "int" else pl.String)
+    medians = (
+        train.select(group.alias("g"), filled.alias("v"))
+        .drop_nulls("g")
+        .group_by("g")
+        .agg(pl.col("v").median())
+        .sort("g")
+        .collect()
+    )
+    default = train.select(filled.median()).collect().item()
+    # A median of 0 would divide by zero; such groups fall back to the global median.
+    positive = medians.filter(pl.col("v") > 0)
+    return {
+        "dtype": group_dtype,
+        "keys": positive["g"].to_list(),
+        "values": [_stat(v) for v in positive["v"].to_list()],
+        "default": _stat(default) if default and default > 0 else 1.0,
+    }
+
+
+def _quantiles(f: FeatureDef, train: pl.LazyFrame, x: pl.Expr) -> list[float]:
+    """``num_buckets`` quantile boundaries by nearest rank, over one sort.
+
+    (Polars would sort once per quantile expression.)
+    """
+    values = train.select(x.drop_nulls().sort().alias("v")).collect().to_series()
+    last = len(values) - 1
+    ranks = [round(last * i / f.num_buckets) for i in range(1, f.num_buckets)] if last >= 0 else []
+    return sorted({float(values[r]) for r in ranks})
 
 
 def fit(
@@ -377,12 +412,13 @@ def fit(
             raise ValueError(
                 f"features[{f.name}].kind: multi_hot needs a list column, {f.source!r} is {schema[f.source]}"
             )
-    fitted: dict[str, dict[str, Any]] = {}
+    numeric = [f for f in config.features if f.kind in (NUMERIC, AFFINITY)]
+    fitted: dict[str, dict[str, Any]] = _fit_numerics(numeric, train, schema)
     pending: dict[str, pl.LazyFrame] = {}
     for f in config.features:
-        if f.kind in (NUMERIC, AFFINITY):
-            fitted[f.name] = _fit_numeric(f, train, schema)
-        elif f.vocab_of:
+        if f in numeric:
+            continue
+        if f.vocab_of:
             fitted[f.name] = {"vocab_of": f.vocab_of, "output": ID_LIST}
         else:
             result = _fit_vocab(f, train, schema)
