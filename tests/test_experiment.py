@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import mlflow
+import numpy as np
 import pytest
 
 from features.config import FeatureConfig, builtin_config
@@ -16,7 +17,14 @@ from features.spec import FeatureSpec
 from recsys.config import ModelConfig
 from recsys.experiments.grid import Cell, RunRecord
 from recsys.experiments.matching import ParameterCount, count_parameters, deep_merge, match_parameters
-from recsys.experiments.report import metrics_figure, results_csv, results_markdown
+from recsys.experiments.report import (
+    Report,
+    largest_fall,
+    metrics_figure,
+    results_csv,
+    results_markdown,
+    write_report,
+)
 from recsys.experiments.runner import run_experiment
 from recsys.experiments.spec import ExperimentSpec, load_spec
 from recsys.experiments.stats import Advantage, CellSummary, advantages, findings, load_entropy, summarize
@@ -169,6 +177,23 @@ def test_summaries_advantages_and_findings_golden_values():
     metrics_figure(spec, summaries)  # draws without error
 
 
+def test_the_report_shows_each_cells_validation_curve_and_its_largest_fall(tmp_path):
+    spec = ExperimentSpec.from_dict(spec_dict())
+    records = [record("mmoe", 0, 0.70, 0.80), record("mmoe", 1, 0.72, 0.84), record("sb", 0, 0.69, 0.78)]
+    records[0].valid_curve = [0.70, 0.71, 0.703, 0.704]
+    records[1].valid_curve = [0.72, 0.715, 0.716, 0.717]
+    records[2].valid_curve = [0.69, 0.68, 0.67]
+    assert largest_fall(np.array([0.70, 0.71, 0.703])) == pytest.approx(0.007)
+    assert largest_fall(np.array([0.7, 0.8])) == 0.0
+    report = Report(records, summarize(records, spec), [], [])
+    files = write_report(spec, tmp_path, report, "header")
+    assert files["validation.png"].stat().st_size > 0
+    # mmoe: mean of the two seeds per epoch; its largest fall is seed 0's 0.007 (worse than seed 1's 0.005)
+    assert "| d | mmoe | 0.7100 | 0.7125 | 0.7095 | 0.7105 | 0.0070 |" in report.markdown
+    assert "| d | sb | 0.6900 | 0.6800 | 0.6700 |  | 0.0100 |" in report.markdown
+    assert "![validation.png](validation.png)" in report.markdown
+
+
 @pytest.mark.slow
 def test_a_tiny_grid_runs_nested_in_one_mlflow_parent_and_is_reused(tmp_path):
     spec = ExperimentSpec.from_dict(
@@ -221,6 +246,7 @@ def test_a_tiny_grid_runs_nested_in_one_mlflow_parent_and_is_reused(tmp_path):
     assert "results/results.md" in artifacts and "results/metrics.png" in artifacts
     mmoe = next(r for r in result.records if r.cell.model == "mmoe")
     assert 0 < mmoe.metrics["test/click/auc"] < 1 and set(mmoe.expert_load) == {"moe/click", "moe/purchase"}
+    assert len(mmoe.valid_curve) == 1 and 0 < mmoe.valid_curve[0] < 1  # one epoch: one point, no plot
 
     again = run_experiment(spec, tmp_path / "out", tracking_uri=uri)  # nothing left to train
     assert all(r.reused for r in again.records)

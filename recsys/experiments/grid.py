@@ -69,6 +69,7 @@ class RunRecord:
     expert_load: dict[str, list[float]]
     tasks: list[str]
     reused: bool = False
+    valid_curve: list[float] = dataclasses.field(default_factory=list)  # main metric per epoch
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data (JSON)."""

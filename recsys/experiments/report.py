@@ -2,7 +2,8 @@
 
 The Markdown report has, per data set, a table of mean ± std over seeds and the published numbers beside
 ours; then the advantage of every model over the baseline (paired by seed) and the computed findings. The
-plots show the test metrics, the advantages and the expert load of every gated cell. Every file is written
+plots show the test metrics, the advantages, the expert load of every gated cell and the validation
+curves (with a table of the main validation metric per epoch and its largest fall). Every file is written
 atomically.
 
 Example:
@@ -271,9 +272,74 @@ def expert_load_grid_figure(spec: ExperimentSpec, records: Sequence[RunRecord]) 
     return fig
 
 
+def _curves(records: Sequence[RunRecord]) -> dict[Cell, np.ndarray]:
+    """Per cell, the (seeds, epochs) validation curves of its runs (the shortest run's epochs)."""
+    by_cell: dict[Cell, list[list[float]]] = {}
+    for r in records:
+        if r.valid_curve:
+            by_cell.setdefault(r.cell, []).append(list(r.valid_curve))
+    return {c: np.array([v[: min(map(len, vs))] for v in vs]) for c, vs in by_cell.items()}
+
+
+def largest_fall(curve: np.ndarray) -> float:
+    """The largest fall of the metric from one epoch to the next (0 when it never falls)."""
+    return float(max(0.0, *(-np.diff(curve)))) if curve.size > 1 else 0.0
+
+
+def _curve_table(spec: ExperimentSpec, records: Sequence[RunRecord]) -> list[str]:
+    """Markdown lines: the validation main metric per epoch of every cell, and its largest fall."""
+    curves = _curves(records)
+    if not curves:
+        return []
+    epochs = max(c.shape[1] for c in curves.values())
+    out = [
+        f"**Validation curve** (`{spec.base.get('training', {}).get('main_metric', 'click/auc')}` after each "
+        "epoch, mean over seeds; largest fall: the largest drop from one epoch to the next, worst seed)",
+        "",
+        "| data set | model | " + " | ".join(f"epoch {e + 1}" for e in range(epochs)) + " | largest fall |",
+        "|---|---|" + "---:|" * (epochs + 1),
+    ]
+    for cell, curve in curves.items():
+        values = [f"{v:.4f}" for v in curve.mean(axis=0)] + [""] * (epochs - curve.shape[1])
+        fall = max(largest_fall(c) for c in curve)
+        out.append(f"| {cell.dataset} | {cell.label} | " + " | ".join(values) + f" | {fall:.4f} |")
+    return [*out, ""]
+
+
+def validation_figure(spec: ExperimentSpec, records: Sequence[RunRecord]) -> Any:
+    """The validation main metric over epochs: one panel per data set, a line per model (mean, min-max)."""
+    curves = _curves(records)
+    datasets = [d.name for d in spec.datasets if any(c.dataset == d.name for c in curves)]
+    cols = min(3, len(datasets))
+    rows = math.ceil(len(datasets) / cols)
+    fig = new_figure(figsize=(4.6 * cols, 3.4 * rows))
+    axes = fig.subplots(rows, cols, squeeze=False)
+    for ax in axes.flat[len(datasets) :]:
+        ax.set_visible(False)
+    for ax, dataset in zip(axes.flat, datasets, strict=False):
+        for cell, curve in curves.items():
+            if cell.dataset != dataset:
+                continue
+            epochs = np.arange(1, curve.shape[1] + 1)
+            ax.plot(epochs, curve.mean(axis=0), marker="o", label=cell.label)
+            ax.fill_between(epochs, curve.min(axis=0), curve.max(axis=0), alpha=0.2)
+        ax.set(
+            title=dataset,
+            xlabel="epoch",
+            ylabel="validation " + spec.base.get("training", {}).get("main_metric", "click/auc"),
+        )
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"{spec.name}: validation curve (mean over seeds, min-max band)")
+    fig.tight_layout()
+    return fig
+
+
 def figures(spec: ExperimentSpec, report: Report) -> dict[str, Any]:
-    """The plots by file name: the metrics, and the advantages and expert loads where there are any."""
+    """The plots by file name: the metrics, and the advantages, expert loads and curves where there are."""
     out = {"metrics.png": metrics_figure(spec, report.summaries)}
+    if any(len(r.valid_curve) > 1 for r in report.records):
+        out["validation.png"] = validation_figure(spec, report.records)
     if report.advantages:
         out["advantage.png"] = advantage_figure(spec, report.advantages)
     if any(r.expert_load for r in report.records):
@@ -294,6 +360,8 @@ def write_report(spec: ExperimentSpec, out: Path, report: Report, header: str) -
     """
     drawn = figures(spec, report)
     markdown = results_markdown(spec, report.summaries, report.advantages, report.findings, header)
+    curves = "\n".join(_curve_table(spec, report.records))
+    markdown = markdown + ("\n" + curves if curves else "")
     report.markdown = markdown + "\n" + "\n".join(f"![{name}]({name})" for name in drawn) + "\n"
     contents: dict[str, str | bytes] = {
         "results.md": report.markdown,

@@ -136,6 +136,7 @@ def _train(run: GridRun, spec: ExperimentSpec, parent: str | None, tracking_uri:
         metrics=trained.test_metrics,
         expert_load=trained.expert_load,
         tasks=[t.name for t in config.model.tasks if t.kind == "binary"],
+        valid_curve=trained.valid_curve,
     )
 
 

@@ -26,6 +26,7 @@ class TrainedRun:
         test_metrics: the test split's metrics, e.g. ``test/click/auc``.
         expert_load: per gate, the test split's share of rows routed to each expert.
         final_valid_main_metric: the kept (best) epoch's main validation metric, if there was one.
+        valid_curve: the main validation metric of every epoch.
         seconds: wall time of the run.
     """
 
@@ -34,6 +35,7 @@ class TrainedRun:
     expert_load: dict[str, list[float]] = field(default_factory=dict)
     final_valid_main_metric: float | None = None
     seconds: float = 0.0
+    valid_curve: list[float] = field(default_factory=list)
 
 
 def train(config: Any, *, tracking_uri: str, callbacks: Sequence[Any] = ()) -> TrainedRun:
@@ -55,4 +57,5 @@ def train(config: Any, *, tracking_uri: str, callbacks: Sequence[Any] = ()) -> T
         expert_load=dict(summary.expert_load),
         final_valid_main_metric=summary.final_valid_main_metric,
         seconds=time.perf_counter() - started,
+        valid_curve=list(summary.valid_curve),
     )

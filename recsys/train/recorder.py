@@ -240,6 +240,7 @@ def _summary(report: FinalReport, config: TrainConfig, run_id: str | None, packa
 
     state = report.state
     test = finite_metrics(report.metrics)
+    main = f"valid/{config.training.main_metric}"
     return TrainingSummary(
         mlflow_run_id=run_id,
         model_package=str(package),
@@ -250,6 +251,7 @@ def _summary(report: FinalReport, config: TrainConfig, run_id: str | None, packa
         steps=state.step,
         test={k: v for k, v in test.items() if k.endswith(SUMMARY_METRICS)},
         expert_load=expert_loads(test, "test/"),  # per gate, for experiments that compare routing
+        valid_curve=[h[main] for h in state.history if main in h],
     )
 
 

@@ -20,6 +20,7 @@ class TrainingSummary:
         steps: training steps taken (on each worker).
         test: the test metrics of the kept weights that summaries show (``test/click/auc``, ...).
         expert_load: per gate, the share of test rows routed to each expert (empty without gates).
+        valid_curve: the main validation metric of every validated epoch, in order.
         model_uri: the logged MLflow model (None when not logged).
         registered_model: the registered model's name (None when not registered).
         version: the registered version (None when not registered).
@@ -38,6 +39,7 @@ class TrainingSummary:
     steps: int
     test: dict[str, float] = field(default_factory=dict)
     expert_load: dict[str, list[float]] = field(default_factory=dict)
+    valid_curve: list[float] = field(default_factory=list)
     model_uri: str | None = None
     registered_model: str | None = None
     version: str | None = None
