@@ -304,5 +304,13 @@ def test_lr_decay_sets_each_epochs_rates_in_the_table_kernels_and_the_dense_opti
         assert set_epoch_lr(sharded, config.training, epoch) == factor
         assert all(k.get_learning_rate() == pytest.approx(0.08 * factor) for k in kernels)
         assert [g["lr"] for g in sharded.dense_optimizer.param_groups] == [pytest.approx(0.002 * factor)]
+    frozen = TrainConfig.from_dict(
+        {"features": str(tmp_path), "model": model, "training": {**training, "embedding_epochs": 2}}
+    )
+    set_epoch_lr(sharded, frozen.training, 1)
+    assert all(k.get_learning_rate() == pytest.approx(0.04) for k in kernels)
+    set_epoch_lr(sharded, frozen.training, 2)  # frozen tables from the third epoch on; dense layers go on
+    assert all(k.get_learning_rate() == 0.0 for k in kernels)
+    assert [g["lr"] for g in sharded.dense_optimizer.param_groups] == [pytest.approx(0.0005)]
     with pytest.raises(ValueError, match=r"training\.lr_decay: expected a number > 0 and <= 1, got 1.5"):
         TrainConfig.from_dict({"features": "f", "model": model, "training": {"lr_decay": 1.5}})

@@ -68,6 +68,10 @@ class TrainingSettings:
         lr_decay: each epoch's learning rates (dense and embedding) are the first epoch's times
             ``lr_decay ** epoch`` (epochs counted from 0); 1 (the default): constant. Later passes over the
             same rows then move the weights less, which keeps them from memorising the training rows.
+        embedding_epochs: the tables train during the first N epochs only, then stay as they are while the
+            dense layers go on (0, the default: every epoch). Embedding rows of ids seen again in a later
+            pass memorise their training rows (the validation metric falls from the second epoch on);
+            frozen, they cannot.
         calibration: ``platt`` (the default): after training, fit Platt scaling per binary task on the
             validation split's predictions of the kept model, store it in the package and report the test
             metrics after it (and before it, as ``..._raw``); ``none``: the package scores the model's own
@@ -91,6 +95,7 @@ class TrainingSettings:
     shuffle_rows: int = 100_000
     ingest: str = "parquet"
     lr_decay: float = 1.0
+    embedding_epochs: int = 0
     calibration: str = "platt"
 
     def __post_init__(self) -> None:
@@ -111,6 +116,7 @@ class TrainingSettings:
             "early_stopping_patience",
             "max_steps_per_epoch",
             "shuffle_rows",
+            "embedding_epochs",
         ):
             check_int(w, name, getattr(self, name), minimum=0)  # 0: off
         check_choice(w, "ingest", self.ingest, INGEST_MODES)

@@ -54,13 +54,16 @@ def _fused_params(t: TrainingSettings) -> dict[str, Any]:
 def set_epoch_lr(sharded: ShardedModel, t: TrainingSettings, epoch: int) -> float:
     """Sets the epoch's learning rates (``training.lr_decay``); returns the factor on the first epoch's.
 
+    From epoch ``training.embedding_epochs`` on (when set), the tables' rate is 0: they are frozen.
+
     The fused table optimizers pass the rate of their parameter groups to their kernels at ``step`` and
     ``zero_grad`` (TorchRec's ``EmbeddingFusedOptimizer``); ``zero_grad`` here makes the epoch's first
     batch use it already.
     """
     factor = t.lr_decay**epoch
+    frozen = bool(t.embedding_epochs) and epoch >= t.embedding_epochs
     for group in sharded.dmp.fused_optimizer.param_groups:
-        group["lr"] = t.embedding_lr * factor
+        group["lr"] = 0.0 if frozen else t.embedding_lr * factor
     sharded.dmp.fused_optimizer.zero_grad()
     for group in sharded.dense_optimizer.param_groups:
         group["lr"] = t.dense_lr * factor
