@@ -115,7 +115,7 @@ def counters(features: Sequence[Any]) -> dict[Counter, set[str]]:
             add(Counter("all", f.key, f.window_days), f.event)
             add(Counter("all", "", f.window_days), f.event)
         elif f.stat in ("mean", "gap"):
-            add(own, f"v_{f.event}_{f.value}")
+            add(own, f"v_{f.event}_{f.value}", f"n_{f.event}_{f.value}")
     return need
 
 
@@ -154,13 +154,19 @@ def history_needs(features: Sequence[Any]) -> HistoryNeeds:
 
 
 def _event_expr(what: str) -> pl.Expr:
-    """Per event row: 1 when it is an event of this kind (or the value sum's term)."""
+    """Per event row: 1 when it is an event of this kind.
+
+    For ``v_<event>_<value>``: the event's value (0 when null); for ``n_<event>_<value>``: 1 when the event
+    has a value.
+    """
     if what == "impression":
         return pl.lit(1, dtype=pl.Int64)
     if what in ("click", "purchase"):
         return pl.col(what).cast(pl.Int64)
-    _, event, value = what.split("_", 2)
-    return pl.col(event).cast(pl.Float64) * pl.col(value).cast(pl.Float64)
+    kind, event, value = what.split("_", 2)
+    if kind == "n":
+        return pl.col(event).cast(pl.Int64) * pl.col(value).is_not_null().cast(pl.Int64)
+    return (pl.col(event).cast(pl.Float64) * pl.col(value).cast(pl.Float64)).fill_null(0.0)
 
 
 def _cumulative(
@@ -309,6 +315,6 @@ def _feature_expr(f: Any) -> pl.Expr:
         prior = prior.fill_nan(0.0).fill_null(0.0)
         total = pl.col(Counter("user", "", f.window_days).column(f.event))
         return (events + m * prior) / (total + m).clip(lower_bound=1e-12)
-    mean = pl.col(own.column(f"v_{f.event}_{f.value}")) / events
-    mean = pl.when(events > 0).then(mean).otherwise(None)
+    valued = pl.col(own.column(f"n_{f.event}_{f.value}"))
+    mean = pl.when(valued > 0).then(pl.col(own.column(f"v_{f.event}_{f.value}")) / valued).otherwise(None)
     return mean if f.stat == "mean" else pl.col(f.value).cast(pl.Float64) - mean
