@@ -81,6 +81,10 @@ def test_shipped_specs_load_with_their_grid_sizes():
         )
         assert quick.base["training"]["epochs"] == 1
     assert sizes == {"task_relatedness": 36, "gating": 18, "census": 24}
+    worlds = load_spec("worlds")  # every world with and without the affinity features, mean and attention
+    assert len(worlds.datasets) * len(worlds.models) * len(worlds.seeds) == 36
+    assert {d.features for d in worlds.datasets} == {"ecommerce", "ecommerce_affinity"}
+    assert {d.generate.world for d in worlds.datasets} == {"default", "interest", "daypart"}
     relatedness = load_spec("task_relatedness")
     assert [d.generate.task_correlation for d in relatedness.datasets] == [1.0, 0.9, 0.5, 0.0]
 

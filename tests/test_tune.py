@@ -83,7 +83,7 @@ def test_asha_search_runs_trials_as_nested_mlflow_runs_and_writes_the_best_confi
         {
             "name": "tiny",
             "space": {"training.dense_lr": {"loguniform": [1e-4, 1e-2]}, "model.arch.num_experts": [2, 3]},
-            "num_samples": 3,
+            "num_samples": 2,  # each trial starts Ray Train (~20 s on CI); a leak shows in the CPU check below
             "max_concurrent_trials": 1,
             "grace_period": 1,
             "reduction_factor": 2,
@@ -91,7 +91,7 @@ def test_asha_search_runs_trials_as_nested_mlflow_runs_and_writes_the_best_confi
     )
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     result = run_search(config, search, tmp_path / "out", tracking_uri=uri)
-    assert len(result.trials) == 3
+    assert len(result.trials) == 2
     assert all(t.status in ("completed", "stopped early") for t in result.trials)
     # ASHA saw one report per epoch: a trial ran 1 epoch (stopped at the first rung) or both.
     assert all(t.epochs in (1, 2) and (t.status == "completed") == (t.epochs == 2) for t in result.trials)
@@ -113,7 +113,7 @@ def test_asha_search_runs_trials_as_nested_mlflow_runs_and_writes_the_best_confi
     for t in result.trials:
         assert status[t.mlflow_run_id] == ("FINISHED" if t.status == "completed" else "KILLED")
     parent = client.get_run(result.parent_run_id)
-    assert parent.info.status == "FINISHED" and parent.data.metrics["trials"] == 3
+    assert parent.info.status == "FINISHED" and parent.data.metrics["trials"] == 2
     assert "search/best.yaml" in [a.path for a in client.list_artifacts(result.parent_run_id, "search")]
     # Every trial gave its CPUs back, stopped ones included: a leaked placement group per stopped trial
     # once starved the next trials' Ray Data reads (the cleaner needs the dashboard's State API).
