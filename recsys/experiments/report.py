@@ -244,19 +244,25 @@ def advantage_figure(spec: ExperimentSpec, advs: Sequence[Advantage]) -> Any:
     return fig
 
 
+def _panels(n: int, max_cols: int, size: tuple[float, float]) -> tuple[Any, list[Any]]:
+    """A figure of ``n`` panels, at most ``max_cols`` a row, each ``size`` inches; spare ones hidden."""
+    cols = max(1, min(max_cols, n))
+    rows = max(1, math.ceil(n / cols))
+    fig = new_figure(figsize=(size[0] * cols, size[1] * rows))
+    axes = list(fig.subplots(rows, cols, squeeze=False).flat)
+    for ax in axes[n:]:
+        ax.set_visible(False)
+    return fig, axes[:n]
+
+
 def expert_load_grid_figure(spec: ExperimentSpec, records: Sequence[RunRecord]) -> Any:
     """Test-split expert load of every gated cell (its first seed): one panel per cell, bars per gate."""
     firsts: dict[Cell, RunRecord] = {}
     for r in records:
         if r.expert_load and r.cell not in firsts:
             firsts[r.cell] = r
-    cols = min(4, len(firsts))
-    rows = math.ceil(len(firsts) / cols)
-    fig = new_figure(figsize=(4.2 * cols, 3.2 * rows))
-    axes = fig.subplots(rows, cols, squeeze=False)
-    for ax in axes.flat[len(firsts) :]:
-        ax.set_visible(False)
-    for ax, (cell, record) in zip(axes.flat, firsts.items(), strict=False):
+    fig, axes = _panels(len(firsts), 4, (4.2, 3.2))
+    for ax, (cell, record) in zip(axes, firsts.items(), strict=False):
         gates = list(record.expert_load)
         width = 0.8 / len(gates)
         for g, gate in enumerate(gates):
@@ -310,13 +316,8 @@ def validation_figure(spec: ExperimentSpec, records: Sequence[RunRecord]) -> Any
     """The validation main metric over epochs: one panel per data set, a line per model (mean, min-max)."""
     curves = _curves(records)
     datasets = [d.name for d in spec.datasets if any(c.dataset == d.name for c in curves)]
-    cols = min(3, len(datasets))
-    rows = math.ceil(len(datasets) / cols)
-    fig = new_figure(figsize=(4.6 * cols, 3.4 * rows))
-    axes = fig.subplots(rows, cols, squeeze=False)
-    for ax in axes.flat[len(datasets) :]:
-        ax.set_visible(False)
-    for ax, dataset in zip(axes.flat, datasets, strict=False):
+    fig, axes = _panels(len(datasets), 3, (4.6, 3.4))
+    for ax, dataset in zip(axes, datasets, strict=False):
         for cell, curve in curves.items():
             if cell.dataset != dataset:
                 continue
