@@ -119,6 +119,11 @@ def counters(features: Sequence[Any]) -> dict[Counter, set[str]]:
     return need
 
 
+def _counted(need: dict[Counter, set[str]], by: str) -> set[str]:
+    """Everything the ``by`` counters count (event names and value sums)."""
+    return set().union(set(), *[w for c, w in need.items() if c.by == by])
+
+
 def rate_per(f: Any) -> str:
     """A rate's denominator event."""
     return f.per or ("impression" if f.event == "click" else "click")
@@ -144,10 +149,9 @@ class HistoryNeeds:
 def history_needs(features: Sequence[Any]) -> HistoryNeeds:
     """What the event log must hold for these affinity features (nothing beyond clicks for none)."""
     need = counters(features)
-    user_what = set().union(set(), *[w for c, w in need.items() if c.by == "user"])
     every_user = any(c.by == "all" for c in need)
     return HistoryNeeds(
-        every_impression="impression" in user_what or every_user,
+        every_impression="impression" in _counted(need, "user") or every_user,
         purchases=any("purchase" in what for whats in need.values() for what in whats),
         every_user=every_user,
     )
@@ -214,7 +218,7 @@ def add_affinities(
         return rows
     need = counters(features)
     purchases = history_needs(features).purchases
-    user_impressions = "impression" in set().union(set(), *[w for c, w in need.items() if c.by == "user"])
+    user_impressions = "impression" in _counted(need, "user")
     values = sorted({f.value for f in features if f.value})
     keys = sorted({c.key for c in need if c.key})
     attrs = (
@@ -288,7 +292,7 @@ def _daily(log: pl.LazyFrame, attrs: pl.LazyFrame, need: dict[Counter, set[str]]
     Summing per (item, day) first makes the per-key running sums sort a table of items x days instead of
     every event.
     """
-    what = sorted(set().union(*[w for c, w in need.items() if c.by == "all"]))
+    what = sorted(_counted(need, "all"))
     per_day = (
         log.group_by("item_id", pl.col("ts").dt.truncate(_DAY).alias("__day"))
         .agg((pl.len() if w == "impression" else _event_expr(w).sum()).alias(w) for w in what)

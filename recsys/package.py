@@ -53,6 +53,8 @@ _ROW = "__input_row"  # the input's row number, carried through the feature code
 # Columns the click history reads from a history frame (see features.derive.click_history).
 HISTORY_COLUMNS = ("impression_id", "ts", "user_id", "item_id", "click")
 
+DEFAULT_BATCH_SIZE = 8192  # rows per model call when scoring: the batch of the measured CPU scoring figures
+
 
 def history_needs(spec: FeatureSpec) -> tuple[tuple[str, ...], HistoryNeeds]:
     """The history columns a spec's features read, and what else its affinity features need of the log.
@@ -63,9 +65,6 @@ def history_needs(spec: FeatureSpec) -> tuple[tuple[str, ...], HistoryNeeds]:
     """
     needs = affinity_needs([f for f in spec.feature_config.features if f.kind == AFFINITY])
     return HISTORY_COLUMNS + (("purchase",) if needs.purchases else ()), needs
-
-
-DEFAULT_BATCH_SIZE = 8192  # rows per model call when scoring: the batch of the measured CPU scoring figures
 
 
 @dataclass
@@ -295,7 +294,8 @@ def _cast_contract(data: pl.DataFrame, contracts: tuple[TableContract, ...], nam
     return data.with_columns(casts) if casts else data
 
 
-def _empty_history(columns: tuple[str, ...] = HISTORY_COLUMNS) -> pl.DataFrame:
+def empty_history(columns: tuple[str, ...] = HISTORY_COLUMNS) -> pl.DataFrame:
+    """A history of no events, with ``columns`` in their contract types."""
     schema = {c.name: c.dtype for c in IMPRESSIONS.columns if c.name in columns}
     return pl.DataFrame(schema=schema)
 
@@ -335,7 +335,7 @@ def _ecommerce_tables(
         labelled = all(c in data.columns for c in columns if c in LABELS)
         if "click" in data.columns and not labelled:
             _require(data, list(columns), name, "read by the affinity features of the labelled rows' history")
-        events = None if labelled else _empty_history(columns)
+        events = None if labelled else empty_history(columns)
     else:
         hist = _to_polars(history, "history")
         _require(hist, list(columns), "history", "read by the history features")

@@ -21,9 +21,9 @@ from pathlib import Path
 import polars as pl
 import pyarrow.parquet as pq
 
-from features.contract import IMPRESSIONS, LABELS, ContractError, validate
+from features.contract import LABELS, ContractError, validate
 from features.pipeline import input_paths
-from recsys.package import HISTORY_COLUMNS
+from recsys.package import HISTORY_COLUMNS, empty_history
 from recsys.scoring.config import ScoreConfig
 
 NULLABLE_IDS = ("user_id", "item_id")  # null ids are scored through the out-of-vocabulary path
@@ -227,8 +227,9 @@ def _history(
     elif has_labels:
         lf, source = _scan(files), "the input's own labels"
     else:
-        empty = pl.DataFrame(schema={c.name: c.dtype for c in IMPRESSIONS.columns if c.name in columns})
-        return empty, "none (no --history and no labels in the input): history features are empty"
+        return empty_history(
+            columns
+        ), "none (no --history and no labels in the input): history features are empty"
     missing = [c for c in columns if c not in lf.collect_schema().names()]
     if missing:
         raise ContractError(f"{source}: missing column(s) {missing}, read by the model's history features")
