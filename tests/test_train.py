@@ -151,21 +151,33 @@ def test_a_run_started_from_a_checkpoint_within_an_epoch_skips_the_batches_it_tr
     """Starting from step 10 of epoch 0 gives the model of the run that wrote the checkpoint.
 
     The new run trains on epoch 0's batches after the 10th (the shuffled order depends only on the seed and
-    the epoch) and on epoch 1; training on epoch 0 from its start again would give another model.
+    the epoch) and on epoch 1; training on epoch 0 from its start again would give another model. With
+    ``embedding_reinit``, epoch 1 starts with tables drawn anew from the seed; a run started within epoch 1
+    must not draw them again (its rows trained since would be lost).
     """
     uri = f"sqlite:///{data / 'mlflow-midway.db'}"
-    config = make_config(data, "writes-steps", checkpoint_every_steps=10, shuffle_rows=3000)
+    config = make_config(
+        data, "writes-steps", checkpoint_every_steps=10, shuffle_rows=3000, embedding_reinit=True
+    )
     config = config.replace(run={"num_workers": 1})
     whole = run_training(config, tracking_uri=uri)
+    a = pl.read_parquet(whole.storage / "test_predictions.parquet").sort("impression_id")
     step10 = whole.storage / "checkpoint_step00000010"
     assert (step10 / "rank0.pt").exists()
-    started = run_training(config.replace(run={"name": "from-step10"}), tracking_uri=uri, start_from=step10)
-    a = pl.read_parquet(whole.storage / "test_predictions.parquet").sort("impression_id")
-    b = pl.read_parquet(started.storage / "test_predictions.parquet").sort("impression_id")
-    for task in ("click", "purchase"):
-        np.testing.assert_allclose(b[f"p_{task}"], a[f"p_{task}"], rtol=1e-4, atol=1e-6)
-    run = mlflow.MlflowClient(uri).get_run(started.summary.mlflow_run_id)
-    assert run.data.metrics["restarts/from_epoch"] == 0
+    per_epoch = split_rows(data, "train") // 256  # one worker: every full batch is a step
+    within_second = [
+        path
+        for path in sorted(whole.storage.glob("checkpoint_step*"))
+        if per_epoch < int(path.name.removeprefix("checkpoint_step")) < 2 * per_epoch
+    ]
+    assert within_second
+    for name, checkpoint, epoch in (("from-step10", step10, 0), ("within-second", within_second[0], 1)):
+        started = run_training(config.replace(run={"name": name}), tracking_uri=uri, start_from=checkpoint)
+        b = pl.read_parquet(started.storage / "test_predictions.parquet").sort("impression_id")
+        for task in ("click", "purchase"):
+            np.testing.assert_allclose(b[f"p_{task}"], a[f"p_{task}"], rtol=1e-4, atol=1e-6)
+        run = mlflow.MlflowClient(uri).get_run(started.summary.mlflow_run_id)
+        assert run.data.metrics["restarts/from_epoch"] == epoch
     # A checkpoint of another number of workers is refused before anything starts.
     with pytest.raises(FileNotFoundError, match=r"rank1\.pt not found.*num_workers = 2"):
         run_training(

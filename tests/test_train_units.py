@@ -314,3 +314,54 @@ def test_lr_decay_sets_each_epochs_rates_in_the_table_kernels_and_the_dense_opti
     assert [g["lr"] for g in sharded.dense_optimizer.param_groups] == [pytest.approx(0.0005)]
     with pytest.raises(ValueError, match=r"training\.lr_decay: expected a number > 0 and <= 1, got 1.5"):
         TrainConfig.from_dict({"features": "f", "model": model, "training": {"lr_decay": 1.5}})
+
+
+def test_embedding_reinit_draws_the_tables_anew_and_clears_their_optimizer_state(tmp_path, world_of_one):
+    from torch.distributed._shard.sharded_tensor import ShardedTensor
+
+    from recsys.train.config import TrainConfig
+    from recsys.train.sharding import reinit_tables, shard_model
+    from tests.test_model_model import LAYOUT, tiny_batch
+
+    model = {"tasks": [{"name": "click"}], "embedding": {"dim": 4}, "arch": {"num_experts": 2}}
+    config = TrainConfig.from_dict(
+        {"features": str(tmp_path), "model": model, "training": {"embedding_reinit": True}}
+    )
+    sharded = shard_model(config, LAYOUT, torch.device("cpu"))
+
+    def step():
+        loss, _ = sharded.dmp(tiny_batch())
+        sharded.optimizer.zero_grad()
+        loss.backward()
+        sharded.optimizer.step()
+
+    def tables():
+        state = sharded.dmp.state_dict()
+        return {
+            k: v.local_shards()[0].tensor.clone() for k, v in state.items() if isinstance(v, ShardedTensor)
+        }
+
+    def momentum():
+        states = sharded.dmp.fused_optimizer.state.values()
+        return [v.local_shards()[0].tensor.clone() for state in states for v in state.values()]
+
+    for _ in range(3):
+        step()
+    trained, dense = tables(), {k: v.clone() for k, v in sharded.dmp.named_parameters() if "tower" in k}
+    assert len(trained) == 2 and all(m.abs().sum() > 0 for m in momentum())
+    reinit_tables(sharded, seed=5)
+    drawn = tables()
+    for key, table in drawn.items():  # TorchRec's initialisation: U(-1/sqrt(rows), 1/sqrt(rows))
+        assert not torch.allclose(table, trained[key])
+        assert table.abs().max() <= table.shape[0] ** -0.5
+    assert all(m.abs().sum() == 0 for m in momentum())  # read back from the kernels: cleared there
+    for key, value in sharded.dmp.named_parameters():
+        if key in dense:
+            torch.testing.assert_close(value, dense[key])  # the dense layers keep what they learnt
+    reinit_tables(sharded, seed=5)
+    assert all(torch.equal(drawn[k], v) for k, v in tables().items())  # the seed decides the draw
+    step()  # the kernels train the new rows
+    assert any(not torch.equal(drawn[k], v) for k, v in tables().items())
+    assert all(m.abs().sum() > 0 for m in momentum())
+    with pytest.raises(ValueError, match=r"training\.embedding_reinit: expected true or false, got 'yes'"):
+        TrainConfig.from_dict({"features": "f", "model": model, "training": {"embedding_reinit": "yes"}})

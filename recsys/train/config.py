@@ -71,6 +71,10 @@ class TrainingSettings:
         embedding_epochs: the tables train during the first N epochs only, then stay as they are while the
             dense layers go on (0, the default: every epoch). Neither option stopped the validation metric
             from falling after the first epoch on the generated worlds (docs/results.md, "later epochs").
+        embedding_reinit: draw the tables anew (and clear their optimizer state) at the start of every
+            epoch after the first, keeping the dense layers (MEDA); later passes then do not overfit the
+            dense layers to rows trained on the same impressions
+            (:func:`recsys.train.sharding.reinit_tables`).
         calibration: ``platt`` (the default): after training, fit Platt scaling per binary task on the
             validation split's predictions of the kept model, store it in the package and report the test
             metrics after it (and before it, as ``..._raw``); ``none``: the package scores the model's own
@@ -95,6 +99,7 @@ class TrainingSettings:
     ingest: str = "parquet"
     lr_decay: float = 1.0
     embedding_epochs: int = 0
+    embedding_reinit: bool = False
     calibration: str = "platt"
 
     def __post_init__(self) -> None:
@@ -119,6 +124,8 @@ class TrainingSettings:
         ):
             check_int(w, name, getattr(self, name), minimum=0)  # 0: off
         check_choice(w, "ingest", self.ingest, INGEST_MODES)
+        if not isinstance(self.embedding_reinit, bool):
+            raise invalid(w, "embedding_reinit", self.embedding_reinit, "expected true or false")
         check_choice(w, "calibration", self.calibration, CALIBRATION_METHODS)
         if not isinstance(self.main_metric, str) or self.main_metric.count("/") != 1:
             raise invalid(w, "main_metric", self.main_metric, "expected 'task/metric', e.g. 'click/auc'")

@@ -70,6 +70,41 @@ def set_epoch_lr(sharded: ShardedModel, t: TrainingSettings, epoch: int) -> floa
     return factor
 
 
+def reinit_tables(sharded: ShardedModel, seed: int) -> None:
+    """Draws every table anew, as TorchRec initialises it, and clears the tables' optimizer state.
+
+    ``training.embedding_reinit`` calls it at the start of each epoch after the first: the dense layers
+    keep what they learnt, the rows start again (MEDA, Fan et al. 2024, "Multi-Epoch learning with Data
+    Augmentation for deep CTR models"). A later pass then never shows the dense layers rows that were
+    trained on the very impressions of the batch, which is what makes deep CTR models overfit from their
+    second epoch on (Zhang et al. 2022, "Towards understanding the overfitting phenomenon of deep
+    click-through rate models").
+
+    Each worker draws its own shards (with ``seed`` and its rank); a replicated table (data-parallel
+    sharding) is drawn alike on every worker. The values are written into the tables' storage in place:
+    the shards of TorchRec's state dict are views of the fused kernels' weights.
+    """
+    from torch.distributed._shard.sharded_tensor import ShardedTensor
+
+    rank = dist.get_rank()
+    with torch.no_grad():
+        for key, value in sorted(sharded.dmp.state_dict().items()):
+            if isinstance(value, ShardedTensor):
+                parts, salt = [shard.tensor for shard in value.local_shards()], rank + 1
+            elif key.endswith(".weight") and (".embedding_bags." in key or ".embeddings." in key):
+                parts, salt = [value], 0
+            else:
+                continue
+            bound = (1.0 / value.size(0)) ** 0.5  # TorchRec's default: U(-1/sqrt(rows), 1/sqrt(rows))
+            for i, part in enumerate(parts):
+                generator = torch.Generator(part.device).manual_seed(seed * 1009 + salt * 101 + i)
+                part.uniform_(-bound, bound, generator=generator)
+        for state in sharded.dmp.fused_optimizer.state.values():
+            for value in state.values():
+                for part in value.local_shards() if isinstance(value, ShardedTensor) else [value]:
+                    part.tensor.zero_() if hasattr(part, "tensor") else part.zero_()
+
+
 def _dense_optimizer(params: Any, t: TrainingSettings) -> torch.optim.Optimizer:
     """Adam over the dense parameters; AdamW with ``dense_weight_decay``.
 

@@ -60,7 +60,7 @@ from recsys.train.reports import (
     TrainWindow,
     report_metrics,
 )
-from recsys.train.sharding import ShardedModel, build_sharded_model, plan_ranks, set_epoch_lr
+from recsys.train.sharding import ShardedModel, build_sharded_model, plan_ranks, reinit_tables, set_epoch_lr
 from recsys.train.state import TrainingState, WorkerSettings
 
 if TYPE_CHECKING:
@@ -227,6 +227,8 @@ def train_epoch(worker: Worker, state: TrainingState, epoch: int) -> TrainingSta
         prepare_threads=max(1, worker.config.run.cpus_per_worker // 2),
     )  # fmt: skip
     set_epoch_lr(worker.sharded, t, epoch)
+    if t.embedding_reinit and epoch > 0 and state.epoch_step == 0:  # not again when resumed within it
+        reinit_tables(worker.sharded, seed=t.seed * 1000 + epoch)
     bar = _progress_bar(worker, epoch, getattr(shard, "num_rows", None))
     step, skip = state.step, state.epoch_step
     worker.meter.start_epoch()
