@@ -50,7 +50,7 @@ KEYS = ("item_id", "category_id", "top_category", "brand_id", "shop_id")
 EVENTS = ("impression", "click", "purchase")
 STATS = ("count", "rate", "share", "mean", "gap")
 VALUES = ("log_price", "rating")
-_DAY = "1d"
+_DAY_BITS = 20  # an (item, day) pair as one Int64: item_id * 2**20 + the day's number (in [0, 2**20))
 _ASOF = {"strategy": "backward", "allow_exact_matches": False, "check_sortedness": False}
 _SEEDS = (11, 23)  # of the two hashes combined into one group key
 
@@ -241,7 +241,6 @@ def add_affinities(
             ).collect()
     if any(c.by == "all" for c in need):
         day_events = _daily(log.select(event_columns), attrs, need)
-    day = pl.col("ts").dt.truncate(_DAY).alias("__day")
     user_frame = frame.select("user_id", "ts", *keys, *values)
     added: dict[str, pl.Series] = {}
     for counter, what in need.items():
@@ -250,10 +249,16 @@ def add_affinities(
             added |= _counts(user_frame, counter, sorted(what), state, "ts")
     by_all = [c for c in need if c.by == "all"]
     if by_all:
-        # Everybody's counts as of a day depend on the item and the day only: count them once per pair.
+        # Everybody's counts as of a day depend on the item and the day only: count them once per pair,
+        # each pair one Int64 (a join on one integer key is about twice as fast as on two columns).
+        pair = (pl.col("item_id").cast(pl.Int64) * (1 << _DAY_BITS) + _day_number()).alias("__pair")
+        row_pairs = frame.select(pair)
         pairs = (
-            frame.select("item_id", day)
-            .unique()
+            row_pairs.unique()
+            .with_columns(
+                (pl.col("__pair") // (1 << _DAY_BITS)).alias("item_id"),
+                (pl.col("__pair") % (1 << _DAY_BITS)).alias("__day"),
+            )
             .sort("__day")
             .join(attrs, on="item_id", how="left", maintain_order="left")
         )
@@ -262,11 +267,9 @@ def add_affinities(
             what = sorted(need[counter])
             state = _cumulative(day_events, counter, what, "__day", weights=True)
             pair_counts |= _counts(pairs, counter, what, state, "__day")
-        pairs = pairs.select("item_id", "__day").with_columns(**pair_counts)
-        joined = frame.select("item_id", day).join(
-            pairs, on=["item_id", "__day"], how="left", maintain_order="left"
-        )
-        added |= {name: joined[name].fill_null(0) for name in pair_counts}
+        pairs = pairs.select("__pair").with_columns(**pair_counts)
+        joined = row_pairs.join(pairs, on="__pair", how="left", maintain_order="left")
+        added |= {name: joined[name] for name in pair_counts}
     values_frame = user_frame.select(values).with_columns(**added)
     columns = values_frame.select(_feature_expr(f).alias(derived_column(f.name)) for f in features)
     return frame.hstack(columns.get_columns()).lazy()
@@ -280,7 +283,9 @@ def _counts(
     joined = left.join_asof(state, on=on, by="__g", **_ASOF)
     totals = {w: joined[w].fill_null(0) for w in what}
     if counter.window_days:
-        start = left.select("__g", (pl.col(on) - pl.duration(days=counter.window_days)).alias(on))
+        # ``on`` is an instant (by: user) or a day's number (by: all).
+        days = pl.duration(days=counter.window_days) if on == "ts" else counter.window_days
+        start = left.select("__g", (pl.col(on) - days).alias(on))
         before = start.join_asof(state, on=on, by="__g", **_ASOF)
         totals = {w: totals[w] - before[w].fill_null(0) for w in what}
     return {counter.column(w): t for w, t in totals.items()}
@@ -294,11 +299,26 @@ def _daily(log: pl.LazyFrame, attrs: pl.LazyFrame, need: dict[Counter, set[str]]
     """
     what = sorted(_counted(need, "all"))
     per_day = (
-        log.group_by("item_id", pl.col("ts").dt.truncate(_DAY).alias("__day"))
+        log.group_by("item_id", _day_number().alias("__day"))
         .agg((pl.len() if w == "impression" else _event_expr(w).sum()).alias(w) for w in what)
         .join(attrs.lazy(), on="item_id", how="left")
     )
     return per_day.collect()
+
+
+def _day_number() -> pl.Expr:
+    """The UTC day of ``ts`` as a number: days since 1970-01-01 plus 2**19 (never negative before 535 AD)."""
+    return pl.col("ts").dt.epoch("d") + (1 << (_DAY_BITS - 1))
+
+
+def _ratio(events: pl.Expr, trials: pl.Expr) -> pl.Expr:
+    """``events / trials`` as a float, 0 where there are no trials."""
+    return pl.when(trials > 0).then(events.cast(pl.Float64) / trials).otherwise(0.0)
+
+
+def _at_least_one(denominator: pl.Expr, m: float) -> pl.Expr:
+    """A smoothed rate's denominator; without smoothing a count of 0 trials (and so of 0 events) gives 0."""
+    return denominator if m > 0 else denominator.clip(lower_bound=1)
 
 
 def _feature_expr(f: Any) -> pl.Expr:
@@ -310,15 +330,15 @@ def _feature_expr(f: Any) -> pl.Expr:
     if f.stat == "rate":
         per = rate_per(f)
         world = Counter("all", "", f.window_days)
-        prior = pl.col(world.column(f.event)) / pl.col(world.column(per))
-        prior = prior.fill_nan(0.0).fill_null(0.0)
-        return (events + m * prior) / (pl.col(own.column(per)) + m).clip(lower_bound=1e-12)
+        prior = _ratio(pl.col(world.column(f.event)), pl.col(world.column(per)))
+        return (events + m * prior) / _at_least_one(pl.col(own.column(per)) + m, m)
     if f.stat == "share":
         world = Counter("all", "", f.window_days)
-        prior = pl.col(Counter("all", f.key, f.window_days).column(f.event)) / pl.col(world.column(f.event))
-        prior = prior.fill_nan(0.0).fill_null(0.0)
+        prior = _ratio(
+            pl.col(Counter("all", f.key, f.window_days).column(f.event)), pl.col(world.column(f.event))
+        )
         total = pl.col(Counter("user", "", f.window_days).column(f.event))
-        return (events + m * prior) / (total + m).clip(lower_bound=1e-12)
+        return (events + m * prior) / _at_least_one(total + m, m)
     valued = pl.col(own.column(f"n_{f.event}_{f.value}"))
     mean = pl.when(valued > 0).then(pl.col(own.column(f"v_{f.event}_{f.value}")) / valued).otherwise(None)
     return mean if f.stat == "mean" else pl.col(f.value).cast(pl.Float64) - mean

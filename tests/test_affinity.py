@@ -26,6 +26,15 @@ FEATURES = [
     {"name": "u_rating", "kind": "affinity", "stat": "mean", "value": "rating"},
     {"name": "item_ctr", "kind": "affinity", "by": "all", "key": "item_id", "stat": "rate"},
     {"name": "cat_clicks_2d", "kind": "affinity", "by": "all", "key": "category_id", "window_days": 2},
+    # No smoothing: a user without clicks on the shop gets 0, not NaN.
+    {
+        "name": "u_shop_cvr_raw",
+        "kind": "affinity",
+        "key": "shop_id",
+        "event": "purchase",
+        "stat": "rate",
+        "smoothing": 0,
+    },
 ]
 
 
@@ -84,6 +93,7 @@ def brute_force(ev: pl.DataFrame, row: dict) -> dict:
         "u_top_share": (n_top + 4 * top_prior) / (clicks.height + 4),
         "u_brand_buys": same(mine, "brand_id")["purchase"].sum(),
         "u_shop_cvr": (shop["purchase"].sum() + 10 * cvr_prior) / (shop["click"].sum() + 10),
+        "u_shop_cvr_raw": shop["purchase"].sum() / max(shop["click"].sum(), 1),  # no clicks: 0, not NaN
         "u_price_gap": None if gap is None or row["log_price"] is None else row["log_price"] - gap,
         "u_rating": mean("rating"),
         "item_ctr": (item["click"].sum() + 10 * ctr_prior) / (item.height + 10),
