@@ -312,6 +312,12 @@ def test_lr_decay_sets_each_epochs_rates_in_the_table_kernels_and_the_dense_opti
     set_epoch_lr(sharded, frozen.training, 2)  # frozen tables from the third epoch on; dense layers go on
     assert all(k.get_learning_rate() == 0.0 for k in kernels)
     assert [g["lr"] for g in sharded.dense_optimizer.param_groups] == [pytest.approx(0.0005)]
+    redrawn = TrainConfig.from_dict(
+        {"features": str(tmp_path), "model": model, "training": {**training, "embedding_reinit": True}}
+    )
+    set_epoch_lr(sharded, redrawn.training, 2)  # tables drawn anew train at the first epoch's rate
+    assert all(k.get_learning_rate() == pytest.approx(0.08) for k in kernels)
+    assert [g["lr"] for g in sharded.dense_optimizer.param_groups] == [pytest.approx(0.0005)]
     with pytest.raises(ValueError, match=r"training\.lr_decay: expected a number > 0 and <= 1, got 1.5"):
         TrainConfig.from_dict({"features": "f", "model": model, "training": {"lr_decay": 1.5}})
 

@@ -67,7 +67,8 @@ class TrainingSettings:
             streamed to the workers by a split coordinator).
         lr_decay: each epoch's learning rates (dense and embedding) are the first epoch's times
             ``lr_decay ** epoch`` (epochs counted from 0); 1 (the default): constant. Later passes over the
-            same rows then move the weights less.
+            same rows then move the weights less. With ``embedding_reinit`` the tables, drawn anew each
+            epoch, keep the first epoch's rate: the decay applies to the dense layers only.
         embedding_epochs: the tables train during the first N epochs only, then stay as they are while the
             dense layers go on (0, the default: every epoch). Neither option stopped the validation metric
             from falling after the first epoch on the generated worlds (docs/results.md, "later epochs").

@@ -54,7 +54,9 @@ def _fused_params(t: TrainingSettings) -> dict[str, Any]:
 def set_epoch_lr(sharded: ShardedModel, t: TrainingSettings, epoch: int) -> float:
     """Sets the epoch's learning rates (``training.lr_decay``); returns the factor on the first epoch's.
 
-    From epoch ``training.embedding_epochs`` on (when set), the tables' rate is 0: they are frozen.
+    From epoch ``training.embedding_epochs`` on (when set), the tables' rate is 0: they are frozen. With
+    ``training.embedding_reinit`` the tables keep the first epoch's rate (they start afresh every epoch);
+    the decay then applies to the dense layers only.
 
     The fused table optimizers pass the rate of their parameter groups to their kernels at ``step`` and
     ``zero_grad`` (TorchRec's ``EmbeddingFusedOptimizer``); ``zero_grad`` here makes the epoch's first
@@ -62,8 +64,10 @@ def set_epoch_lr(sharded: ShardedModel, t: TrainingSettings, epoch: int) -> floa
     """
     factor = t.lr_decay**epoch
     frozen = bool(t.embedding_epochs) and epoch >= t.embedding_epochs
+    # Tables drawn anew each epoch (embedding_reinit) train as in the first epoch: at its rate.
+    table_rate = 0.0 if frozen else t.embedding_lr * (1.0 if t.embedding_reinit else factor)
     for group in sharded.dmp.fused_optimizer.param_groups:
-        group["lr"] = 0.0 if frozen else t.embedding_lr * factor
+        group["lr"] = table_rate
     sharded.dmp.fused_optimizer.zero_grad()
     for group in sharded.dense_optimizer.param_groups:
         group["lr"] = t.dense_lr * factor
