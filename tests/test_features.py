@@ -309,6 +309,21 @@ def test_fit_then_transform_equals_build(impressions, users, items, tmp_path):
     assert manifest["label_means"]["train"]["click"] == pytest.approx(5 / 8)
 
 
+def test_output_is_written_in_small_row_groups(tmp_path):
+    """The output is in time order; training mixes it by reading small row groups in a random order."""
+    import pyarrow.parquet as pq
+
+    from features.pipeline import ROW_GROUP_ROWS, load_tables
+    from synth.generate import generate
+
+    generate(tmp_path / "raw", 40_000, seed=3, progress=False)
+    config = FeatureConfig.from_yaml(builtin_config("ecommerce"))
+    build(config, load_tables(tmp_path / "raw"), tmp_path / "f", progress=False)
+    files = sorted((tmp_path / "f" / "train").glob("*.parquet"))
+    sizes = [m.row_group(g).num_rows for m in map(pq.read_metadata, files) for g in range(m.num_row_groups)]
+    assert max(sizes) == ROW_GROUP_ROWS and len(sizes) == math.ceil(sum(sizes) / ROW_GROUP_ROWS) > 2
+
+
 def test_output_folder_is_not_overwritten_by_accident(impressions, users, items, tmp_path):
     cfg = tiny_config()
     build(cfg, tables(impressions, users, items), tmp_path / "out", progress=False)
