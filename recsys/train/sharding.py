@@ -105,8 +105,13 @@ def reinit_tables(sharded: ShardedModel, seed: int) -> None:
                 part.uniform_(-bound, bound, generator=generator)
         for state in sharded.dmp.fused_optimizer.state.values():
             for value in state.values():
-                for part in value.local_shards() if isinstance(value, ShardedTensor) else [value]:
-                    part.tensor.zero_() if hasattr(part, "tensor") else part.zero_()
+                parts = (
+                    [shard.tensor for shard in value.local_shards()]
+                    if isinstance(value, ShardedTensor)
+                    else [value]
+                )
+                for part in parts:
+                    part.zero_()
 
 
 def _dense_optimizer(params: Any, t: TrainingSettings) -> torch.optim.Optimizer:
