@@ -121,7 +121,16 @@ def test_progress_bars_are_drawn_on_a_terminal_and_not_into_a_file(tmp_path):
         for stream in (tty, plain):
             for _ in console.progress(range(3), desc="scoring", file=stream):
                 pass
-    drawn = os.read(leader, 4096).decode()
+    drawn = b""
+    while True:  # one read returns what the terminal holds at that moment: read until it is drained
+        try:
+            chunk = os.read(leader, 4096)
+        except OSError:  # EIO: the terminal's other side is closed and nothing is left
+            break
+        if not chunk:
+            break
+        drawn += chunk
+    drawn = drawn.decode()
     os.close(leader)
     assert "scoring: 100%" in drawn
     assert (tmp_path / "out.txt").read_text() == ""
