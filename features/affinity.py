@@ -230,7 +230,32 @@ def add_affinities(
     event_columns = ["user_id", "ts", "item_id", "click", *(["purchase"] if purchases else [])]
     # Training rows are their own event log, already joined with the items.
     log = frame.lazy() if history is None else history.select(event_columns)
-    if any(c.by == "user" for c in need):
+    added: dict[str, pl.Series] = {}
+    by_user = [f for f in features if f.by == "user"]
+    if any(c.by == "all" for c in need):
+        # Everybody's counts as of a day depend on the item and the day only: so do the ``by: all``
+        # features and the priors of the ``by: user`` rates and shares. They are computed once per (item,
+        # day) pair, each pair one Int64 (a join on one integer key is about twice as fast as on two).
+        row_pairs = frame.select(_pair())
+        day_events = _daily(log, attrs, need)
+        if history is None:  # the rows' pairs are the log's pairs
+            pairs = day_events.drop(sorted(_counted(need, "all")))
+        else:
+            pairs = _split_pairs(row_pairs.unique()).join(attrs, on="item_id", how="left")
+        pairs = pairs.sort("__day")
+        counts = _all_counts(pairs, day_events, need, "__day", weights=True)
+        on_pairs = (
+            pairs.select("__pair", *values)
+            .with_columns(**counts)
+            .select(
+                "__pair",
+                *[_feature_expr(f).alias(derived_column(f.name)) for f in features if f.by == "all"],
+                *[_prior(f).alias(_prior_column(f)) for f in by_user if f.stat in ("rate", "share")],
+            )
+        )
+        joined = row_pairs.join(on_pairs, on="__pair", how="left", maintain_order="left")
+        added |= {name: joined[name] for name in on_pairs.columns if name != "__pair"}
+    if by_user:
         user_log = log if user_impressions else log.filter(pl.col("click") == 1)
         if history is None:
             extra = [k for k in (*keys, *values) if k not in event_columns]
@@ -239,71 +264,79 @@ def add_affinities(
             user_events = user_log.join(
                 attrs.lazy(), on="item_id", how="left", maintain_order="left"
             ).collect()
-    if any(c.by == "all" for c in need):
-        day_events = _daily(log.select(event_columns), attrs, need)
-    user_frame = frame.select("user_id", "ts", *keys, *values)
-    added: dict[str, pl.Series] = {}
-    for counter, what in need.items():
-        if counter.by == "user":
-            state = _cumulative(user_events, counter, sorted(what), "ts")
-            added |= _counts(user_frame, counter, sorted(what), state, "ts")
-    by_all = [c for c in need if c.by == "all"]
-    if by_all:
-        # Everybody's counts as of a day depend on the item and the day only: count them once per pair,
-        # each pair one Int64 (a join on one integer key is about twice as fast as on two columns).
-        pair = (pl.col("item_id").cast(pl.Int64) * (1 << _DAY_BITS) + _day_number()).alias("__pair")
-        row_pairs = frame.select(pair)
-        pairs = (
-            row_pairs.unique()
-            .with_columns(
-                (pl.col("__pair") // (1 << _DAY_BITS)).alias("item_id"),
-                (pl.col("__pair") % (1 << _DAY_BITS)).alias("__day"),
+        user_frame = frame.select("user_id", "ts", *keys, *values)
+        counts = _all_counts(user_frame, user_events, need, "ts", by="user")
+        columns = (
+            user_frame.select(values)
+            .with_columns(**counts, **added)
+            .select(
+                _feature_expr(f, pl.col(_prior_column(f)) if f.stat in ("rate", "share") else None).alias(
+                    derived_column(f.name)
+                )
+                for f in by_user
             )
-            .sort("__day")
-            .join(attrs, on="item_id", how="left", maintain_order="left")
         )
-        pair_counts: dict[str, pl.Series] = {}
-        for counter in by_all:
-            what = sorted(need[counter])
-            state = _cumulative(day_events, counter, what, "__day", weights=True)
-            pair_counts |= _counts(pairs, counter, what, state, "__day")
-        pairs = pairs.select("__pair").with_columns(**pair_counts)
-        joined = row_pairs.join(pairs, on="__pair", how="left", maintain_order="left")
-        added |= {name: joined[name] for name in pair_counts}
-    values_frame = user_frame.select(values).with_columns(**added)
-    columns = values_frame.select(_feature_expr(f).alias(derived_column(f.name)) for f in features)
-    return frame.hstack(columns.get_columns()).lazy()
+        added |= {name: columns[name] for name in columns.columns}
+    return frame.hstack([added[derived_column(f.name)] for f in features]).lazy()
 
 
-def _counts(
-    frame: pl.DataFrame, counter: Counter, what: Sequence[str], state: pl.DataFrame, on: str
+def _all_counts(
+    frame: pl.DataFrame,
+    events: pl.DataFrame,
+    need: dict[Counter, set[str]],
+    on: str,
+    *,
+    by: str = "all",
+    weights: bool = False,
 ) -> dict[str, pl.Series]:
-    """Per row of ``frame``, the counter's counts strictly before ``on`` (over its window)."""
-    left = frame.select(_group(counter).alias("__g"), on)
-    joined = left.join_asof(state, on=on, by="__g", **_ASOF)
-    totals = {w: joined[w].fill_null(0) for w in what}
-    if counter.window_days:
-        # ``on`` is an instant (by: user) or a day's number (by: all).
-        days = pl.duration(days=counter.window_days) if on == "ts" else counter.window_days
-        start = left.select("__g", (pl.col(on) - days).alias(on))
-        before = start.join_asof(state, on=on, by="__g", **_ASOF)
-        totals = {w: totals[w] - before[w].fill_null(0) for w in what}
-    return {counter.column(w): t for w, t in totals.items()}
+    """Per row of ``frame``, every ``by`` counter's counts strictly before ``on``.
+
+    Counters of one key share their running sums and the join that reads them as of ``on``; a window
+    adds one join as of its start. ``weights``: see :func:`_cumulative`.
+    """
+    out: dict[str, pl.Series] = {}
+    for key in dict.fromkeys(c.key for c in need if c.by == by):
+        group = {c: sorted(w) for c, w in need.items() if c.by == by and c.key == key}
+        what = sorted(set().union(*group.values()))
+        state = _cumulative(events, Counter(by, key, 0), what, on, weights)
+        left = frame.select(_group(Counter(by, key, 0)).alias("__g"), on)
+        now = left.join_asof(state, on=on, by="__g", **_ASOF)
+        for counter, counted in group.items():
+            totals = {w: now[w].fill_null(0) for w in counted}
+            if counter.window_days:
+                # ``on`` is an instant (by: user) or a day's number (by: all).
+                days = pl.duration(days=counter.window_days) if on == "ts" else counter.window_days
+                start = left.select("__g", (pl.col(on) - days).alias(on))
+                before = start.join_asof(state, on=on, by="__g", **_ASOF)
+                totals = {w: totals[w] - before[w].fill_null(0) for w in counted}
+            out |= {counter.column(w): t for w, t in totals.items()}
+    return out
 
 
-def _daily(log: pl.LazyFrame, attrs: pl.LazyFrame, need: dict[Counter, set[str]]) -> pl.DataFrame:
-    """Everybody's events per item and UTC day, with the items' keys: the input of the ``by: all`` counters.
+def _daily(log: pl.LazyFrame, attrs: pl.DataFrame, need: dict[Counter, set[str]]) -> pl.DataFrame:
+    """Everybody's events per (item, UTC day) pair, with the items' columns: the ``by: all`` counters' input.
 
-    Summing per (item, day) first makes the per-key running sums sort a table of items x days instead of
-    every event.
+    Summing per pair first makes the per-key running sums sort a table of items x days instead of every
+    event.
     """
     what = sorted(_counted(need, "all"))
-    per_day = (
-        log.group_by("item_id", _day_number().alias("__day"))
-        .agg((pl.len() if w == "impression" else _event_expr(w).sum()).alias(w) for w in what)
-        .join(attrs.lazy(), on="item_id", how="left")
+    per_day = log.group_by(_pair()).agg(
+        (pl.len() if w == "impression" else _event_expr(w).sum()).alias(w) for w in what
     )
-    return per_day.collect()
+    return _split_pairs(per_day.collect()).join(attrs, on="item_id", how="left")
+
+
+def _pair() -> pl.Expr:
+    """The (item, UTC day) pair of an event as one Int64: ``item_id * 2**20 + day number``."""
+    return (pl.col("item_id").cast(pl.Int64) * (1 << _DAY_BITS) + _day_number()).alias("__pair")
+
+
+def _split_pairs(frame: pl.DataFrame) -> pl.DataFrame:
+    """Adds ``item_id`` and ``__day`` (the day's number) of each ``__pair``."""
+    return frame.with_columns(
+        (pl.col("__pair") // (1 << _DAY_BITS)).alias("item_id"),
+        (pl.col("__pair") % (1 << _DAY_BITS)).alias("__day"),
+    )
 
 
 def _day_number() -> pl.Expr:
@@ -321,24 +354,33 @@ def _at_least_one(denominator: pl.Expr, m: float) -> pl.Expr:
     return denominator if m > 0 else denominator.clip(lower_bound=1)
 
 
-def _feature_expr(f: Any) -> pl.Expr:
+def _prior_column(f: Any) -> str:
+    """The column of a ``by: user`` rate's or share's prior (computed per item and day)."""
+    return f"__prior_{f.name}"
+
+
+def _prior(f: Any) -> pl.Expr:
+    """A rate's or share's prior: everybody's rate, or share of the key, before the impression's day."""
+    world = Counter("all", "", f.window_days)
+    if f.stat == "rate":
+        return _ratio(pl.col(world.column(f.event)), pl.col(world.column(rate_per(f))))
+    return _ratio(pl.col(Counter("all", f.key, f.window_days).column(f.event)), pl.col(world.column(f.event)))
+
+
+def _feature_expr(f: Any, prior: pl.Expr | None = None) -> pl.Expr:
+    """The feature's value from its counters' columns (and its prior's, for a rate or a share)."""
     own = Counter(f.by, f.key, f.window_days)
     events = pl.col(own.column(f.event)).cast(pl.Float64)
     m = float(f.smoothing)
     if f.stat == "count":
         return events
-    if f.stat == "rate":
-        per = rate_per(f)
-        world = Counter("all", "", f.window_days)
-        prior = _ratio(pl.col(world.column(f.event)), pl.col(world.column(per)))
-        return (events + m * prior) / _at_least_one(pl.col(own.column(per)) + m, m)
-    if f.stat == "share":
-        world = Counter("all", "", f.window_days)
-        prior = _ratio(
-            pl.col(Counter("all", f.key, f.window_days).column(f.event)), pl.col(world.column(f.event))
-        )
-        total = pl.col(Counter("user", "", f.window_days).column(f.event))
-        return (events + m * prior) / _at_least_one(total + m, m)
+    if f.stat in ("rate", "share"):
+        prior = _prior(f) if prior is None else prior
+        if f.stat == "rate":
+            trials = pl.col(own.column(rate_per(f)))
+        else:
+            trials = pl.col(Counter("user", "", f.window_days).column(f.event))
+        return (events + m * prior) / _at_least_one(trials + m, m)
     valued = pl.col(own.column(f"n_{f.event}_{f.value}"))
     mean = pl.when(valued > 0).then(pl.col(own.column(f"v_{f.event}_{f.value}")) / valued).otherwise(None)
     return mean if f.stat == "mean" else pl.col(f.value).cast(pl.Float64) - mean
