@@ -233,6 +233,24 @@ def split_expr(split: dict[str, Any]) -> pl.Expr:
     )
 
 
+def split_rows(rows: pl.DataFrame, split: dict[str, Any]) -> dict[str, pl.DataFrame]:
+    """The rows of each split, in :data:`SPLITS` order.
+
+    A split whose rows are consecutive (a time split of rows sorted by time) is a slice of ``rows``, not a
+    copy.
+    """
+    names = rows.select(split_expr(split)).to_series()
+    parts: dict[str, pl.DataFrame] = {}
+    for name in SPLITS:
+        where = names == name
+        at = where.arg_true()
+        if at.len() and at[-1] - at[0] + 1 == at.len():
+            parts[name] = rows.slice(at[0], at.len())
+        else:
+            parts[name] = rows.filter(where)
+    return parts
+
+
 # ---------------------------------------------------------------------------------------- derive
 
 
@@ -327,8 +345,8 @@ def write_dataset(
             desc="transform",
             disable=None if progress else True,
         )
-        for name in SPLITS if split else (ALL,):
-            subset = rows.filter(split_expr(spec.split) == name) if split else rows
+        parts = split_rows(rows, spec.split) if split else {ALL: rows}
+        for name, subset in parts.items():
             sums = dict.fromkeys(spec.label_names(), 0.0)
             # Every split folder gets at least one part, empty if the split has no rows.
             for i, begin in enumerate(range(0, max(subset.height, 1), chunk)):
@@ -441,7 +459,7 @@ def build(
     split = resolve_split(config, tables)
     lazy_rows, lists = derived(config, tables)
     rows = lazy_rows.collect()
-    train = rows.filter(split_expr(split) == "train")
+    train = split_rows(rows, split)["train"]
     if train.height == 0:
         raise ValueError(f"split: the training window is empty ({split})")
     spec = fit(config, train, split, lists)

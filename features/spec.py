@@ -166,8 +166,9 @@ def _numeric_expr(f: FeatureDef, state: dict[str, Any], steps: int | None = None
         elif step["op"] == "standardize":
             x = (x - step["mean"]) / step["std"]
         elif step["op"] == "bucketize":
-            # Bucket b (1-based) holds boundaries[b-2] <= x < boundaries[b-1].
-            x = pl.sum_horizontal([(x >= b).cast(pl.Int64) for b in step["boundaries"]]) + 1
+            # Bucket b (1-based) holds boundaries[b-2] <= x < boundaries[b-1]: 1 + the boundaries <= x.
+            boundaries = pl.Series(step["boundaries"], dtype=pl.Float64)
+            x = pl.lit(boundaries).search_sorted(x, side="right").cast(pl.Int64) + 1
     return x
 
 
