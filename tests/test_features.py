@@ -13,7 +13,7 @@ from polars.testing import assert_frame_equal
 from features.config import FeatureConfig, HistoryConfig, builtin_config
 from features.contract import ContractError
 from features.derive import derive_ecommerce, derive_ecommerce_indexed
-from features.pipeline import Tables, build, fit_spec, scan_table, transform
+from features.pipeline import Tables, build, fit_spec, scan_table, split_expr, split_rows, transform
 from features.spec import FeatureSpec, apply, fit
 
 from .conftest import at, impressions_frame
@@ -432,3 +432,26 @@ def test_cli_help_and_errors(tmp_path):
         text=True,
     )
     assert run.returncode == 2 and "no input files" in run.stderr
+
+
+def test_split_rows_gives_each_splits_rows_in_order_whether_or_not_they_are_consecutive():
+    ts = [at(day) for day in (1, 2, 3, 4, 5, 6)]
+    rows = pl.DataFrame({"ts": ts, "v": [0, 1, 2, 3, 4, 5]}).with_row_index("__row")
+    time_split = {
+        "method": "time",
+        "column": "ts",
+        "valid_start": at(3).isoformat(),
+        "test_start": at(5).isoformat(),
+    }
+    parts = split_rows(rows, time_split)
+    assert list(parts) == ["train", "valid", "test"]
+    assert [parts[name]["v"].to_list() for name in parts] == [[0, 1], [2, 3], [4, 5]]
+    # The same rows out of time order: the splits are no longer consecutive runs of rows.
+    shuffled = rows.select(pl.all().gather([4, 0, 2, 5, 1, 3]))
+    parts = split_rows(shuffled, time_split)
+    assert [parts[name]["v"].to_list() for name in parts] == [[0, 1], [2, 3], [4, 5]]
+    hash_split = {"method": "hash", "validation_fraction": 0.3, "test_fraction": 0.3, "seed": 1}
+    names = rows.select(split_expr(hash_split)).to_series().to_list()
+    parts = split_rows(rows, hash_split)
+    for name, part in parts.items():
+        assert part["v"].to_list() == [v for v, n in zip(rows["v"], names, strict=True) if n == name]
