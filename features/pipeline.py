@@ -24,6 +24,7 @@ import json
 import os
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
@@ -301,6 +302,11 @@ def _part_path(directory: Path, index: int) -> Path:
     return directory / f"part-{index:05d}.parquet"
 
 
+def _write_part(out: pl.DataFrame, path: Path, bar: Any) -> None:
+    out.write_parquet(path, compression="lz4", statistics=False, row_group_size=ROW_GROUP_ROWS)
+    bar.update(out.height)
+
+
 def write_dataset(
     spec: FeatureSpec,
     rows: pl.DataFrame,
@@ -346,24 +352,25 @@ def write_dataset(
             disable=None if progress else True,
         )
         parts = split_rows(rows, spec.split) if split else {ALL: rows}
-        for name, subset in parts.items():
-            sums = dict.fromkeys(spec.label_names(), 0.0)
-            # Every split folder gets at least one part, empty if the split has no rows.
-            for i, begin in enumerate(range(0, max(subset.height, 1), chunk)):
-                out = subset.slice(begin, chunk).lazy().select(exprs).collect()
-                out.write_parquet(
-                    _part_path(tmp / name, i),
-                    compression="lz4",
-                    statistics=False,
-                    row_group_size=ROW_GROUP_ROWS,
-                )
-                if labels and out.height:
-                    for k, v in out.select(spec.label_names()).sum().row(0, named=True).items():
-                        sums[k] += float(v)
-                bar.update(out.height)
-            counts[name] = subset.height
-            if labels and subset.height:
-                label_means[name] = {k: v / subset.height for k, v in sums.items()}
+        # One part is written in the background while the next is computed: writing leaves a core idle.
+        with ThreadPoolExecutor(1, thread_name_prefix="write") as writer:
+            writing: Future[None] | None = None
+            for name, subset in parts.items():
+                sums = dict.fromkeys(spec.label_names(), 0.0)
+                # Every split folder gets at least one part, empty if the split has no rows.
+                for i, begin in enumerate(range(0, max(subset.height, 1), chunk)):
+                    out = subset.slice(begin, chunk).lazy().select(exprs).collect()
+                    if labels and out.height:
+                        for k, v in out.select(spec.label_names()).sum().row(0, named=True).items():
+                            sums[k] += float(v)
+                    if writing is not None:
+                        writing.result()
+                    writing = writer.submit(_write_part, out, _part_path(tmp / name, i), bar)
+                counts[name] = subset.height
+                if labels and subset.height:
+                    label_means[name] = {k: v / subset.height for k, v in sums.items()}
+            if writing is not None:
+                writing.result()
         bar.close()
         spec.save(tmp / "spec.json")
         result = DatasetResult(out_dir, counts, spec.content_hash, time.perf_counter() - started, label_means)
