@@ -464,3 +464,23 @@ def test_impressions_out_of_time_order_derive_as_when_sorted(impressions, users,
     assert in_time_order(ordered.lazy()) and not in_time_order(shuffled.lazy())
     derive = lambda imp: derive_ecommerce(imp.lazy(), users.lazy(), items.lazy(), cfg.history).collect()  # noqa: E731
     assert_frame_equal(derive(shuffled), derive(ordered))
+
+
+@pytest.mark.parametrize(
+    "dtype, vocab, values",
+    [
+        ("int", [7, 3, 0, 12], [3, 0, 12, 7, 5, 13, 99, -1, None]),
+        ("int", [10**12, 5], [5, 10**12, 6, None]),  # too sparse for a table: the hash map
+        ("str", ["b", "a", "c"], ["a", "c", "b", "z", None]),
+        ("str", [], ["a", None]),
+    ],
+)
+def test_vocabulary_lookups_give_the_hash_maps_ids(dtype, vocab, values):
+    from features.spec import _vocab_expr
+
+    state = {"vocab": vocab, "dtype": dtype}
+    frame = pl.DataFrame({"x": values}, schema={"x": pl.Int64 if dtype == "int" else pl.String})
+    fast = frame.select(_vocab_expr(pl.col("x"), state)).to_series().to_list()
+    slow = frame.select(_vocab_expr(pl.col("x"), state, lookup=False)).to_series().to_list()
+    expected = [vocab.index(v) + 1 if v in vocab else 0 for v in values]
+    assert fast == slow == expected
