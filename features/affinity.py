@@ -300,6 +300,12 @@ def _all_counts(
         what = sorted(set().union(*group.values()))
         state = _cumulative(events, Counter(by, key, 0), what, on, weights)
         left = frame.select(_group(Counter(by, key, 0)).alias("__g"), on)
+        runs = None
+        if not key:
+            # Without a key, the rows of one page view (or pairs of one day) share group and instant:
+            # join once per run of them and gather back.
+            runs = left.select(pl.struct(left.columns).rle_id()).to_series()
+            left = left.filter(runs != runs.shift(1, fill_value=-1))
         now = left.join_asof(state, on=on, by="__g", **_ASOF)
         for counter, counted in group.items():
             totals = {w: now[w].fill_null(0) for w in counted}
@@ -309,7 +315,7 @@ def _all_counts(
                 start = left.select("__g", (pl.col(on) - days).alias(on))
                 before = start.join_asof(state, on=on, by="__g", **_ASOF)
                 totals = {w: totals[w] - before[w].fill_null(0) for w in counted}
-            out |= {counter.column(w): t for w, t in totals.items()}
+            out |= {counter.column(w): t if runs is None else t.gather(runs) for w, t in totals.items()}
     return out
 
 
