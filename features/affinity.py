@@ -39,6 +39,7 @@ counts purchases: see :func:`history_needs`).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -230,12 +231,15 @@ def add_affinities(
     event_columns = ["user_id", "ts", "item_id", "click", *(["purchase"] if purchases else [])]
     # Training rows are their own event log, already joined with the items.
     log = frame.lazy() if history is None else history.select(event_columns)
-    added: dict[str, pl.Series] = {}
     by_user = [f for f in features if f.by == "user"]
-    if any(c.by == "all" for c in need):
-        # Everybody's counts as of a day depend on the item and the day only: so do the ``by: all``
-        # features and the priors of the ``by: user`` rates and shares. They are computed once per (item,
-        # day) pair, each pair one Int64 (a join on one integer key is about twice as fast as on two).
+
+    def everybody() -> dict[str, pl.Series]:
+        """The ``by: all`` features and the priors of the ``by: user`` rates and shares, per row.
+
+        Everybody's counts as of a day depend on the item and the day only, and so do these: they are
+        computed once per (item, day) pair, each pair one Int64 (a join on one integer key is about twice
+        as fast as on two), and joined back.
+        """
         row_pairs = frame.select(_pair())
         day_events = _daily(log, attrs, need)
         if history is None:  # the rows' pairs are the log's pairs
@@ -254,21 +258,27 @@ def add_affinities(
             )
         )
         joined = row_pairs.join(on_pairs, on="__pair", how="left", maintain_order="left")
-        added |= {name: joined[name] for name in on_pairs.columns if name != "__pair"}
+        return {name: joined[name] for name in on_pairs.columns if name != "__pair"}
+
+    # The two kinds of counters run side by side: their joins leave a core idle much of the time.
+    with ThreadPoolExecutor(1, thread_name_prefix="affinity") as pool:
+        added_all = pool.submit(everybody) if any(c.by == "all" for c in need) else None
+        if by_user:
+            user_log = log if user_impressions else log.filter(pl.col("click") == 1)
+            if history is None:
+                extra = [k for k in (*keys, *values) if k not in event_columns]
+                user_events = user_log.select(*event_columns, *extra).collect()
+            else:
+                user_events = user_log.join(
+                    attrs.lazy(), on="item_id", how="left", maintain_order="left"
+                ).collect()
+            user_frame = frame.select("user_id", "ts", *keys, *values)
+            user_counts = _all_counts(user_frame, user_events, need, "ts", by="user")
+        added = added_all.result() if added_all is not None else {}
     if by_user:
-        user_log = log if user_impressions else log.filter(pl.col("click") == 1)
-        if history is None:
-            extra = [k for k in (*keys, *values) if k not in event_columns]
-            user_events = user_log.select(*event_columns, *extra).collect()
-        else:
-            user_events = user_log.join(
-                attrs.lazy(), on="item_id", how="left", maintain_order="left"
-            ).collect()
-        user_frame = frame.select("user_id", "ts", *keys, *values)
-        counts = _all_counts(user_frame, user_events, need, "ts", by="user")
         columns = (
             user_frame.select(values)
-            .with_columns(**counts, **added)
+            .with_columns(**user_counts, **added)
             .select(
                 _feature_expr(f, pl.col(_prior_column(f)) if f.stat in ("rate", "share") else None).alias(
                     derived_column(f.name)
