@@ -290,6 +290,15 @@ def add_affinities(
     return frame.hstack([added[derived_column(f.name)] for f in features]).lazy()
 
 
+def run_starts(frame: pl.DataFrame) -> tuple[pl.DataFrame, pl.Series]:
+    """The first row of each run of consecutive equal rows, and every row's run number.
+
+    A value computed per first row reaches every row of its run by ``value.gather(runs)``.
+    """
+    runs = frame.select(pl.struct(frame.columns).rle_id()).to_series()
+    return frame.filter(runs != runs.shift(1, fill_value=-1)), runs
+
+
 def _all_counts(
     frame: pl.DataFrame,
     events: pl.DataFrame,
@@ -314,8 +323,7 @@ def _all_counts(
         if not key:
             # Without a key, the rows of one page view (or pairs of one day) share group and instant:
             # join once per run of them and gather back.
-            runs = left.select(pl.struct(left.columns).rle_id()).to_series()
-            left = left.filter(runs != runs.shift(1, fill_value=-1))
+            left, runs = run_starts(left)
         now = left.join_asof(state, on=on, by="__g", **_ASOF)
         for counter, counted in group.items():
             totals = {w: now[w].fill_null(0) for w in counted}

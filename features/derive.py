@@ -29,7 +29,7 @@ from collections.abc import Sequence
 
 import polars as pl
 
-from features.affinity import add_affinities
+from features.affinity import add_affinities, run_starts
 from features.config import FeatureDef, HistoryConfig
 
 HIST_ITEMS, HIST_CATEGORIES = "hist_item_ids", "hist_category_ids"
@@ -125,11 +125,9 @@ def add_history_index(
     frame = lf.collect()
     # The rows of one page view share user and instant, and so every value joined here: the joins run
     # once per run of such rows (a tenth of the rows), on a narrow frame of keys, and are gathered back.
-    runs = frame.select(pl.struct("user_id", "ts").rle_id()).to_series()
+    starts, runs = run_starts(frame.select("user_id", "ts"))
     keys = (
-        frame.select("user_id", "ts")
-        .filter(runs != runs.shift(1, fill_value=-1))
-        .lazy()
+        starts.lazy()
         .join_asof(state.lazy().select("user_id", "ts", HIST_STATE, "n_clicks", _LAST_TOP), on="ts", **asof)
         .with_columns(_day=pl.col("ts").dt.truncate("1d"))
         .join_asof(
