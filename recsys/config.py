@@ -4,7 +4,8 @@ A model config says how the inputs of a :class:`~features.spec.FeatureSpec` are 
 multi-task architecture mixes them, how its gates route, and which tasks it predicts:
 
 * ``embedding``: the embedding dimension, the pooling of multi-hot bags and which features share tables;
-* ``arch``: ``mmoe``, ``ple`` (``num_levels: 1`` is CGC), ``shared_bottom`` or ``single_task``;
+* ``arch``: ``mmoe``, ``omoe`` (one gate for every task), ``ple`` (``num_levels: 1`` is CGC),
+  ``shared_bottom`` or ``single_task``;
 * ``gate``: ``softmax`` (dense, as in MMoE) or ``noisy_topk`` (Shazeer et al. 2017), with the
   load-balancing loss weight and the capacity-limited dispatch mode;
 * ``tasks``: ``binary`` or ``regression`` heads with loss weights; ``given: other_task`` makes a binary
@@ -42,7 +43,7 @@ from features.checks import (
 
 POOLINGS = ("sum", "mean")
 HISTORY_POOLINGS = ("mean", "attention")
-ARCHS = ("mmoe", "ple", "shared_bottom", "single_task")
+ARCHS = ("mmoe", "omoe", "ple", "shared_bottom", "single_task")
 GATES = ("softmax", "noisy_topk")
 OVERFLOWS = ("fallback", "drop")
 TASK_KINDS = ("binary", "regression")
@@ -192,12 +193,16 @@ class ArchConfig:
     """The multi-task architecture between the embeddings and the task towers.
 
     Attributes:
-        type: ``mmoe`` (shared experts, one gate per task), ``ple`` (shared and task-specific experts in
-            ``num_levels`` extraction levels; 1 level is CGC), ``shared_bottom`` (one MLP for all tasks)
-            or ``single_task`` (one MLP per task; the tasks share only the embeddings).
-        num_experts: mmoe: number of shared experts.
+        type: ``mmoe`` (shared experts, one gate per task), ``omoe`` (shared experts and one gate whose
+            mixture every task's tower reads: the one-gate MoE baseline of the MMoE paper), ``ple`` (shared
+            and task-specific experts in ``num_levels`` extraction levels; 1 level is CGC),
+            ``shared_bottom`` (one MLP for all tasks) or ``single_task`` (one MLP per task; the tasks share
+            only the embeddings).
+        num_experts: mmoe and omoe: number of shared experts.
         num_shared_experts: ple: shared experts per level.
-        num_task_experts: ple: experts per task per level.
+        num_task_experts: ple: experts per task per level (default 2); mmoe: each task's own experts,
+            which only its gate mixes, beside the shared ones (default 0). One number for every task, or a
+            list with one number per task, in task order (a task may have more experts than another).
         num_levels: ple: extraction levels.
         expert_hidden: layer sizes of each expert (of the bottom MLP for shared_bottom and single_task).
         tower_hidden: hidden layer sizes of each task tower (a final linear layer gives the logit).
@@ -210,7 +215,7 @@ class ArchConfig:
     type: str = "mmoe"
     num_experts: int = 8
     num_shared_experts: int = 2
-    num_task_experts: int = 2
+    num_task_experts: int | tuple[int, ...] | None = None
     num_levels: int = 1
     expert_hidden: tuple[int, ...] = (256, 128)
     tower_hidden: tuple[int, ...] = (64,)
@@ -223,12 +228,25 @@ class ArchConfig:
         check_choice(where, "type", self.type, ARCHS)
         check_int(where, "num_experts", self.num_experts, minimum=1)
         check_int(where, "num_shared_experts", self.num_shared_experts, minimum=0)
-        check_int(where, "num_task_experts", self.num_task_experts, minimum=0)
         check_int(where, "num_levels", self.num_levels, minimum=1)
-        if self.type == "ple" and self.num_shared_experts + self.num_task_experts == 0:
+        counts = self.num_task_experts
+        if counts is None:
+            counts = 2 if self.type == "ple" else 0
+        if isinstance(counts, list | tuple):
+            if not counts or not all(is_int(n) and n >= 0 for n in counts):
+                raise invalid(where, "num_task_experts", list(counts), "expected integers >= 0, one per task")
+            counts = tuple(counts)
+        else:
+            check_int(where, "num_task_experts", counts, minimum=0)
+        object.__setattr__(self, "num_task_experts", counts)
+        has_own = any(counts) if isinstance(counts, tuple) else bool(counts)
+        if has_own and self.type not in ("mmoe", "ple"):
             raise invalid(
-                where, "num_task_experts", self.num_task_experts, "ple needs at least one expert per gate"
+                where, "num_task_experts", counts, f"task experts need mmoe or ple, not {self.type}"
             )
+        if self.type == "ple" and self.num_shared_experts + min(self.task_expert_counts(1)) == 0:
+            shown = list(counts) if isinstance(counts, tuple) else counts
+            raise invalid(where, "num_task_experts", shown, "ple needs at least one expert per gate")
         object.__setattr__(
             self, "expert_hidden", _check_sizes(where, "expert_hidden", self.expert_hidden, False)
         )
@@ -236,11 +254,17 @@ class ArchConfig:
         if not is_number(self.dropout) or not 0 <= self.dropout < 1:
             raise invalid(where, "dropout", self.dropout, "expected a number in [0, 1)")
 
-    def experts_per_gate(self) -> int:
+    def task_expert_counts(self, num_tasks: int) -> tuple[int, ...]:
+        """Each task's own experts (per level for ple): the list as given, or the one number repeated."""
+        counts = self.num_task_experts
+        return tuple(counts) if isinstance(counts, tuple) else (int(counts or 0),) * num_tasks
+
+    def experts_per_gate(self, num_tasks: int = 1) -> int:
         """The fewest experts any gate mixes (the bound on top-k's k)."""
+        fewest = min(self.task_expert_counts(num_tasks))
         if self.type == "ple":
-            return self.num_shared_experts + self.num_task_experts
-        return self.num_experts
+            return self.num_shared_experts + fewest
+        return self.num_experts + (fewest if self.type == "mmoe" else 0)
 
 
 @dataclass(frozen=True)
@@ -281,8 +305,17 @@ class ModelConfig:
                     t.given,
                     "the conditioning task must be binary and not conditioned itself",
                 )
-        if self.arch.type in ("mmoe", "ple") and self.gate.type == "noisy_topk":
-            n = self.arch.experts_per_gate()
+        counts = self.arch.num_task_experts
+        if isinstance(counts, tuple) and len(counts) != len(self.tasks):
+            raise invalid(
+                "model.arch", "num_task_experts", list(counts), f"expected one number per task of {names}"
+            )
+        if self.arch.type == "ple" and self.arch.experts_per_gate(len(self.tasks)) == 0:
+            raise invalid(
+                "model.arch", "num_task_experts", list(counts), "ple needs at least one expert per gate"
+            )
+        if self.arch.type in ("mmoe", "omoe", "ple") and self.gate.type == "noisy_topk":
+            n = self.arch.experts_per_gate(len(self.tasks))
             if self.gate.k > n:
                 raise invalid("model.gate", "k", self.gate.k, f"expected at most the {n} experts of a gate")
 

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from recsys.balancing import TaskBalancer
 from recsys.config import ModelConfig, TaskConfig
 from recsys.data.batch import Batch
 from recsys.model import RankingModel
@@ -35,29 +36,42 @@ class MultiTaskLoss(nn.Module):
     * entire-space (``given``): binary cross-entropy of the model's p(given and task) logit against
       ``label * given's label``, on every row (ESMM: the click-and-purchase label on all impressions).
 
+    The task losses are combined by a :class:`~recsys.balancing.TaskBalancer` (default: fixed weights, the
+    tasks' ``weight``).
+
     Args:
         tasks: the tasks.
         load_balance_weight: weight of ``stats["moe/aux_loss"]`` (ignored when the stats have none).
+        balancer: how the task losses are combined (default ``TaskBalancer(tasks)``: fixed weights).
     """
 
-    def __init__(self, tasks: Sequence[TaskConfig], load_balance_weight: float = 0.0) -> None:
+    def __init__(
+        self,
+        tasks: Sequence[TaskConfig],
+        load_balance_weight: float = 0.0,
+        balancer: TaskBalancer | None = None,
+    ) -> None:
         super().__init__()
         self.tasks = list(tasks)
         self.by_name = {t.name: t for t in self.tasks}
         self.load_balance_weight = load_balance_weight
+        self.balancer = balancer if balancer is not None else TaskBalancer(self.tasks)
+        self.task_losses: list[torch.Tensor] = []  # the last forward's, with their graph (GradNorm, PCGrad)
 
     def forward(
         self, logits: dict[str, torch.Tensor], labels: dict[str, torch.Tensor], stats: dict[str, torch.Tensor]
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The total loss, and the detached parts by name (``loss`` the total, ``aux_loss`` if any).
 
+        The balancer's task weights are added to ``stats`` (``balance/<task>/weight``).
+
         Args:
             logits: per task ``(B,)``, as returned by the model.
             labels: per label ``(B,)`` floats.
             stats: the model's statistics.
         """
-        total = torch.zeros((), device=next(iter(logits.values())).device)
         parts: dict[str, torch.Tensor] = {}
+        losses: list[torch.Tensor] = []
         for task in self.tasks:
             if task.label not in labels:
                 raise ValueError(
@@ -72,7 +86,10 @@ class MultiTaskLoss(nn.Module):
             else:
                 loss = F.mse_loss(logits[task.name], target)
             parts[task.name] = loss.detach()
-            total = total + task.weight * loss
+            losses.append(loss)
+        total, weights = self.balancer.combine(losses)
+        self.task_losses = losses
+        stats.update(weights)
         if self.load_balance_weight and "moe/aux_loss" in stats:
             parts["aux_loss"] = stats["moe/aux_loss"].detach()
             total = total + self.load_balance_weight * stats["moe/aux_loss"]
@@ -94,9 +111,19 @@ class RankingTrain(nn.Module):
         self.loss = loss
 
     @classmethod
-    def from_config(cls, model: RankingModel, config: ModelConfig) -> RankingTrain:
-        """Wraps ``model`` with the tasks and load-balancing weight of ``config``."""
-        return cls(model, MultiTaskLoss(config.tasks, config.gate.load_balance_weight))
+    def from_config(
+        cls, model: RankingModel, config: ModelConfig, balancer: TaskBalancer | None = None
+    ) -> RankingTrain:
+        """Wraps ``model`` with the tasks and load-balancing weight of ``config``, and a task balancer."""
+        return cls(model, MultiTaskLoss(config.tasks, config.gate.load_balance_weight, balancer))
+
+    def before_backward(self) -> dict[str, torch.Tensor]:
+        """The balancer's look at the last forward pass's task gradients (GradNorm, PCGrad).
+
+        See :meth:`recsys.balancing.TaskBalancer.before_backward`; call between the forward and ``backward``.
+        """
+        shared = getattr(self.model.multitask, "shared_parameters", list)()
+        return self.loss.balancer.before_backward(self.loss.task_losses, shared)
 
     def forward(
         self, batch: Batch
@@ -104,6 +131,9 @@ class RankingTrain(nn.Module):
         torch.Tensor, tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, torch.Tensor]]
     ]:
         """``(loss, (losses, logits, stats))``: the loss to backpropagate, then detached values to log."""
+        balancer = self.loss.balancer
+        # PCGrad scales each tower input's gradient by its task's coefficient (set before backward).
+        self.model.grad_scales = balancer.grad_scales if balancer.method == "pcgrad" else None
         logits, stats = self.model(batch.dense, batch.sparse)
         total, parts = self.loss(logits, batch.labels, stats)
         detached = {k: v.detach() for k, v in logits.items()}

@@ -12,7 +12,8 @@ this code to its Python subset, whereas non-strict export traces the eager code 
 TorchRec's ``EmbeddingBagCollection`` on CPU.
 
 Example:
-    >>> from recsys.config import ModelConfig
+    >>> from recsys.balancing import scale_grad
+from recsys.config import ModelConfig
     >>> from recsys.data.batch import FeatureLayout, SparseFeature
     >>> from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
     >>> layout = FeatureLayout(sparse=(SparseFeature("item", 10),), dense=("price",), labels=("click",))
@@ -35,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
+from recsys.balancing import scale_grad
 from recsys.config import ModelConfig
 from recsys.data.batch import Batch, FeatureLayout
 from recsys.modules.attention import HistoryArch, history_queries
@@ -42,7 +44,7 @@ from recsys.modules.embedding import SparseArch, embedding_bag_collection, embed
 from recsys.modules.experts import MLP
 from recsys.modules.gates import NoisyTopKGate, SoftmaxGate
 from recsys.modules.interaction import DotInteraction
-from recsys.modules.multitask import PLE, GatedExperts, MMoE, SharedBottom, SingleTask
+from recsys.modules.multitask import PLE, GatedExperts, MMoE, OMoE, SharedBottom, SingleTask
 
 _LN2 = math.log(2.0)
 
@@ -93,8 +95,12 @@ class RankingModel(nn.Module):
     interaction module is given. With target attention, the history features and their candidates come
     from ``history_arch``, after the pooled ones.
 
+    A model without sparse features (``sparse_arch`` and ``history_arch`` both ``None``) reads the dense
+    features only: ``(B, n_dense)``.
+
     Args:
-        sparse_arch: pools the sparse features to ``(B, F, D)`` (``None`` when ``history_arch`` has them all).
+        sparse_arch: pools the sparse features to ``(B, F, D)`` (``None`` when ``history_arch`` has them
+            all, or when there are none).
         multitask: maps the ``(B, in_dim)`` inputs to one representation per task and statistics.
         towers: one tower per task, in task order.
         given: entire-space (ESMM) tasks: task -> the binary task it is conditioned on.
@@ -118,8 +124,6 @@ class RankingModel(nn.Module):
         history_arch: HistoryArch | None = None,
     ) -> None:
         super().__init__()
-        if sparse_arch is None and history_arch is None:
-            raise ValueError("model: expected a sparse_arch or a history_arch, got neither")
         self.sparse_arch = sparse_arch
         self.history_arch = history_arch
         self.interaction = interaction
@@ -127,6 +131,8 @@ class RankingModel(nn.Module):
         self.towers = towers
         self.task_names = list(towers.keys())
         self.given = dict(given)
+        # Set by the training wrapper for PCGrad: each tower input's gradient is scaled by its task's entry.
+        self.grad_scales: torch.Tensor | None = None
 
     @property
     def keys(self) -> list[str]:
@@ -155,13 +161,23 @@ class RankingModel(nn.Module):
         Returns:
             ``(logits, stats)``, see the class docstring.
         """
+        return self.heads(self.inputs(dense, sparse))
+
+    def inputs(self, dense: torch.Tensor, sparse: KeyedJaggedTensor | None) -> torch.Tensor:
+        """The multi-task architecture's ``(B, in_dim)`` input: embeddings and dense features."""
         parts = [arch(sparse) for arch in (self.sparse_arch, self.history_arch) if arch is not None]
+        if not parts:
+            return dense  # a dense-only model
         embedded = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)  # (B, F, D)
         if self.interaction is None:
-            x = torch.cat([embedded.flatten(1), dense], dim=1)  # (B, F * D + n_dense)
-        else:
-            x = self.interaction(embedded, dense)  # (B, in_dim)
+            return torch.cat([embedded.flatten(1), dense], dim=1)  # (B, F * D + n_dense)
+        return self.interaction(embedded, dense)  # (B, in_dim)
+
+    def heads(self, x: torch.Tensor) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """From the ``(B, in_dim)`` input to ``(logits, stats)``: the multi-task architecture and towers."""
         representations, stats = self.multitask(x)  # T x (B, H)
+        if self.grad_scales is not None:
+            representations = [scale_grad(h, self.grad_scales, t) for t, h in enumerate(representations)]
         logits = {
             name: tower(h) for (name, tower), h in zip(self.towers.items(), representations, strict=True)
         }
@@ -182,8 +198,11 @@ def build_model(
         embedding_device: where to allocate the embedding tables; ``"meta"`` defers them, for sharding
             with TorchRec's ``DistributedModelParallel``.
 
+    A layout without sparse features gives a dense-only model (no tables; e.g. the MMoE paper's
+    synthetic regression).
+
     Raises:
-        ValueError: a task's label is not among the layout's labels, or the layout has no sparse feature.
+        ValueError: a task's label is not among the layout's labels, or the layout has no input at all.
     """
     for task in config.tasks:
         if layout.labels and task.label not in layout.labels:
@@ -191,11 +210,13 @@ def build_model(
                 f"model.tasks[{task.name}].label: expected one of the spec's labels "
                 f"{list(layout.labels)}, got {task.label!r}"
             )
-    if not layout.sparse:
-        raise ValueError("layout.sparse: the model needs at least one sparse feature, got none")
+    if not layout.sparse and not layout.dense:
+        raise ValueError("layout: the model needs at least one sparse or dense feature, got none")
     emb, arch, gate = config.embedding, config.arch, config.gate
     device = torch.device(embedding_device) if embedding_device else None
-    sparse_arch, history_arch = _embedding_archs(config, layout, device)
+    sparse_arch, history_arch = _embedding_archs(config, layout, device) if layout.sparse else (None, None)
+    if arch.interaction == "dot" and not layout.sparse:
+        raise ValueError("model.arch.interaction: 'dot' needs sparse features, the layout has none")
     interaction = (
         DotInteraction(len(layout.sparse), emb.dim, len(layout.dense)) if arch.interaction == "dot" else None
     )
@@ -210,14 +231,19 @@ def build_model(
     # Dispatch settings; None computes every expert on every row.
     routing = {"capacity_factor": gate.capacity_factor if gate.dispatch else None, "overflow": gate.overflow}
     experts = {"expert_hidden": arch.expert_hidden, "make_gate": make_gate, "dropout": arch.dropout}
+    own = arch.task_expert_counts(len(names))
     if arch.type == "mmoe":
-        multitask: nn.Module = MMoE(in_dim, names, num_experts=arch.num_experts, **experts, **routing)
+        multitask: nn.Module = MMoE(
+            in_dim, names, num_experts=arch.num_experts, **experts, **routing, num_task_experts=own
+        )
+    elif arch.type == "omoe":
+        multitask = OMoE(in_dim, len(names), num_experts=arch.num_experts, **experts, **routing)
     elif arch.type == "ple":
         multitask = PLE(
             in_dim,
             names,
             num_shared_experts=arch.num_shared_experts,
-            num_task_experts=arch.num_task_experts,
+            num_task_experts=own,
             num_levels=arch.num_levels,
             **experts,
             **routing,

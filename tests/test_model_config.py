@@ -30,7 +30,7 @@ def test_defaults_and_shipped_configs():
     [
         (
             {"arch": {"type": "moe"}},
-            r"model\.arch\.type: expected one of \['mmoe', 'ple', 'shared_bottom', "
+            r"model\.arch\.type: expected one of \['mmoe', 'omoe', 'ple', 'shared_bottom', "
             r"'single_task'\], got 'moe'",
         ),
         ({"arch": {"num_experts": 0}}, r"model\.arch\.num_experts: expected an integer >= 1, got 0"),
@@ -46,6 +46,22 @@ def test_defaults_and_shipped_configs():
             r"model\.arch\.num_task_experts: ple needs at least one expert per gate, got 0",
         ),
         ({"arch": {"colour": 1}}, r"model\.arch: unknown field\(s\) \['colour'\]"),
+        (
+            {"arch": {"type": "ple", "num_task_experts": [1, 2, 3]}},
+            r"model\.arch\.num_task_experts: expected one number per task of .*, got \[1, 2, 3\]",
+        ),
+        (
+            {"arch": {"type": "ple", "num_shared_experts": 0, "num_task_experts": [1, 0]}},
+            r"model\.arch\.num_task_experts: ple needs at least one expert per gate, got \[1, 0\]",
+        ),
+        (
+            {"arch": {"type": "mmoe", "num_task_experts": [1, -1]}},
+            r"model\.arch\.num_task_experts: expected integers >= 0, one per task, got \[1, -1\]",
+        ),
+        (
+            {"arch": {"type": "shared_bottom", "num_task_experts": 2}},
+            r"model\.arch\.num_task_experts: task experts need mmoe or ple, not shared_bottom, got 2",
+        ),
         (
             {"gate": {"type": "hash"}},
             r"model\.gate\.type: expected one of \['softmax', 'noisy_topk'\], got 'hash'",
@@ -101,6 +117,15 @@ def test_defaults_and_shipped_configs():
 def test_config_errors_name_the_field_and_value(sections, message):
     with pytest.raises(ValueError, match=message):
         config(**sections)
+
+
+def test_task_expert_counts_default_per_arch_and_bound_k():
+    assert config(arch={"type": "ple"}).arch.task_expert_counts(2) == (2, 2)
+    assert config(arch={"type": "mmoe"}).arch.task_expert_counts(2) == (0, 0)
+    arch = {"type": "mmoe", "num_experts": 2, "num_task_experts": [3, 1]}
+    assert config(arch=arch).arch.experts_per_gate(2) == 3  # purchase's gate: 2 shared + 1 own
+    with pytest.raises(ValueError, match=r"model\.gate\.k: expected at most the 3 experts of a gate, got 4"):
+        config(arch=arch, gate={"type": "noisy_topk", "k": 4})
 
 
 def test_ple_k_is_bounded_by_its_smallest_gate():

@@ -10,7 +10,7 @@ from recsys.data.batch import FeatureLayout, SparseFeature
 from recsys.modules.embedding import SparseArch, embedding_bag_collection, enable_sparse_gradients
 from recsys.modules.experts import MLP, StackedExperts
 from recsys.modules.gates import NoisyTopKGate, SoftmaxGate
-from recsys.modules.multitask import PLE, MMoE, SharedBottom, SingleTask
+from recsys.modules.multitask import PLE, MMoE, OMoE, SharedBottom, SingleTask
 
 TASKS = ["click", "purchase"]
 
@@ -121,6 +121,26 @@ def test_architecture_shapes():
     assert "moe/level1/shared/load" not in stats  # no shared gate after the last level
 
 
+def test_task_experts_per_task_and_one_gate_for_all():
+    torch.manual_seed(0)
+    x = torch.randn(5, 7)
+    mixed = MMoE(7, TASKS, num_experts=2, expert_hidden=[8], make_gate=softmax_gates, num_task_experts=[3, 1])
+    reps, stats = mixed(x)
+    assert mixed.layer.num_experts == 2 + 3 + 1
+    assert stats["moe/click/load"].shape == (5,) and stats["moe/purchase/load"].shape == (3,)
+    assert mixed.layer.gate_experts[1, :3].tolist() == [0, 1, 5]  # shared 0-1, then purchase's own expert 5
+    ple = PLE(7, TASKS, 1, [2, 0], num_levels=2, expert_hidden=[8, 6], make_gate=softmax_gates)
+    _, stats = ple(x)
+    assert stats["moe/level1/click/load"].shape == (3,) and stats["moe/level1/purchase/load"].shape == (1,)
+    assert stats["moe/level0/shared/load"].shape == (3,)
+    with pytest.raises(ValueError, match=r"model\.arch\.num_task_experts: expected one number per task"):
+        PLE(7, TASKS, 0, [1, 0], num_levels=1, expert_hidden=[8], make_gate=softmax_gates)
+    omoe = OMoE(7, 2, num_experts=4, expert_hidden=[8], make_gate=softmax_gates)
+    reps, stats = omoe(x)
+    assert reps[0] is reps[1] and stats["moe/shared/load"].shape == (4,)
+    assert len(omoe.layer.gates) == 1
+
+
 def assert_every_expert_and_gate_has_gradient(module: torch.nn.Module) -> None:
     """Every expert's slice of the stacked weights, and every gate row, has a non-zero gradient."""
     checked = 0
@@ -148,6 +168,8 @@ def test_gradients_reach_every_expert_and_gate(gates):
     x = torch.randn(64, 7)
     for arch in (
         MMoE(7, TASKS, num_experts=4, expert_hidden=[8, 6], make_gate=gates),
+        MMoE(7, TASKS, num_experts=2, expert_hidden=[8, 6], make_gate=gates, num_task_experts=[2, 1]),
+        OMoE(7, 2, num_experts=4, expert_hidden=[8, 6], make_gate=gates),
         PLE(
             7,
             TASKS,

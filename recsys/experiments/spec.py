@@ -295,6 +295,11 @@ def _base_config(base: Any) -> Any:
     return yaml.safe_load(config_path(base, CONFIG_DIR, "train config").read_text())
 
 
+def spec_path(name_or_path: str | Path) -> Path:
+    """The YAML file of a spec: a path, or a shipped name."""
+    return Path(config_path(name_or_path, SPEC_DIR, "spec"))
+
+
 def load_spec(name_or_path: str | Path) -> ExperimentSpec:
     """An experiment spec from a YAML path or a shipped name."""
-    return ExperimentSpec.from_yaml(config_path(name_or_path, SPEC_DIR, "spec"))
+    return ExperimentSpec.from_yaml(spec_path(name_or_path))

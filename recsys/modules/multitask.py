@@ -1,15 +1,18 @@
 """Multi-task architectures: from one input ``(B, D)`` to one representation ``(B, H)`` per task.
 
-* :class:`MMoE`: E shared experts, one gate per task (Ma et al. 2018).
+* :class:`MMoE`: E shared experts, one gate per task (Ma et al. 2018), optionally beside each task's own
+  experts, which only that task's gate mixes.
+* :class:`OMoE`: E shared experts and one gate for every task (the paper's one-gate MoE baseline).
 * :class:`PLE`: shared and task-specific experts in one or more extraction levels (Tang et al. 2020);
-  one level is CGC.
+  one level is CGC. Tasks may have different numbers of their own experts.
 * :class:`SharedBottom`: one MLP shared by every task.
 * :class:`SingleTask`: one MLP per task (computed together); the tasks share only their input.
 
 Every architecture returns ``(representations, stats)``: a list with one ``(B, H)`` tensor per task and
 a dict of routing statistics (empty without gates), with ``moe/aux_loss`` the mean load-balancing loss of
 all gates. Gates are built by a factory ``make_gate(in_dim, num_experts)``, so the same code runs dense
-softmax and noisy top-k gates.
+softmax and noisy top-k gates. ``shared_parameters()`` are the parameters more than one task's loss
+trains (the experts or bottom; what GradNorm and PCGrad compare the tasks' gradients on).
 
 Example:
     >>> from recsys.modules.gates import SoftmaxGate
@@ -206,6 +209,8 @@ class MMoE(nn.Module):
         dropout: dropout in the experts.
         capacity_factor: top-k dispatch mode with this capacity factor (None: every expert on every row).
         overflow: dispatch: ``fallback`` or ``drop``.
+        num_task_experts: each task's own experts (empty or all 0: none); task t's gate mixes the shared
+            experts and task t's own.
     """
 
     def __init__(
@@ -218,15 +223,21 @@ class MMoE(nn.Module):
         dropout: float = 0.0,
         capacity_factor: float | None = None,
         overflow: str = "fallback",
+        num_task_experts: Sequence[int] = (),
     ) -> None:
         super().__init__()
         tasks = list(task_names)
+        own = list(num_task_experts) if any(num_task_experts) else []
+        if own and len(own) != len(tasks):
+            raise ValueError(
+                f"model.arch.num_task_experts: expected one number per task of {tasks}, got {own}"
+            )
         self.layer = GatedExperts(
             in_dim,
-            [num_experts],
+            [num_experts, *own],
             tasks,
             [0] * len(tasks),
-            [[0]] * len(tasks),
+            [[0, t + 1] if own else [0] for t in range(len(tasks))],
             expert_hidden,
             make_gate,
             dropout,
@@ -242,6 +253,66 @@ class MMoE(nn.Module):
         stats["moe/aux_loss"] = _aux_mean(stats)
         return outputs, stats
 
+    def shared_parameters(self) -> list[nn.Parameter]:
+        """The experts (with task experts, their weights are stacked with the shared ones)."""
+        return list(self.layer.experts.parameters())
+
+
+class OMoE(nn.Module):
+    """One-gate mixture of experts: E shared experts and one gate, whose mixture every task's tower reads.
+
+    The baseline of the MMoE paper (Ma et al. 2018, its "OMoE"): the same experts as :class:`MMoE`, but the
+    tasks cannot weigh them differently.
+
+    Args:
+        in_dim: D, the input size.
+        num_tasks: T.
+        num_experts: E.
+        expert_hidden: layer sizes of each expert; H = the last.
+        make_gate: ``make_gate(in_dim, num_experts)`` builds the gate.
+        dropout: dropout in the experts.
+        capacity_factor: top-k dispatch mode with this capacity factor (None: every expert on every row).
+        overflow: dispatch: ``fallback`` or ``drop``.
+    """
+
+    def __init__(
+        self,
+        in_dim: int,
+        num_tasks: int,
+        num_experts: int,
+        expert_hidden: Sequence[int],
+        make_gate: GateFactory,
+        dropout: float = 0.0,
+        capacity_factor: float | None = None,
+        overflow: str = "fallback",
+    ) -> None:
+        super().__init__()
+        self.num_tasks = num_tasks
+        self.layer = GatedExperts(
+            in_dim,
+            [num_experts],
+            ["shared"],
+            [0],
+            [[0]],
+            expert_hidden,
+            make_gate,
+            dropout,
+            capacity_factor,
+            overflow,
+            prefix="moe",
+        )
+        self.out_dim = self.layer.out_dim
+
+    def forward(self, x: torch.Tensor) -> Output:
+        """``x`` ``(B, D)`` -> the same ``(B, H)`` for each task, and the gate's statistics."""
+        outputs, stats = self.layer([x])
+        stats["moe/aux_loss"] = _aux_mean(stats)
+        return outputs * self.num_tasks, stats
+
+    def shared_parameters(self) -> list[nn.Parameter]:
+        """The experts and the gate: every task trains them."""
+        return list(self.layer.parameters())
+
 
 class PLE(nn.Module):
     """Progressive layered extraction: per level, shared experts and each task's own experts.
@@ -254,7 +325,7 @@ class PLE(nn.Module):
         in_dim: D, the input size.
         task_names: the tasks, for output order and statistics.
         num_shared_experts: shared experts per level.
-        num_task_experts: experts per task per level.
+        num_task_experts: experts per task per level: one number for every task, or one per task.
         num_levels: extraction levels.
         expert_hidden: layer sizes of each expert; H = the last.
         make_gate: ``make_gate(in_dim, num_experts)`` builds a gate.
@@ -268,7 +339,7 @@ class PLE(nn.Module):
         in_dim: int,
         task_names: Sequence[str],
         num_shared_experts: int,
-        num_task_experts: int,
+        num_task_experts: int | Sequence[int],
         num_levels: int,
         expert_hidden: Sequence[int],
         make_gate: GateFactory,
@@ -280,7 +351,13 @@ class PLE(nn.Module):
         tasks = list(task_names)
         t = len(tasks)
         self.num_tasks = t
-        groups = [num_shared_experts] + [num_task_experts] * t  # group 0 shared, group 1 + i task i
+        own = [num_task_experts] * t if isinstance(num_task_experts, int) else list(num_task_experts)
+        if len(own) != t or any(num_shared_experts + n < 1 for n in own):
+            raise ValueError(
+                f"model.arch.num_task_experts: expected one number per task of {tasks}, each gate mixing "
+                f">= 1 expert with the {num_shared_experts} shared, got {num_task_experts!r}"
+            )
+        groups = [num_shared_experts, *own]  # group 0 shared, group 1 + i task i
         self.levels = nn.ModuleList()
         dim = in_dim
         for level in range(num_levels):
@@ -323,6 +400,10 @@ class PLE(nn.Module):
         stats["moe/aux_loss"] = _aux_mean(stats)
         return outputs[: self.num_tasks], stats
 
+    def shared_parameters(self) -> list[nn.Parameter]:
+        """The experts of every level (each level's shared and task experts are stacked in one weight)."""
+        return [p for level in self.levels for p in level.experts.parameters()]
+
 
 class SharedBottom(nn.Module):
     """One MLP whose output every task's tower reads.
@@ -345,6 +426,10 @@ class SharedBottom(nn.Module):
         h = self.bottom(x)
         return [h] * self.num_tasks, {}
 
+    def shared_parameters(self) -> list[nn.Parameter]:
+        """The bottom MLP."""
+        return list(self.bottom.parameters())
+
 
 class SingleTask(nn.Module):
     """One bottom MLP per task, as separate single-task models that share only the embeddings.
@@ -366,3 +451,7 @@ class SingleTask(nn.Module):
     def forward(self, x: torch.Tensor) -> Output:
         """``x`` ``(B, D)`` -> task t's own ``(B, H)``, and no statistics."""
         return list(self.bottoms(x).unbind(0)), {}
+
+    def shared_parameters(self) -> list[nn.Parameter]:
+        """None: each task has its own bottom."""
+        return []

@@ -17,7 +17,7 @@ from features.console import story
 from recsys.losses import RankingTrain
 from recsys.model import RankingModel, build_model
 from recsys.train.config import TrainConfig
-from recsys.train.sharding import ShardedModel
+from recsys.train.sharding import ShardedModel, task_balancer
 from recsys.train.state import TrainingState
 
 CHECKPOINT_FILE = "rank{rank}.pt"
@@ -92,6 +92,6 @@ def gather_unsharded(sharded: ShardedModel, config: TrainConfig) -> RankingModel
     if rank != 0:
         return None
     model = build_model(config.model, sharded.layout)
-    wrapper = RankingTrain.from_config(model, config.model)
+    wrapper = RankingTrain.from_config(model, config.model, task_balancer(config))
     wrapper.load_state_dict(full)
     return model.eval()

@@ -26,6 +26,7 @@ from features.checks import (
     invalid,
     shipped_config,
 )
+from recsys.balancing import BALANCING
 from recsys.calibration import METHODS as CALIBRATION_METHODS
 from recsys.config import ModelConfig
 
@@ -81,6 +82,12 @@ class TrainingSettings:
             validation split's predictions of the kept model, store it in the package and report the test
             metrics after it (and before it, as ``..._raw``); ``none``: the package scores the model's own
             probabilities (:mod:`recsys.calibration`).
+        task_balancing: how the task losses are combined (:mod:`recsys.balancing`): ``fixed`` (the
+            tasks' weights; the default), ``uncertainty`` (learned log-variances, Kendall et al. 2018),
+            ``gradnorm`` (Chen et al. 2018) or ``pcgrad`` (Yu et al. 2020). The weights (and for GradNorm
+            and PCGrad the tasks' gradient norms and cosine) are logged with the training loss.
+        gradnorm_alpha: GradNorm's asymmetry (1.5 as in the paper).
+        gradnorm_lr: the learning rate of GradNorm's loss weights (Adam).
     """
 
     epochs: int = 2
@@ -103,9 +110,15 @@ class TrainingSettings:
     embedding_epochs: int = 0
     embedding_reinit: bool = False
     calibration: str = "platt"
+    task_balancing: str = "fixed"
+    gradnorm_alpha: float = 1.5
+    gradnorm_lr: float = 0.025
 
     def __post_init__(self) -> None:
         w = "training"
+        check_choice(w, "task_balancing", self.task_balancing, BALANCING)
+        check_number(w, "gradnorm_alpha", self.gradnorm_alpha, low_open=False)
+        check_number(w, "gradnorm_lr", self.gradnorm_lr)
         check_int(w, "epochs", self.epochs)
         check_int(w, "batch_size", self.batch_size)
         check_number(w, "dense_lr", self.dense_lr)

@@ -36,7 +36,7 @@ class Predictions:
 
     Attributes:
         labels: per label column, ``(N,)``.
-        probs: per task, the predicted probability ``(N,)``.
+        probs: per task, the predicted probability ``(N,)`` (a regression task's prediction).
         keys: per key column (``impression_id``, the GAUC group), ``(N,)``.
         stats: per routing statistic ``{gate}/load``, the share of rows sent to each expert ``(E,)``.
         raw_probs: per calibrated task, the model's own probability before calibration ``(N,)``; empty
@@ -80,6 +80,11 @@ class Predictions:
         tasks = [t for t in config.model.tasks if t.kind == "binary"]
         return {t.name: self.labels[t.label] for t in tasks}, {t.name: self.probs[t.name] for t in tasks}
 
+    def regression(self, config: TrainConfig) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """Labels and predictions of the regression tasks, keyed by task name."""
+        tasks = [t for t in config.model.tasks if t.kind == "regression"]
+        return {t.name: (self.labels[t.label], self.probs[t.name]) for t in tasks}
+
     def calibrated(self, calibrators: dict[str, PlattScaling]) -> Predictions:
         """These predictions with each task's calibrator applied; the probabilities before it kept as raw."""
         raw = {task: self.probs[task] for task in calibrators}
@@ -95,15 +100,19 @@ def predict_split(
     """
     sharded.dmp.eval()
     with torch.no_grad():
-        local = _local_predictions(sharded, shard, config.training.batch_size, key_columns)
+        regression = {t.name for t in config.model.tasks if t.kind == "regression"}
+        local = _local_predictions(sharded, shard, config.training.batch_size, key_columns, regression)
     sharded.dmp.train()
     return _gather(local)
 
 
 def _local_predictions(
-    sharded: ShardedModel, shard: Any, batch_size: int, key_columns: list[str]
+    sharded: ShardedModel, shard: Any, batch_size: int, key_columns: list[str], regression: set[str]
 ) -> dict[str, dict[str, np.ndarray]]:
-    """This worker's predictions: ``{"labels", "probs", "keys", "stats"}``, each per column."""
+    """This worker's predictions: ``{"labels", "probs", "keys", "stats"}``, each per column.
+
+    A binary task's logit becomes a probability; a regression task's output is its prediction.
+    """
     layout = sharded.layout
     parts: dict[str, dict[str, list[np.ndarray]]] = {"labels": {}, "probs": {}, "keys": {}, "stats": {}}
     padding = padding_row(layout, key_columns)
@@ -113,7 +122,8 @@ def _local_predictions(
         if n_real == 0:
             continue
         for name, value in logits.items():
-            parts["probs"].setdefault(name, []).append(torch.sigmoid(value[:n_real]).double().cpu().numpy())
+            value = value[:n_real] if name in regression else torch.sigmoid(value[:n_real])
+            parts["probs"].setdefault(name, []).append(value.double().cpu().numpy())
         for name in layout.labels:
             parts["labels"].setdefault(name, []).append(batch.labels[name][:n_real].double().cpu().numpy())
         for name in key_columns:
@@ -162,7 +172,12 @@ def split_metrics(
     Of calibrated predictions, the metrics calibration changes are also given before it (``..._raw``).
     """
     labels, probs = preds.binary(config)
-    out = evaluate(labels, probs, preds.keys.get(config.group_column), prefix=prefix)
+    out = evaluate(labels, probs, preds.keys.get(config.group_column), prefix=prefix) if labels else {}
+    for task, (y, pred) in preds.regression(config).items():
+        mse = float(np.mean((pred - y) ** 2)) if len(y) else float("nan")
+        out.update(
+            {f"{prefix}{task}/mse": mse, f"{prefix}{task}/neg_mse": -mse, f"{prefix}{task}/count": len(y)}
+        )
     raw = {task: preds.raw_probs[task] for task in labels if task in preds.raw_probs}
     if raw:
         out.update(uncalibrated_metrics(evaluate({t: labels[t] for t in raw}, raw, prefix=prefix)))

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.distributed as dist
 
+from recsys.balancing import TaskBalancer
 from recsys.data.batch import FeatureLayout
 from recsys.losses import RankingTrain
 from recsys.model import build_model
@@ -33,6 +34,7 @@ class ShardedModel:
     plan: Any
     layout: FeatureLayout
     device: torch.device
+    train_module: Any = None  # the RankingTrain inside dmp (its balancer looks at the task gradients)
 
 
 def _fused_optimizer(name: str) -> type:
@@ -147,7 +149,7 @@ def shard_model(config: TrainConfig, layout: FeatureLayout, device: torch.device
     t = config.training
     torch.manual_seed(t.seed)
     model = build_model(config.model, layout, embedding_device="meta")
-    train_module = RankingTrain.from_config(model, config.model)
+    train_module = RankingTrain.from_config(model, config.model, task_balancer(config))
     apply_optimizer_in_backward(
         _fused_optimizer(t.embedding_optimizer), model.embedding_parameters(), _fused_params(t)
     )
@@ -167,7 +169,13 @@ def shard_model(config: TrainConfig, layout: FeatureLayout, device: torch.device
         lambda params: _dense_optimizer(params, t),
     )
     optimizer = CombinedOptimizer([dmp.fused_optimizer, dense])
-    return ShardedModel(dmp, optimizer, dense, plan, layout, device)
+    return ShardedModel(dmp, optimizer, dense, plan, layout, device, train_module)
+
+
+def task_balancer(config: TrainConfig) -> TaskBalancer:
+    """The run's task balancer (``training.task_balancing``)."""
+    t = config.training
+    return TaskBalancer(config.model.tasks, t.task_balancing, t.gradnorm_alpha, t.gradnorm_lr)
 
 
 def plan_ranks(plan: Any) -> str:

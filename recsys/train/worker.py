@@ -295,6 +295,8 @@ def train_step(
     batch = batch.to(sharded.device, non_blocking=True)
     loss, (parts, _, stats) = sharded.dmp(batch)
     sharded.optimizer.zero_grad()
+    if sharded.train_module.loss.balancer.needs_task_gradients:  # GradNorm, PCGrad
+        stats = {**stats, **sharded.train_module.before_backward()}
     loss.backward()
     sharded.optimizer.step()
     return {k: v.detach() for k, v in parts.items()}, stats
