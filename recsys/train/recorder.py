@@ -59,6 +59,7 @@ SUMMARY_METRICS = (
     "/auc_gap",
     "/log_loss_raw",
     "/calibration_raw",
+    "/mse",
 )
 
 
@@ -167,8 +168,9 @@ class RunRecorder:
         )
         with checkpoint.as_directory() as directory:
             labels, probs, _ = _predictions(Path(directory) / VALID_PREDICTIONS, self.config)
-        figure = calibration_figure(labels, probs, f"validation, epoch {report.epoch}")
-        self.tracker.log_figure(figure, f"report/calibration_valid_epoch{report.epoch:03d}.png")
+        if labels:  # binary tasks only: a regression-only model has no calibration to draw
+            figure = calibration_figure(labels, probs, f"validation, epoch {report.epoch}")
+            self.tracker.log_figure(figure, f"report/calibration_valid_epoch{report.epoch:03d}.png")
 
     def _finish(self, report: FinalReport, directory: Path) -> TrainingSummary:
         """Test metrics, the report's plots, the predictions and the package; registers the model."""
@@ -190,9 +192,10 @@ class RunRecorder:
 
         history = list(report.state.history)
         labels, probs, raw = _predictions(test_predictions, self.config)
-        self.tracker.log_figure(
-            calibration_figure(labels, probs, "test split", raw=raw), "report/calibration_test.png"
-        )
+        if labels:
+            self.tracker.log_figure(
+                calibration_figure(labels, probs, "test split", raw=raw), "report/calibration_test.png"
+            )
         load = expert_load_figure(history, "expert load per gate (validation)")
         self.tracker.log_figure(load, "report/expert_load.png")
         if self.steps:
