@@ -13,7 +13,8 @@ import torch
 
 from recsys.config import ModelConfig
 from recsys.data.batch import FeatureLayout
-from recsys.experiments.paper import load_paper_spec, spread_ratio
+from recsys.experiments.paper import load_paper_spec
+from recsys.experiments.paper_report import spread_ratio
 from recsys.experiments.spec import spec_path
 from recsys.losses import MultiTaskLoss
 from recsys.model import build_model
