@@ -69,7 +69,9 @@ def scale_grad(x: torch.Tensor, scales: torch.Tensor, index: int) -> torch.Tenso
     return _ScaleGrad.apply(x, scales, index)
 
 
-def pcgrad_coefficients(gram: torch.Tensor, order: Sequence[Sequence[int]] | None = None) -> torch.Tensor:
+def pcgrad_coefficients(
+    gram: torch.Tensor, order: Sequence[Sequence[int]] | None = None, rng: random.Random | None = None
+) -> torch.Tensor:
     """PCGrad's combined gradient as coefficients of the task gradients: ``sum_t c_t g_t``.
 
     Task i's projected gradient stays in the span of the task gradients: it is tracked as coefficients
@@ -79,7 +81,8 @@ def pcgrad_coefficients(gram: torch.Tensor, order: Sequence[Sequence[int]] | Non
     Args:
         gram: ``(T, T)`` the dot products of the task gradients, ``gram[i, j] = g_i . g_j``.
         order: for each task i, the other tasks in the order it is projected on them (default: a random
-            order per task, as the paper).
+            order per task, as the paper, drawn from ``rng``).
+        rng: draws the orders (default: the ``random`` module's generator).
 
     Returns:
         ``(T,)`` the coefficients ``c = sum_i a_i``.
@@ -88,9 +91,11 @@ def pcgrad_coefficients(gram: torch.Tensor, order: Sequence[Sequence[int]] | Non
     t = gram.size(0)
     coefficients = torch.eye(t, dtype=torch.float64)
     for i in range(t):
-        others = (
-            list(order[i]) if order is not None else random.sample([j for j in range(t) if j != i], t - 1)
-        )
+        others = [j for j in range(t) if j != i]
+        if order is not None:
+            others = list(order[i])
+        else:
+            (rng or random).shuffle(others)
         a = coefficients[i]
         for j in others:
             dot = a @ gram[:, j]
@@ -141,6 +146,7 @@ class TaskBalancer(nn.Module):
             self._weights_optimizer: torch.optim.Optimizer | None = None
         # PCGrad's coefficients, read by each tower input's gradient scale when backward runs.
         self.register_buffer("grad_scales", torch.ones(t), persistent=False)
+        self.steps = 0  # PCGrad's projection orders are drawn from it: the same on every worker
 
     @property
     def needs_task_gradients(self) -> bool:
@@ -186,6 +192,7 @@ class TaskBalancer(nn.Module):
         """
         if not self.needs_task_gradients:
             return {}
+        self.steps += 1
         shared = [p for p in shared if p.requires_grad]
         if not shared:
             raise ValueError(
@@ -211,7 +218,8 @@ class TaskBalancer(nn.Module):
         }
         stats.update({f"balance/{n}/grad_norm": norms[t].detach() for t, n in enumerate(self.names)})
         if self.method == "pcgrad":
-            self.grad_scales.copy_(pcgrad_coefficients(gram.detach()).to(self.grad_scales))
+            orders = random.Random(self.steps)
+            self.grad_scales.copy_(pcgrad_coefficients(gram.detach(), rng=orders).to(self.grad_scales))
         else:
             self._gradnorm_step(norms.detach(), task_losses)
         return stats
