@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -199,47 +199,50 @@ def _figure_loss_by_correlation(spec: PaperSpec, cells: Sequence[CellResult]) ->
     return fig
 
 
-def _figure_curves(spec: PaperSpec, cells: Sequence[CellResult]) -> Any:
+def _panels_by_correlation(
+    spec: PaperSpec, title: str, ylabel: str, xlabel: str, draw: Callable[[Any, float], None]
+) -> Any:
+    """One panel per correlation, side by side; ``draw(ax, correlation)`` fills each."""
     from recsys.report import new_figure
 
-    by = _by(cells)
-    n = len(spec.correlations)
-    fig = new_figure(figsize=(4 * n, 3.5))
-    axes = fig.subplots(1, n, squeeze=False)[0]
+    fig = new_figure(figsize=(4 * len(spec.correlations), 3.5))
+    axes = fig.subplots(1, len(spec.correlations), squeeze=False)[0]
     for ax, c in zip(axes, spec.correlations, strict=True):
+        draw(ax, c)
+        ax.set_title(f"correlation {c:g}")
+        ax.set_xlabel(xlabel)
+    axes[0].set_ylabel(ylabel)
+    axes[0].legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def _figure_curves(spec: PaperSpec, cells: Sequence[CellResult]) -> Any:
+    by = _by(cells)
+
+    def draw(ax: Any, c: float) -> None:
         for m in spec.models:
             cell = by[m.name, c]
             mask = cell.lrs == cell.chosen_lr
             ax.plot(cell.steps[1:], cell.valid[1:, mask].mean(axis=(1, 2)), label=m.name)
-        ax.set_title(f"correlation {c:g}")
-        ax.set_xlabel("step")
         ax.set_yscale("log")
-    axes[0].set_ylabel("validation loss (mean over runs)")
-    axes[0].legend()
-    fig.suptitle("Loss curves at each cell's chosen learning rate (paper fig. 5)")
-    fig.tight_layout()
-    return fig
+
+    title = "Loss curves at each cell's chosen learning rate (paper fig. 5)"
+    return _panels_by_correlation(spec, title, "validation loss (mean over runs)", "step", draw)
 
 
 def _figure_trainability(spec: PaperSpec, cells: Sequence[CellResult]) -> Any:
-    from recsys.report import new_figure
-
     by = _by(cells)
-    n = len(spec.correlations)
-    fig = new_figure(figsize=(4 * n, 3.5))
-    axes = fig.subplots(1, n, squeeze=False)[0]
-    for ax, c in zip(axes, spec.correlations, strict=True):
+
+    def draw(ax: Any, c: float) -> None:
         values = [by[m.name, c].losses() for m in spec.models]
         bins = np.linspace(min(v.min() for v in values), max(v.max() for v in values), 16)
         for m, v in zip(spec.models, values, strict=True):
             ax.hist(v, bins=bins, alpha=0.5, label=m.name)
-        ax.set_title(f"correlation {c:g}")
-        ax.set_xlabel("final test loss")
-    axes[0].set_ylabel("runs")
-    axes[0].legend()
-    fig.suptitle("Final losses over runs: trainability (paper fig. 6)")
-    fig.tight_layout()
-    return fig
+
+    title = "Final losses over runs: trainability (paper fig. 6)"
+    return _panels_by_correlation(spec, title, "runs", "final test loss", draw)
 
 
 def write_paper_report(

@@ -258,11 +258,11 @@ class MMoE(nn.Module):
         return list(self.layer.experts.parameters())
 
 
-class OMoE(nn.Module):
+class OMoE(MMoE):
     """One-gate mixture of experts: E shared experts and one gate, whose mixture every task's tower reads.
 
     The baseline of the MMoE paper (Ma et al. 2018, its "OMoE"): the same experts as :class:`MMoE`, but the
-    tasks cannot weigh them differently.
+    tasks cannot weigh them differently. Its gate's statistics are ``moe/shared/...``.
 
     Args:
         in_dim: D, the input size.
@@ -286,27 +286,14 @@ class OMoE(nn.Module):
         capacity_factor: float | None = None,
         overflow: str = "fallback",
     ) -> None:
-        super().__init__()
-        self.num_tasks = num_tasks
-        self.layer = GatedExperts(
-            in_dim,
-            [num_experts],
-            ["shared"],
-            [0],
-            [[0]],
-            expert_hidden,
-            make_gate,
-            dropout,
-            capacity_factor,
-            overflow,
-            prefix="moe",
+        super().__init__(
+            in_dim, ["shared"], num_experts, expert_hidden, make_gate, dropout, capacity_factor, overflow
         )
-        self.out_dim = self.layer.out_dim
+        self.num_tasks = num_tasks
 
     def forward(self, x: torch.Tensor) -> Output:
         """``x`` ``(B, D)`` -> the same ``(B, H)`` for each task, and the gate's statistics."""
-        outputs, stats = self.layer([x])
-        stats["moe/aux_loss"] = _aux_mean(stats)
+        outputs, stats = super().forward(x)
         return outputs * self.num_tasks, stats
 
     def shared_parameters(self) -> list[nn.Parameter]:
