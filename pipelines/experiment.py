@@ -66,10 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         spec = load_spec(args.spec)
     except (ValueError, FileNotFoundError) as exc:
         return fail(exc)
-    out = Path(args.out or f"artifacts/experiments/{spec.name}{'-quick' if args.quick else ''}")
-    command = "python -m pipelines.experiment " + " ".join(
-        shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])
-    )
+    out, command = _out_and_command(args, argv, spec.name)
     with quiet_console(args, out / "experiment.log"):
         try:
             result = run_experiment(
@@ -96,6 +93,15 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _out_and_command(args: argparse.Namespace, argv: list[str] | None, name: str) -> tuple[Path, str]:
+    """The results folder (``--out`` or the default for the spec) and the command line, for the report."""
+    out = Path(args.out or f"artifacts/experiments/{name}{'-quick' if args.quick else ''}")
+    command = "python -m pipelines.experiment " + " ".join(
+        shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])
+    )
+    return out, command
+
+
 def _paper(args: argparse.Namespace, argv: list[str] | None) -> int:
     """Runs a ``kind: paper_synthetic`` spec (the MMoE paper's synthetic experiment)."""
     from recsys.experiments.paper import load_paper_spec, run_paper_experiment
@@ -105,10 +111,7 @@ def _paper(args: argparse.Namespace, argv: list[str] | None) -> int:
         if getattr(args, flag) is not None:
             return fail(ValueError(f"--{flag.replace('_', '-')}: not an option of a paper_synthetic spec"))
     spec = load_paper_spec(spec_path(args.spec))
-    out = Path(args.out or f"artifacts/experiments/{spec.name}{'-quick' if args.quick else ''}")
-    command = "python -m pipelines.experiment " + " ".join(
-        shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])
-    )
+    out, command = _out_and_command(args, argv, spec.name)
     with quiet_console(args, out / "experiment.log"):
         result = run_paper_experiment(
             spec,
