@@ -12,8 +12,7 @@ this code to its Python subset, whereas non-strict export traces the eager code 
 TorchRec's ``EmbeddingBagCollection`` on CPU.
 
 Example:
-    >>> from recsys.balancing import scale_grad
-from recsys.config import ModelConfig
+    >>> from recsys.config import ModelConfig
     >>> from recsys.data.batch import FeatureLayout, SparseFeature
     >>> from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
     >>> layout = FeatureLayout(sparse=(SparseFeature("item", 10),), dense=("price",), labels=("click",))
