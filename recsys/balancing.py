@@ -169,10 +169,6 @@ class TaskBalancer(nn.Module):
         if self.method == "uncertainty":
             total = total + 0.5 * (self.task_weights * self.log_vars).sum()
         stats = {f"balance/{name}/weight": weights[t].detach() for t, name in enumerate(self.names)}
-        if self.method == "pcgrad":
-            stats.update(
-                {f"balance/{n}/pcgrad_scale": self.grad_scales[t].clone() for t, n in enumerate(self.names)}
-            )
         return total, stats
 
     def before_backward(
@@ -220,6 +216,9 @@ class TaskBalancer(nn.Module):
         if self.method == "pcgrad":
             orders = random.Random(self.steps)
             self.grad_scales.copy_(pcgrad_coefficients(gram.detach(), rng=orders).to(self.grad_scales))
+            stats.update(
+                {f"balance/{n}/pcgrad_scale": self.grad_scales[t].clone() for t, n in enumerate(self.names)}
+            )
         else:
             self._gradnorm_step(norms.detach(), task_losses)
         return stats
