@@ -78,13 +78,14 @@ class MultiTaskLoss(nn.Module):
                     f"model.tasks[{task.name}].label: no label {task.label!r} in the batch, which "
                     f"has {sorted(labels)}"
                 )
-            target = labels[task.label].to(logits[task.name].dtype)
+            logit = logits[task.name].float()  # fp32 losses, also under bf16 autocast
+            target = labels[task.label].to(logit.dtype)
             if task.given:
                 target = target * labels[self.by_name[task.given].label]  # clicked and purchased
             if task.kind == "binary":
-                loss = F.binary_cross_entropy_with_logits(logits[task.name], target)
+                loss = F.binary_cross_entropy_with_logits(logit, target)
             else:
-                loss = F.mse_loss(logits[task.name], target)
+                loss = F.mse_loss(logit, target)
             parts[task.name] = loss.detach()
             losses.append(loss)
         total, weights = self.balancer.combine(losses)

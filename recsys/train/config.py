@@ -29,6 +29,7 @@ from features.checks import (
 from recsys.balancing import BALANCING
 from recsys.calibration import METHODS as CALIBRATION_METHODS
 from recsys.config import ModelConfig
+from recsys.precision import PRECISIONS
 
 EMBEDDING_OPTIMIZERS = ("rowwise_adagrad", "adam", "sgd")
 SHARDING_TYPES = ("table_wise", "column_wise", "table_column_wise", "row_wise", "auto")
@@ -88,6 +89,9 @@ class TrainingSettings:
             and PCGrad the tasks' gradient norms and cosine) are logged with the training loss.
         gradnorm_alpha: GradNorm's asymmetry (1.5 as in the paper).
         gradnorm_lr: the learning rate of GradNorm's loss weights (Adam).
+        precision: ``fp32`` (the default), ``bf16`` (the dense layers' matrix products under bf16
+            autocast; tables, losses and optimizer state stay fp32) or ``auto`` (bf16 where the CPU or GPU
+            has bf16 units, else fp32); see :mod:`recsys.precision`.
     """
 
     epochs: int = 2
@@ -113,10 +117,12 @@ class TrainingSettings:
     task_balancing: str = "fixed"
     gradnorm_alpha: float = 1.5
     gradnorm_lr: float = 0.025
+    precision: str = "fp32"
 
     def __post_init__(self) -> None:
         w = "training"
         check_choice(w, "task_balancing", self.task_balancing, BALANCING)
+        check_choice(w, "precision", self.precision, PRECISIONS)
         check_number(w, "gradnorm_alpha", self.gradnorm_alpha, low_open=False)
         check_number(w, "gradnorm_lr", self.gradnorm_lr)
         check_int(w, "epochs", self.epochs)

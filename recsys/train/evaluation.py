@@ -22,6 +22,7 @@ from recsys.data.batch import batch_from_arrow
 from recsys.data.shard import lockstep_batches, padding_row
 from recsys.metric_names import expert_load_metrics, uncalibrated_metrics
 from recsys.metrics import evaluate, oracle_gap
+from recsys.precision import autocast
 from recsys.train.config import TrainConfig
 from recsys.train.sharding import ShardedModel
 
@@ -118,11 +119,13 @@ def _local_predictions(
     padding = padding_row(layout, key_columns)
     for table, n_real in lockstep_batches(shard, batch_size, complete=True, padding=padding):
         batch = batch_from_arrow(table, layout).to(sharded.device)
-        _, (_, logits, batch_stats) = sharded.dmp(batch)
+        with autocast(sharded.autocast_dtype, sharded.device):
+            _, (_, logits, batch_stats) = sharded.dmp(batch)
         if n_real == 0:
             continue
         for name, value in logits.items():
-            value = value[:n_real] if name in regression else torch.sigmoid(value[:n_real])
+            value = value[:n_real].float()  # fp32 (bf16 autocast gives bf16 logits)
+            value = value if name in regression else torch.sigmoid(value)
             parts["probs"].setdefault(name, []).append(value.double().cpu().numpy())
         for name in layout.labels:
             parts["labels"].setdefault(name, []).append(batch.labels[name][:n_real].double().cpu().numpy())

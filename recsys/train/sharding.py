@@ -18,6 +18,7 @@ from recsys.balancing import TaskBalancer
 from recsys.data.batch import FeatureLayout
 from recsys.losses import RankingTrain
 from recsys.model import build_model
+from recsys.precision import resolve_precision
 from recsys.train.config import TrainConfig, TrainingSettings
 
 if TYPE_CHECKING:  # polars, which features.spec needs, is not needed to shard or step the model
@@ -35,6 +36,8 @@ class ShardedModel:
     layout: FeatureLayout
     device: torch.device
     train_module: Any = None  # the RankingTrain inside dmp (its balancer looks at the task gradients)
+    autocast_dtype: Any = None  # bf16 under training.precision bf16 (or auto with bf16 units); None: fp32
+    precision_line: str = "precision fp32"
 
 
 def _fused_optimizer(name: str) -> type:
@@ -169,7 +172,8 @@ def shard_model(config: TrainConfig, layout: FeatureLayout, device: torch.device
         lambda params: _dense_optimizer(params, t),
     )
     optimizer = CombinedOptimizer([dmp.fused_optimizer, dense])
-    return ShardedModel(dmp, optimizer, dense, plan, layout, device, train_module)
+    dtype, line = resolve_precision(t.precision, device)
+    return ShardedModel(dmp, optimizer, dense, plan, layout, device, train_module, dtype, line)
 
 
 def task_balancer(config: TrainConfig) -> TaskBalancer:

@@ -38,6 +38,7 @@ import torch.distributed as dist
 from features.console import story
 from recsys.data.batch import Batch, batch_from_arrow
 from recsys.data.shard import ParquetShard, lockstep_batches
+from recsys.precision import autocast
 from recsys.train.checkpoints import gather_unsharded, load_checkpoint, restore_best_epoch, save_checkpoint
 from recsys.train.config import TrainConfig
 from recsys.train.evaluation import (
@@ -177,6 +178,8 @@ def setup(settings: WorkerSettings) -> Worker:
     torch.set_num_threads(max(1, config.run.cpus_per_worker))
     spec = FeatureSpec.load(Path(config.features) / "spec.json")
     sharded = build_sharded_model(config, spec, device)
+    if rank == 0 and config.training.precision != "fp32":
+        story(sharded.precision_line)
     passthrough = spec.feature_config.passthrough
     key_columns = [c for c in ("impression_id", config.group_column) if c and c in passthrough]
     truth = read_truth(config.truth) if rank == 0 else None
@@ -293,7 +296,8 @@ def train_step(
     """
     batch = data if isinstance(data, Batch) else batch_from_arrow(data, sharded.layout)
     batch = batch.to(sharded.device, non_blocking=True)
-    loss, (parts, _, stats) = sharded.dmp(batch)
+    with autocast(sharded.autocast_dtype, sharded.device):
+        loss, (parts, _, stats) = sharded.dmp(batch)
     sharded.optimizer.zero_grad()
     if sharded.train_module.loss.balancer.needs_task_gradients:  # GradNorm, PCGrad
         stats = {**stats, **sharded.train_module.before_backward()}
