@@ -226,8 +226,7 @@ class CellResult:
             if str(saved["key"]) != key:
                 return None
             values = {f.name: saved[f.name] for f in dataclasses.fields(cls)}
-        for name in ("model",):
-            values[name] = str(values[name])
+        values["model"] = str(values["model"])
         for name in ("correlation", "label_correlation", "seconds"):
             values[name] = float(values[name])
         values["parameters"] = int(values["parameters"])
@@ -258,10 +257,12 @@ def train_cell(spec: PaperSpec, model: PaperModel, correlation: float) -> CellRe
         ys.append(y)
         corr.append(np.corrcoef(y[: spec.train_rows, 0], y[: spec.train_rows, 1])[0, 1])
     n_lr = len(spec.learning_rates)
-    x_all = np.concatenate([np.stack(xs)] * n_lr)  # (K, rows, D), learning-rate-major
-    y_all = np.concatenate([np.stack(ys)] * n_lr)
+    x_all, y_all = (
+        np.stack(xs),
+        np.stack(ys),
+    )  # (runs, rows, D): run r's data, read by its model at every rate
     del xs, ys
-    runs = np.tile(np.arange(spec.runs), n_lr)
+    runs = np.tile(np.arange(spec.runs), n_lr)  # models learning-rate-major
     lrs = np.repeat(np.array(spec.learning_rates), spec.runs)
     a, b = spec.train_rows, spec.train_rows + spec.valid_rows
     stacked = StackedRuns(model.config(), spec.data.dim, seeds=[int(r) for r in runs], lrs=lrs.tolist())
@@ -276,10 +277,11 @@ def train_cell(spec: PaperSpec, model: PaperModel, correlation: float) -> CellRe
         evals_per_epoch=spec.evals_per_epoch,
         shuffle_seed=spec.data_seed,
         progress=bar.update if bar is not None else None,
+        data_of=runs,
     )
     if bar is not None:
         bar.close()
-    test = stacked.evaluate(x_all[:, b:], y_all[:, b:])
+    test = stacked.evaluate(x_all[:, b:], y_all[:, b:], data_of=runs)
     return CellResult(
         model.name,
         correlation,

@@ -143,18 +143,47 @@ class StackedRuns:
                 lr = self.lrs.view(-1, *([1] * (p.dim() - 1)))
                 p.sub_(lr / c1 * m / ((v / c2).sqrt() + self.eps))
 
+    def _data_of(self, data_of: Sequence[int] | None, data_sets: int) -> torch.Tensor:
+        """``(K,)`` the data set each model reads: ``data_of``, or model k its own data set k."""
+        index = torch.arange(self.num_models) if data_of is None else torch.as_tensor(list(data_of))
+        if index.numel() != self.num_models or not 0 <= int(index.min()) <= int(index.max()) < data_sets:
+            raise ValueError(
+                f"stacked runs: expected a data set index in [0, {data_sets}) for each of the "
+                f"{self.num_models} models, got {index.tolist()}"
+            )
+        return index
+
     def evaluate(
-        self, x: np.ndarray | torch.Tensor, y: np.ndarray | torch.Tensor, chunk: int = 4096
+        self,
+        x: np.ndarray | torch.Tensor,
+        y: np.ndarray | torch.Tensor,
+        chunk: int = 4096,
+        data_of: Sequence[int] | None = None,
     ) -> np.ndarray:
-        """``(K, T)`` each model's mean task loss on its own rows ``x`` ``(K, N, D)``, ``y`` ``(K, N, T)``."""
+        """``(K, T)`` each model's mean task loss on its own rows.
+
+        Args:
+            x: ``(S, N, D)`` inputs of S data sets.
+            y: ``(S, N, T)`` their labels.
+            chunk: rows per vectorised forward pass.
+            data_of: the data set each model reads (default: model k reads data set k; S = K).
+        """
         x, y = torch.as_tensor(x), torch.as_tensor(y)
+        index = self._data_of(data_of, x.size(0))
         sums = torch.zeros(self.num_models, len(self.tasks), dtype=torch.float64)
         with torch.no_grad():
             for start in range(0, x.size(1), chunk):
-                xs, ys = x[:, start : start + chunk], y[:, start : start + chunk]
+                xs, ys = x[index, start : start + chunk], y[index, start : start + chunk]
                 _, parts = vmap(self._losses)(self.params, self.buffers, xs, ys)
                 sums += parts.double() * xs.size(1)
         return (sums / x.size(1)).numpy()
+
+    def _orders(self, shuffle_seed: int, epoch: int, n: int) -> torch.Tensor:
+        """``(K, n)`` each model's row order of an epoch, drawn from ``[shuffle_seed, k, epoch]``."""
+        rng = np.random.default_rng
+        return torch.stack(
+            [torch.from_numpy(rng([shuffle_seed, k, epoch]).permutation(n)) for k in range(self.num_models)]
+        )
 
     def fit(
         self,
@@ -168,47 +197,47 @@ class StackedRuns:
         evals_per_epoch: int = 1,
         shuffle_seed: int = 0,
         progress: Callable[[int], None] | None = None,
+        data_of: Sequence[int] | None = None,
     ) -> Curve:
         """Trains every model for ``epochs`` passes over its own training rows, in its own random order.
 
         Args:
-            x_train: ``(K, N, D)`` training inputs.
-            y_train: ``(K, N, T)`` training labels.
-            x_valid: ``(K, M, D)`` validation inputs.
-            y_valid: ``(K, M, T)`` validation labels.
+            x_train: ``(S, N, D)`` training inputs of S data sets.
+            y_train: ``(S, N, T)`` training labels.
+            x_valid: ``(S, M, D)`` validation inputs.
+            y_valid: ``(S, M, T)`` validation labels.
             batch_size: rows per step of each model (the last partial batch of an epoch is dropped).
             epochs: passes over the training rows.
             evals_per_epoch: validation losses per epoch for the curve (and once before training).
             shuffle_seed: seeds the row orders (model k's order is drawn from ``[shuffle_seed, k, epoch]``).
             progress: called with the number of steps done after each step.
+            data_of: the data set each model reads (default: model k reads data set k; S = K). Models
+                that share a data set share its arrays: no copy per model.
 
         Returns:
             The validation (and training) loss curve.
         """
         x, y = torch.as_tensor(x_train), torch.as_tensor(y_train)
-        k, n = x.shape[:2]
-        if k != self.num_models:
-            raise ValueError(f"stacked runs: expected data for {self.num_models} models, got {k}")
+        k, n = self.num_models, x.size(1)
+        rows = self._data_of(data_of, x.size(0))[:, None]
         per_epoch = n // batch_size
         if per_epoch == 0:
             raise ValueError(f"training.batch_size: expected at most the {n} training rows, got {batch_size}")
         eval_at = {math.ceil(per_epoch * (i + 1) / evals_per_epoch) for i in range(evals_per_epoch)}
-        steps, valid, train = [0], [self.evaluate(x_valid, y_valid)], [np.full((k, len(self.tasks)), np.nan)]
+
+        def valid_losses() -> np.ndarray:
+            return self.evaluate(x_valid, y_valid, data_of=data_of)
+
+        steps, valid, train = [0], [valid_losses()], [np.full((k, len(self.tasks)), np.nan)]
         window: list[torch.Tensor] = []
-        rows = torch.arange(k)[:, None]
         for epoch in range(epochs):
-            order = torch.stack(
-                [
-                    torch.from_numpy(np.random.default_rng([shuffle_seed, i, epoch]).permutation(n))
-                    for i in range(k)
-                ]
-            )
+            order = self._orders(shuffle_seed, epoch, n)
             for b in range(per_epoch):
                 index = order[:, b * batch_size : (b + 1) * batch_size]
                 window.append(self.step(x[rows, index], y[rows, index]))
                 if b + 1 in eval_at:
                     steps.append(self.step_count)
-                    valid.append(self.evaluate(x_valid, y_valid))
+                    valid.append(valid_losses())
                     train.append(torch.stack(window).double().mean(dim=0).numpy())
                     window = []
                 if progress is not None:
