@@ -39,9 +39,9 @@ def resolve_precision(name: str, device: torch.device) -> tuple[torch.dtype | No
     """
     if name not in PRECISIONS:
         raise ValueError(f"training.precision: expected one of {list(PRECISIONS)}, got {name!r}")
-    has_bf16 = bf16_supported(device)
     if name == "fp32":
         return None, "precision fp32"
+    has_bf16 = bf16_supported(device)
     if name == "bf16":
         if has_bf16:
             return torch.bfloat16, f"precision bf16 (dense layers; {device.type} has bf16 units)"
