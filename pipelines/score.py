@@ -34,6 +34,7 @@ from pathlib import Path
 
 from features import console
 from pipelines.cli import add_console_flags, fail, quiet_console
+from recsys.precision import EMBEDDING_DTYPES, PRECISIONS
 from recsys.scoring import PRODUCT, ScoreConfig, ScoreResult
 
 
@@ -109,6 +110,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=defaults.rows_per_partition,
         help=f"most rows per partition and output file ({defaults.rows_per_partition:,})",
     )
+    parser.add_argument(
+        "--embedding-dtype",
+        choices=EMBEDDING_DTYPES,
+        help="the tables' precision: fp32 tables are row-wise quantized as the model loads (fp16, int8, "
+        "int4; CPU only); default: the package's own (a quantized package scores in its precision only)",
+    )
+    parser.add_argument(
+        "--compute-dtype",
+        choices=PRECISIONS,
+        default=defaults.compute_dtype,
+        help="the dense layers' precision: fp32 (default), bf16 (autocast), or auto (bf16 where the CPU or "
+        "GPU has bf16 units, else fp32)",
+    )
     parser.add_argument("--tracking-uri", help="MLflow store (default: $MLFLOW_TRACKING_URI or ./mlflow.db)")
     parser.add_argument(
         "--experiment", help="MLflow experiment to log the scoring run in (default: <model name>-scoring)"
@@ -160,6 +174,8 @@ def _config(args: argparse.Namespace) -> ScoreConfig:
         address=args.address,
         overwrite=args.overwrite,
         progress=not args.no_progress,
+        embedding_dtype=args.embedding_dtype,
+        compute_dtype=args.compute_dtype,
     )
 
 

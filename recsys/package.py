@@ -36,9 +36,6 @@ import polars as pl
 import pyarrow as pa
 import torch
 
-from features.affinity import AFFINITY, HistoryNeeds
-from features.affinity import history_needs as affinity_needs
-from features.contract import IMPRESSIONS, ITEMS, LABELS, USERS, TableContract, validate
 from features.files import staged_dir
 from features.pipeline import Tables, derived, validate_tables
 from features.spec import FeatureSpec, output_exprs
@@ -46,25 +43,21 @@ from recsys.calibration import PlattScaling, calibrators_from_dict, calibrators_
 from recsys.config import ModelConfig, TaskConfig
 from recsys.data.batch import FeatureLayout, batch_from_arrow
 from recsys.model import RankingModel, build_model
+from recsys.precision import (
+    autocast,
+    check_embedding_dtype,
+    embedding_dtype_of,
+    packed_state,
+    plain_tensor,
+    quantize_embeddings,
+    resolve_precision,
+)
+from recsys.rows import ROW, ecommerce_tables, history_needs, to_polars
 
 FORMAT_VERSION = 1
 WEIGHTS, MODEL_CONFIG, SPEC, MANIFEST = "weights.pt", "model_config.json", "spec.json", "package.json"
-_ROW = "__input_row"  # the input's row number, carried through the feature code to restore the row order
-# Columns the click history reads from a history frame (see features.derive.click_history).
-HISTORY_COLUMNS = ("impression_id", "ts", "user_id", "item_id", "click")
 
 DEFAULT_BATCH_SIZE = 8192  # rows per model call when scoring: the batch of the measured CPU scoring figures
-
-
-def history_needs(spec: FeatureSpec) -> tuple[tuple[str, ...], HistoryNeeds]:
-    """The history columns a spec's features read, and what else its affinity features need of the log.
-
-    Without affinity features: :data:`HISTORY_COLUMNS` of the click events. Affinity features may also
-    need ``purchase``, the non-click impressions and the other users' events
-    (:func:`features.affinity.history_needs`).
-    """
-    needs = affinity_needs([f for f in spec.feature_config.features if f.kind == AFFINITY])
-    return HISTORY_COLUMNS + (("purchase",) if needs.purchases else ()), needs
 
 
 @dataclass
@@ -87,6 +80,17 @@ class LoadedPackage:
     layout: FeatureLayout
     metadata: dict[str, Any] = field(default_factory=dict)
     calibration: dict[str, PlattScaling] = field(default_factory=dict)
+    compute_dtype: torch.dtype | None = None
+
+    @property
+    def embedding_dtype(self) -> str:
+        """The tables' precision: ``fp32``, or ``fp16``, ``int8``, ``int4`` (row-wise quantized)."""
+        return embedding_dtype_of(self.model)
+
+    def precision_line(self) -> str:
+        """The precision it scores in, in words: ``int8 tables, bf16 dense layers``."""
+        dense = {None: "fp32", torch.bfloat16: "bf16"}.get(self.compute_dtype, str(self.compute_dtype))
+        return f"{self.embedding_dtype} tables, {dense} dense layers"
 
 
 def output_column(task: TaskConfig) -> str:
@@ -117,6 +121,7 @@ def _plain_state_dict(model: RankingModel) -> dict[str, torch.Tensor]:
     """The model's state as plain CPU tensors, the only objects ``weights_only`` loading accepts."""
     state = {}
     for name, value in model.state_dict().items():
+        value = plain_tensor(value)  # an int4 table's packed bytes
         # A sharded or otherwise wrapped tensor (a model still inside DistributedModelParallel) would not load
         # with weights_only, and its values live on other ranks: refuse it here, not at load time.
         if type(value) not in (torch.Tensor, torch.nn.Parameter):
@@ -179,6 +184,8 @@ def save_package(
     }
     if calibration:  # absent when there is none: the manifest of an uncalibrated package is unchanged
         manifest["calibration"] = calibrators_to_dict(calibration)
+    if embedding_dtype_of(model) != "fp32":  # absent for fp32 tables, as in every package before it existed
+        manifest["embedding_dtype"] = embedding_dtype_of(model)
     state = _plain_state_dict(model)
     with staged_dir(directory) as tmp:
         torch.save(state, tmp / WEIGHTS)
@@ -188,21 +195,70 @@ def save_package(
     return directory
 
 
-def load_package(directory: str | Path, map_location: str | torch.device = "cpu") -> LoadedPackage:
+def load_package(
+    directory: str | Path,
+    map_location: str | torch.device = "cpu",
+    *,
+    embedding_dtype: str | None = None,
+    compute_dtype: str = "fp32",
+) -> LoadedPackage:
     """Rebuilds the model of a package and loads its weights, without unpickling any Python object.
 
     Args:
         directory: the package folder written by :func:`save_package`.
         map_location: the device to load the weights to.
+        embedding_dtype: the tables' precision (:data:`recsys.precision.EMBEDDING_DTYPES`): fp32 tables are
+            quantized on loading (CPU only); None keeps the package's. A package saved with quantized
+            tables loads in its own precision only.
+        compute_dtype: the dense layers' precision when scoring, ``fp32``, ``bf16`` or ``auto``
+            (:func:`recsys.precision.resolve_precision`).
 
     Returns:
         The package, its model in eval mode.
 
     Raises:
         FileNotFoundError: a package file is missing.
-        ValueError: unknown format version, or the spec is not the one the package was saved with.
+        ValueError: unknown format version, the spec is not the one the package was saved with, or a
+            precision that is unknown or cannot be had (the message names the option and the value).
     """
     directory = Path(directory)
+    manifest = _manifest(directory)
+    spec = FeatureSpec.load(directory / SPEC)
+    if manifest.get("spec_hash") != spec.content_hash:
+        raise ValueError(
+            f"{directory / MANIFEST}: spec_hash {manifest.get('spec_hash')!r} is not the hash of "
+            f"{SPEC} ({spec.content_hash}); the package mixes files of two models"
+        )
+    device = torch.device(map_location)
+    saved = check_embedding_dtype(
+        manifest.get("embedding_dtype", "fp32"), f"{directory / MANIFEST}: embedding_dtype"
+    )
+    wanted = saved if embedding_dtype is None else check_embedding_dtype(embedding_dtype)
+    if saved != "fp32" and wanted != saved:
+        raise ValueError(
+            f"embedding_dtype: the package {directory} holds {saved} tables and scores in {saved} only, "
+            f"got {wanted!r} (quantize its fp32 original instead)"
+        )
+    if wanted != "fp32" and device.type != "cpu":
+        raise ValueError(f"embedding_dtype: {wanted} tables score on the CPU only, got device {device}")
+    dense_dtype, _ = resolve_precision(compute_dtype, device, "compute_dtype")
+    model_config = ModelConfig.from_dict(json.loads((directory / MODEL_CONFIG).read_text()))
+    layout = FeatureLayout.from_spec(spec, model_config.embedding)
+    model = build_model(model_config, layout)
+    if saved != "fp32":  # the quantized modules first, so that the saved rows load into them
+        quantize_embeddings(model, saved)
+    # weights_only: the file may only hold tensors and containers, never code to run.
+    state = torch.load(directory / WEIGHTS, map_location=map_location, weights_only=True)
+    model.load_state_dict(packed_state(model, state))
+    if saved == "fp32":
+        quantize_embeddings(model, wanted)
+    model.to(map_location).eval()
+    calibration = calibrators_from_dict(manifest.get("calibration"), f"{directory / MANIFEST}: calibration")
+    return LoadedPackage(model, model_config, spec, layout, manifest, calibration, dense_dtype)
+
+
+def _manifest(directory: Path) -> dict[str, Any]:
+    """``package.json`` of a package folder, its files and format version checked."""
     for name in (WEIGHTS, MODEL_CONFIG, SPEC, MANIFEST):
         if not (directory / name).is_file():
             raise FileNotFoundError(f"{directory}: not a model package, {name} is missing")
@@ -212,145 +268,42 @@ def load_package(directory: str | Path, map_location: str | torch.device = "cpu"
             f"{directory / MANIFEST}: format_version {manifest.get('format_version')!r}, "
             f"expected {FORMAT_VERSION}"
         )
-    spec = FeatureSpec.load(directory / SPEC)
-    if manifest.get("spec_hash") != spec.content_hash:
-        raise ValueError(
-            f"{directory / MANIFEST}: spec_hash {manifest.get('spec_hash')!r} is not the hash of "
-            f"{SPEC} ({spec.content_hash}); the package mixes files of two models"
-        )
-    model_config = ModelConfig.from_dict(json.loads((directory / MODEL_CONFIG).read_text()))
-    layout = FeatureLayout.from_spec(spec, model_config.embedding)
-    model = build_model(model_config, layout)
-    # weights_only: the file may only hold tensors and containers, never code to run.
-    state = torch.load(directory / WEIGHTS, map_location=map_location, weights_only=True)
-    model.load_state_dict(state)
-    model.to(map_location).eval()
-    calibration = calibrators_from_dict(manifest.get("calibration"), f"{directory / MANIFEST}: calibration")
-    return LoadedPackage(model, model_config, spec, layout, manifest, calibration)
+    return manifest
+
+
+def quantize_package(
+    source: str | Path, directory: str | Path, embedding_dtype: str, *, overwrite: bool = False
+) -> Path:
+    """Writes a copy of the package ``source`` whose tables are row-wise quantized to ``embedding_dtype``.
+
+    The copy holds the quantized tables (an int8 row of dimension 16 takes 20 bytes instead of 64) and
+    loads and scores in that precision only (:func:`load_package`). Calibration and metadata are kept;
+    ``package.json`` records ``embedding_dtype``, and ``extra.quantized_from`` the source's creation time.
+
+    Raises:
+        ValueError: ``embedding_dtype`` is fp32 or unknown, or ``source`` is already quantized.
+        FileExistsError: ``directory`` exists and ``overwrite`` is False.
+    """
+    if check_embedding_dtype(embedding_dtype) == "fp32":
+        raise ValueError("embedding_dtype: expected fp16, int8 or int4 for a quantized copy, got 'fp32'")
+    package = load_package(source)
+    if package.embedding_dtype != "fp32":
+        raise ValueError(f"{source}: the package's tables are already {package.embedding_dtype}")
+    quantize_embeddings(package.model, embedding_dtype)
+    extra = dict(package.metadata.get("extra", {}))
+    extra["quantized_from"] = {"created_at": package.metadata.get("created_at"), "embedding_dtype": "fp32"}
+    return save_package(
+        directory,
+        package.model,
+        package.model_config,
+        package.spec,
+        extra,
+        calibration=package.calibration,
+        overwrite=overwrite,
+    )
 
 
 # ---------------------------------------------------------------------------------------------- score
-
-
-def _to_polars(frame: Any, name: str) -> pl.DataFrame:
-    """A polars DataFrame from a polars (lazy) or pandas frame."""
-    if isinstance(frame, pl.LazyFrame):
-        return frame.collect()
-    if isinstance(frame, pl.DataFrame):
-        return frame
-    if type(frame).__module__.split(".")[0] == "pandas":
-        # NaN becomes null, as the features expect; the pandas index is not data and is dropped.
-        return pl.from_pandas(frame, nan_to_null=True)
-    raise TypeError(f"{name}: expected a polars or pandas DataFrame, got {type(frame).__name__}")
-
-
-def _require(data: pl.DataFrame, columns: list[str], name: str, what: str) -> None:
-    missing = [c for c in columns if c not in data.columns]
-    if missing:
-        raise ValueError(
-            f"{name}: missing column(s) {missing} (e.g. {missing[0]!r}, {what}); "
-            f"the frame has columns {data.columns}"
-        )
-
-
-def _to_contract_type(column: str, source: pl.DataType, target: pl.DataType) -> pl.Expr:
-    """The expression converting ``column`` from its type to the contract type ``target``."""
-    expr = pl.col(column)
-    if isinstance(target, pl.Datetime):
-        if source == pl.String:
-            # JSON inputs (e.g. MLflow serving) carry timestamps as ISO strings.
-            expr = expr.str.to_datetime(time_unit="us", strict=True)
-            source = pl.Datetime("us")
-        if isinstance(source, pl.Datetime) and source.time_zone is not None:
-            # The contract's timestamps are naive UTC.
-            expr = expr.dt.convert_time_zone("UTC").dt.replace_time_zone(None)
-    return expr.cast(target, strict=True)
-
-
-def _cast_contract(data: pl.DataFrame, contracts: tuple[TableContract, ...], name: str) -> pl.DataFrame:
-    """Casts the contract columns present in ``data`` to their contract types.
-
-    Pandas input arrives with its own types (int64 positions, nanosecond timestamps, float64 ints where a
-    left join left nulls), JSON input with timestamps as strings; the feature code joins on and compares
-    these columns, so they must match.
-
-    Raises:
-        ValueError: a column cannot be converted; the message names it.
-    """
-    casts = []
-    for contract in contracts:
-        for col in contract.columns:
-            if col.name not in data.columns or data.schema[col.name] == col.dtype:
-                continue
-            expr = _to_contract_type(col.name, data.schema[col.name], col.dtype)
-            try:
-                data.select(expr)  # each column alone, so that the error can name it
-            except pl.exceptions.PolarsError as e:
-                raise ValueError(
-                    f"{name}.{col.name}: cannot convert {data.schema[col.name]} to the contract type "
-                    f"{col.dtype} ({type(e).__name__}: {' '.join(str(e).split())[:200]})"
-                ) from None
-            casts.append(expr)
-    return data.with_columns(casts) if casts else data
-
-
-def empty_history(columns: tuple[str, ...] = HISTORY_COLUMNS) -> pl.DataFrame:
-    """A history of no events, with ``columns`` in their contract types."""
-    schema = {c.name: c.dtype for c in IMPRESSIONS.columns if c.name in columns}
-    return pl.DataFrame(schema=schema)
-
-
-def _entities(data: pl.DataFrame, contract: TableContract) -> pl.DataFrame:
-    """One row per key of a users or items table, from the joined rows that repeat it.
-
-    Rows whose attributes are all null (an unknown user or item, left-joined) are dropped: an absent key
-    joins to the same nulls, and another row may know the attributes. Of the rest, the first row wins.
-    """
-    attributes = [c.name for c in contract.columns if c.name != contract.key]
-    return (
-        data.select(c.name for c in contract.columns)
-        .filter(~pl.all_horizontal(pl.col(attributes).is_null()))
-        .unique(contract.key, keep="first", maintain_order=True)
-    )
-
-
-def _ecommerce_tables(
-    data: pl.DataFrame, history: Any, name: str, columns: tuple[str, ...] = HISTORY_COLUMNS
-) -> Tables:
-    """Splits joined rows back into the contract tables, as the training pipeline reads them.
-
-    ``columns``: what the spec's history features read of a history frame (:func:`history_needs`).
-    """
-    without_labels = [c.name for c in IMPRESSIONS.without_labels().columns]
-    _require(data, without_labels, name, "an impressions column")
-    _require(data, [c.name for c in USERS.columns], name, "a users column")
-    _require(data, [c.name for c in ITEMS.columns], name, "an items column")
-    data = _cast_contract(data, (IMPRESSIONS, USERS, ITEMS), name)
-    # Labels stay when present: they are the click history for later rows (see predict_frame).
-    impressions = data.select(*without_labels, *[c for c in LABELS if c in data.columns], _ROW)
-    validate(impressions.drop(_ROW), "impressions", labels=False)
-    users = _entities(data, USERS)
-    item_rows = [data.select(c.name for c in ITEMS.columns)]
-    if history is None:
-        labelled = all(c in data.columns for c in columns if c in LABELS)
-        if "click" in data.columns and not labelled:
-            _require(data, list(columns), name, "read by the affinity features of the labelled rows' history")
-        events = None if labelled else empty_history(columns)
-    else:
-        hist = _to_polars(history, "history")
-        _require(hist, list(columns), "history", "read by the history features")
-        hist = _cast_contract(hist, (IMPRESSIONS, ITEMS), "history")
-        events = hist.select(columns)
-        if all(c.name in hist.columns for c in ITEMS.columns):
-            # A joined history frame also tells the categories of clicked items the rows do not show.
-            item_rows.append(hist.select(c.name for c in ITEMS.columns))
-    items = _entities(pl.concat(item_rows), ITEMS)
-    return Tables(
-        impressions.lazy(),
-        users.lazy(),
-        items.lazy(),
-        None if events is None else events.lazy(),
-    )
 
 
 @contextlib.contextmanager
@@ -379,7 +332,8 @@ def _score(package: LoadedPackage, table: pa.Table, batch_size: int) -> dict[str
             # before returning, so the host batch may be freed, and the outputs' .cpu() waits for it all.
             # Pinning the batch first would only add a host copy of a batch just built.
             batch = batch.to(device, non_blocking=device.type == "cuda")
-            logits, _ = model(batch.dense, batch.sparse)
+            with autocast(package.compute_dtype, device):
+                logits, _ = model(batch.dense, batch.sparse)
             for task in package.model_config.tasks:
                 # ESMM tasks: the logit already is that of p(given and task).
                 out = logits[task.name].float()
@@ -472,14 +426,14 @@ def predict_frame(
         raise ValueError(f"batch_size: expected an integer >= 1, got {batch_size!r}")
     spec = package.spec
     cfg = spec.feature_config
-    data = _to_polars(frame, "frame").with_row_index(_ROW)
+    data = to_polars(frame, "frame").with_row_index(ROW)
     if cfg.source == "ecommerce":
-        tables = _ecommerce_tables(data, history, "frame", history_needs(spec)[0])
+        tables = ecommerce_tables(data, history, "frame", history_needs(spec)[0])
     else:
         tables = Tables(data.lazy())
         validate_tables(cfg, tables, labels=False)
     # The ecommerce path sorts by time; the input's order comes back here.
-    ready = model_ready(spec, tables, keep=(_ROW,)).sort(_ROW)
+    ready = model_ready(spec, tables, keep=(ROW,)).sort(ROW)
     scores = _score(package, ready.to_arrow(), batch_size)
     return ready.select(cfg.passthrough).with_columns(
         pl.Series(output_column(task), scores[task.name], dtype=pl.Float64)

@@ -1,10 +1,15 @@
-"""Compute precision as a setting: fp32, or bf16 autocast of the dense layers where there are bf16 units.
+"""Precision as a setting: bf16 autocast of the dense layers, and fp16/int8/int4 embedding tables for scoring.
 
 ``bf16`` runs the matrix products of the dense part (interaction, experts, gates, towers) under
 ``torch.autocast`` in bfloat16; the embedding tables, their lookups and optimizer, the losses and the
 optimizer state stay fp32. ``auto`` is ``bf16`` on a CPU with AVX-512 bf16 or AMX units or on a GPU with bf16
 support, else ``fp32``. On a CPU without bf16 units, bf16 is emulated and slower than fp32: ``bf16`` still
 runs there, and :func:`resolve_precision` says so.
+
+For scoring, :func:`quantize_embeddings` swaps the tables of a trained model for TorchRec's quantized
+inference collections (``torchrec.quant``: FBGEMM's row-wise ``IntNBitTableBatchedEmbeddingBags``): fp16, or
+int8 / int4 with a per-row fp16 scale and bias, rows padded to 4 bytes. An int8 row of dimension 16 takes 20
+bytes instead of 64. The pooled outputs stay fp32.
 
 Example:
     >>> dtype, message = resolve_precision("fp32", torch.device("cpu"))
@@ -18,8 +23,12 @@ import contextlib
 from collections.abc import Iterator
 
 import torch
+from torch import nn
 
 PRECISIONS = ("fp32", "bf16", "auto")
+EMBEDDING_DTYPES = ("fp32", "fp16", "int8", "int4")
+_WEIGHT_DTYPES = {"fp16": torch.float16, "int8": torch.qint8, "int4": torch.quint4x2}
+ROW_ALIGNMENT = 4  # bytes; TorchRec's default of 16 would pad an int8 row of dimension 16 from 20 to 32 bytes
 
 
 def bf16_supported(device: torch.device) -> bool:
@@ -31,14 +40,21 @@ def bf16_supported(device: torch.device) -> bool:
     return any(bool(getattr(cpu, name, lambda: False)()) for name in checks)
 
 
-def resolve_precision(name: str, device: torch.device) -> tuple[torch.dtype | None, str]:
+def resolve_precision(
+    name: str, device: torch.device, field: str = "training.precision"
+) -> tuple[torch.dtype | None, str]:
     """The autocast dtype of a precision setting (None: fp32) and a line that says what was chosen and why.
+
+    Args:
+        name: one of :data:`PRECISIONS`.
+        device: where the model runs.
+        field: the setting's name in the error message (``score.compute_dtype`` for scoring).
 
     Raises:
         ValueError: ``name`` is not one of :data:`PRECISIONS`.
     """
     if name not in PRECISIONS:
-        raise ValueError(f"training.precision: expected one of {list(PRECISIONS)}, got {name!r}")
+        raise ValueError(f"{field}: expected one of {list(PRECISIONS)}, got {name!r}")
     if name == "fp32":
         return None, "precision fp32"
     has_bf16 = bf16_supported(device)
@@ -62,3 +78,110 @@ def autocast(dtype: torch.dtype | None, device: torch.device) -> Iterator[None]:
         return
     with torch.autocast(device.type, dtype=dtype):
         yield
+
+
+def check_embedding_dtype(name: str, field: str = "embedding_dtype") -> str:
+    """``name`` if it is one of :data:`EMBEDDING_DTYPES`.
+
+    Raises:
+        ValueError: it is not (the message names ``field`` and the value).
+    """
+    if name not in EMBEDDING_DTYPES:
+        raise ValueError(f"{field}: expected one of {list(EMBEDDING_DTYPES)}, got {name!r}")
+    return name
+
+
+def _qconfig(dtype: str) -> torch.ao.quantization.QConfig:
+    """TorchRec's quantization config: fp32 outputs, tables of ``dtype``."""
+    quant = torch.ao.quantization
+    return quant.QConfig(
+        activation=quant.PlaceholderObserver.with_args(dtype=torch.float),
+        weight=quant.PlaceholderObserver.with_args(dtype=_WEIGHT_DTYPES[dtype]),
+    )
+
+
+def _quantized(collection: nn.Module, dtype: str) -> nn.Module:
+    """The TorchRec inference collection of a float ``EmbeddingBagCollection`` or ``EmbeddingCollection``."""
+    from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
+    from torchrec.quant import embedding_modules as qmodules
+
+    quantized = {
+        EmbeddingBagCollection: qmodules.EmbeddingBagCollection,
+        EmbeddingCollection: qmodules.EmbeddingCollection,
+    }.get(type(collection))
+    if quantized is None:
+        raise TypeError(
+            f"quantize_embeddings: expected a float TorchRec collection, got {type(collection).__name__}"
+        )
+    collection.qconfig = _qconfig(dtype)
+    setattr(collection, qmodules.MODULE_ATTR_ROW_ALIGNMENT_INT, ROW_ALIGNMENT)
+    try:
+        return quantized.from_float(collection)
+    finally:
+        del collection.qconfig
+
+
+def quantize_embeddings(model: nn.Module, dtype: str) -> nn.Module:
+    """Replaces ``model``'s embedding tables (pooled and attended) by row-wise quantized ones, in place.
+
+    For inference only: the quantized tables have no gradient. ``fp32`` leaves the model as it is. A model
+    whose tables are already quantized is refused (quantizing twice would add the error of both).
+
+    Args:
+        model: a :class:`~recsys.model.RankingModel` on the CPU, with fp32 tables.
+        dtype: one of :data:`EMBEDDING_DTYPES`.
+
+    Returns:
+        ``model``.
+
+    Raises:
+        ValueError: unknown ``dtype``, or tables that are not fp32.
+    """
+    check_embedding_dtype(dtype)
+    if dtype == "fp32":
+        return model
+    sparse_arch = getattr(model, "sparse_arch", None)
+    history_arch = getattr(model, "history_arch", None)
+    for arch, name in ((sparse_arch, "embedding_bag_collection"), (history_arch, "embedding_collection")):
+        if arch is None:
+            continue
+        collection = getattr(arch, name)
+        if not any(p.dtype == torch.float32 for p in collection.parameters()):
+            raise ValueError(
+                f"embedding_dtype: the model's tables are already quantized; cannot make them {dtype}"
+            )
+        setattr(arch, name, _quantized(collection, dtype))
+    return model
+
+
+def embedding_dtype_of(model: nn.Module) -> str:
+    """``fp32``, or the dtype of ``model``'s tables as :func:`quantize_embeddings` made them."""
+    names = {"FP16": "fp16", "INT8": "int8", "INT4": "int4"}
+    for module in model.modules():
+        if type(module).__module__.startswith("torchrec.quant") and hasattr(module, "embedding_bag_configs"):
+            return names[module.embedding_bag_configs()[0].data_type.name]
+        if type(module).__module__.startswith("torchrec.quant") and hasattr(module, "embedding_configs"):
+            return names[module.embedding_configs()[0].data_type.name]
+    return "fp32"
+
+
+def plain_tensor(value: torch.Tensor) -> torch.Tensor:
+    """The bytes of a packed int4/int2 table (TorchRec's ``UIntXTensor`` wrapper) as a plain uint8 tensor.
+
+    ``torch.load(weights_only=True)`` accepts plain tensors only; :func:`packed_state` wraps them again.
+    Any other tensor is returned as it is.
+    """
+    from torchrec.tensor_types import UIntXTensor
+
+    return value.elem if isinstance(value, UIntXTensor) else value
+
+
+def packed_state(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state`` with the plain bytes of :func:`plain_tensor` wrapped as ``model``'s packed tables expect."""
+    from torchrec.tensor_types import UIntXTensor
+
+    current = model.state_dict()
+    return {
+        name: type(current[name])(value) if isinstance(current.get(name), UIntXTensor) else value
+        for name, value in state.items()
+    }

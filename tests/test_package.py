@@ -24,6 +24,7 @@ from recsys.package import (
     LoadedPackage,
     load_package,
     predict_frame,
+    quantize_package,
     save_package,
 )
 from tests.conftest import at, impressions_frame
@@ -312,3 +313,53 @@ def test_attention_round_trip_gives_the_in_memory_predictions(ecommerce_built, s
     loaded = load_package(save_package(tmp_path / "pkg", package.model, package.model_config, spec))
     assert loaded.model_config.embedding.history_pooling == "attention"
     assert_frame_equal(predict_frame(loaded, scoring_rows), expected)
+
+
+@pytest.mark.parametrize("pooling", ["mean", "attention"])
+def test_quantized_tables_score_close_to_fp32_and_a_quantized_package_carries_them(
+    ecommerce_built, scoring_rows, tmp_path, pooling
+):
+    spec = ecommerce_built[0].spec
+    config = {**TINY_MODEL, "embedding": {"dim": 8, "history_pooling": pooling, "attention_hidden": [8]}}
+    package = in_memory_package(spec, config)
+    for table in package.model.embedding_parameters():  # a wider spread than the default init
+        torch.nn.init.normal_(table.data, std=0.5)
+    fp32 = save_package(tmp_path / "fp32", package.model, package.model_config, spec)
+    expected = predict_frame(load_package(fp32), scoring_rows)
+    tolerance = {"fp16": 1e-3, "int8": 2e-2, "int4": 1e-1}
+    for dtype, atol in tolerance.items():
+        quantized = load_package(fp32, embedding_dtype=dtype)
+        assert (
+            quantized.embedding_dtype == dtype
+            and quantized.precision_line() == f"{dtype} tables, fp32 dense layers"
+        )
+        got = predict_frame(quantized, scoring_rows)
+        assert got["impression_id"].to_list() == expected["impression_id"].to_list()
+        error = np.abs(got["p_click"].to_numpy() - expected["p_click"].to_numpy())
+        assert 0 < error.max() < atol, (dtype, error.max())
+        # The quantized copy holds the quantized rows: smaller, and the same scores as quantizing on load.
+        copy = quantize_package(fp32, tmp_path / dtype, dtype)
+        assert json.loads((copy / MANIFEST).read_text())["embedding_dtype"] == dtype
+        assert (copy / WEIGHTS).stat().st_size < (fp32 / WEIGHTS).stat().st_size
+        state = torch.load(copy / WEIGHTS, weights_only=True)
+        assert any(v.dtype == torch.uint8 for v in state.values())
+        assert_frame_equal(predict_frame(load_package(copy), scoring_rows), got)
+        with pytest.raises(ValueError, match=rf"holds {dtype} tables.*got 'fp32'"):
+            load_package(copy, embedding_dtype="fp32")
+        with pytest.raises(ValueError, match=f"already {dtype}"):
+            quantize_package(copy, tmp_path / "twice", "int4")
+    with pytest.raises(ValueError, match="embedding_dtype: expected one of .* got 'int2'"):
+        load_package(fp32, embedding_dtype="int2")
+
+
+def test_bf16_dense_layers_score_close_to_fp32_and_fp32_is_unchanged(ecommerce, scoring_rows, tmp_path):
+    path = save_package(tmp_path / "pkg", ecommerce.model, ecommerce.model_config, ecommerce.spec)
+    expected = predict_frame(ecommerce, scoring_rows)
+    assert load_package(path).compute_dtype is None
+    assert_frame_equal(predict_frame(load_package(path, compute_dtype="fp32"), scoring_rows), expected)
+    bf16 = load_package(path, compute_dtype="bf16")
+    assert bf16.compute_dtype == torch.bfloat16 and bf16.precision_line() == "fp32 tables, bf16 dense layers"
+    error = np.abs(predict_frame(bf16, scoring_rows)["p_click"].to_numpy() - expected["p_click"].to_numpy())
+    assert 0 < error.max() < 2e-2
+    with pytest.raises(ValueError, match="compute_dtype: expected one of .* got 'fp8'"):
+        load_package(path, compute_dtype="fp8")

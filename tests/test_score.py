@@ -484,3 +484,34 @@ def test_an_affinity_model_scores_as_its_package_does_on_the_same_rows(world, ra
     unlabelled = joined(known, world["users"], world["items"]).drop(LABELS)
     with pytest.raises(ValueError, match=r"history: missing column\(s\) \['purchase'\]"):
         predict_frame(load_package(path), unlabelled, history=known.drop("purchase"))
+
+
+@pytest.mark.slow
+def test_int8_tables_and_bf16_dense_layers_score_every_row_close_to_fp32(world, full_run, monkeypatch):
+    from pipelines import quantize
+
+    fp32 = full_run[1]
+    result = run_scoring(config_for(world, "int8", embedding_dtype="int8", compute_dtype="bf16"))
+    out = read_output(result.output)
+    assert result.ok and out["impression_id"].to_list() == fp32["impression_id"].to_list()
+    error = np.abs(out["p_click"].to_numpy() - fp32["p_click"].to_numpy())
+    assert 0 < error.max() < 2e-2
+    settings = json.loads(result.manifest.read_text())["settings"]
+    assert settings["embedding_dtype"] == "int8" and settings["compute_dtype"] == "bf16"
+    with pytest.raises(ValueError, match="settings"):  # a rerun in another precision would mix them
+        run_scoring(config_for(world, "int8", embedding_dtype="fp16", compute_dtype="bf16"))
+    # A quantized copy of the champion scores as quantizing on load does, in its own precision only.
+    copy = world["root"] / "package-int8"
+    args = ["--model", f"models:/{MODEL}@{CHAMPION}", "--embedding-dtype", "int8", "--out", str(copy)]
+    assert quantize.main([*args, "--tracking-uri", world["store"]]) == 0
+    from_copy = run_scoring(config_for(world, "int8-copy", model=str(copy), compute_dtype="bf16"))
+    assert_frame_equal(read_output(from_copy.output).drop("model_version"), out.drop("model_version"))
+    with pytest.raises(ValueError, match="holds int8 tables"):
+        run_scoring(config_for(world, "int8-copy-fp32", model=str(copy), embedding_dtype="fp32"))
+    # The pyfunc model takes the same options when it loads.
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", world["store"])
+    options = {"embedding_dtype": "int8", "compute_dtype": "bf16"}
+    model = mlflow.pyfunc.load_model(f"models:/{MODEL}/1", model_config=options)
+    assert model.unwrap_python_model().package.precision_line() == "int8 tables, bf16 dense layers"
+    with pytest.raises(ValueError, match="embedding_dtype: expected one of .* got 'int2'"):
+        mlflow.pyfunc.load_model(f"models:/{MODEL}/1", model_config={"embedding_dtype": "int2"})

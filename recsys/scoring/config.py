@@ -7,6 +7,7 @@ from pathlib import Path
 
 from features.checks import check_int, invalid, is_number
 from recsys.package import DEFAULT_BATCH_SIZE
+from recsys.precision import EMBEDDING_DTYPES, PRECISIONS
 
 PRODUCT = "product"  # the one score formula that is not a task's name (see recsys.scoring.ranking)
 
@@ -20,12 +21,17 @@ class ScoreSettings:
         alpha: see :attr:`ScoreConfig.alpha`.
         top_k: see :attr:`ScoreConfig.top_k`.
         rows_per_partition: see :attr:`ScoreConfig.rows_per_partition`.
+        embedding_dtype: the tables' precision the run scores with (the package's when not asked).
+        compute_dtype: see :attr:`ScoreConfig.compute_dtype`.
     """
 
     score_formula: str
     alpha: float
     top_k: int | None
     rows_per_partition: int
+    # Defaults: a manifest written before precision was a setting scored in fp32.
+    embedding_dtype: str = "fp32"
+    compute_dtype: str = "fp32"
 
 
 @dataclass(frozen=True)
@@ -54,6 +60,11 @@ class ScoreConfig:
         use_gpu: the actors share the cluster's GPUs (each asks Ray for an equal share of them) and run the
             model there; the features stay on the CPU. An error on a cluster without a GPU.
         rows_per_partition: most rows per partition (one output file each).
+        embedding_dtype: the tables' precision, ``fp32``, ``fp16``, ``int8`` or ``int4``: fp32 tables are
+            row-wise quantized as each actor loads the model (:func:`recsys.precision.quantize_embeddings`);
+            None scores with the package's own tables (a quantized package scores in its precision only).
+        compute_dtype: the dense layers' precision, ``fp32``, ``bf16`` (autocast) or ``auto`` (bf16 where
+            the CPU or GPU has bf16 units, else fp32).
         tracking_uri: the MLflow store of the registry and of the scoring run's log (default
             :func:`recsys.tracking.default_tracking_uri`).
         experiment: the MLflow experiment to log the scoring run in (default ``<model name>-scoring``).
@@ -83,6 +94,8 @@ class ScoreConfig:
     overwrite: bool = False
     max_partitions: int | None = None
     progress: bool = True
+    embedding_dtype: str | None = None
+    compute_dtype: str = "fp32"
 
     def __post_init__(self) -> None:
         for name in ("model", "input", "output", "score_formula"):
@@ -99,10 +112,26 @@ class ScoreConfig:
             raise invalid("score", "alpha", self.alpha, "expected a finite number")
         if not isinstance(self.use_gpu, bool):
             raise invalid("score", "use_gpu", self.use_gpu, "expected true or false")
+        tables = self.embedding_dtype
+        if tables is not None and tables not in EMBEDDING_DTYPES:
+            raise invalid("score", "embedding_dtype", tables, f"expected one of {list(EMBEDDING_DTYPES)}")
+        if self.compute_dtype not in PRECISIONS:
+            raise invalid("score", "compute_dtype", self.compute_dtype, f"expected one of {list(PRECISIONS)}")
+        if self.use_gpu and tables not in (None, "fp32"):
+            raise invalid(
+                "score", "embedding_dtype", tables, "quantized tables score on the CPU only (use_gpu)"
+            )
 
     def settings(self) -> ScoreSettings:
         """What decides the output besides the model and the input: a rerun must use the same."""
-        return ScoreSettings(self.score_formula, float(self.alpha), self.top_k, self.rows_per_partition)
+        return ScoreSettings(
+            self.score_formula,
+            float(self.alpha),
+            self.top_k,
+            self.rows_per_partition,
+            self.embedding_dtype or "fp32",
+            self.compute_dtype,
+        )
 
 
 def _check_text(name: str, value: object) -> None:

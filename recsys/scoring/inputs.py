@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 
 from features.contract import LABELS, ContractError, validate
 from features.pipeline import input_paths
-from recsys.package import HISTORY_COLUMNS, empty_history
+from recsys.rows import HISTORY_COLUMNS, empty_history
 from recsys.scoring.config import ScoreConfig
 
 NULLABLE_IDS = ("user_id", "item_id")  # null ids are scored through the out-of-vocabulary path

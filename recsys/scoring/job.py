@@ -33,11 +33,15 @@ from __future__ import annotations
 import contextlib
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+import torch
+
 from features import console
-from recsys.package import LoadedPackage, history_needs, load_package, output_column
+from recsys.package import LoadedPackage, load_package, output_column
+from recsys.precision import resolve_precision
+from recsys.rows import history_needs
 from recsys.scoring.config import ScoreConfig, ScoreResult
 from recsys.scoring.inputs import Inputs, read_inputs, with_history
 from recsys.scoring.manifest import MANIFEST, Manifest, ModelRecord, open_output
@@ -133,27 +137,36 @@ def _tracker(config: ScoreConfig) -> Tracker:
 def _resolve(config: ScoreConfig, tracker: Tracker, workdir: Path) -> ScoringModel:
     """Pins the model: the registry is read here, once, so a later alias move does not change this run."""
     if Path(config.model).is_dir():
-        model = _local_model(config.model)
+        model = _local_model(config)
     else:
-        model = _registered_model(config.model, tracker, workdir)
+        model = _registered_model(config, tracker, workdir)
     console.story(f"model: {model.record.pinned_uri} (from {model.record.uri})")
+    _, why = resolve_precision(config.compute_dtype, torch.device("cuda" if config.use_gpu else "cpu"))
+    console.story(f"precision: {model.package.precision_line()} ({why})")
     return model
 
 
-def _local_model(folder: str) -> ScoringModel:
+def _load(config: ScoreConfig, path: Path) -> LoadedPackage:
+    """The package at ``path`` in the run's precision, loaded here to fail early (each actor loads it too)."""
+    return load_package(path, embedding_dtype=config.embedding_dtype, compute_dtype=config.compute_dtype)
+
+
+def _local_model(config: ScoreConfig) -> ScoringModel:
     """A package folder (:func:`recsys.package.save_package`), outside the registry."""
+    folder = config.model
     path = Path(folder).resolve()
-    package = load_package(path)  # fails early and clearly for a folder that is not a package
+    package = _load(config, path)  # fails early and clearly for a folder that is not a package
     name = str(package.metadata.get("extra", {}).get("registered_model") or "package")
     record = ModelRecord(folder, f"file:{path}", name, None, None, package.spec.content_hash)
     return ScoringModel(record, package, package_files(path))
 
 
-def _registered_model(uri: str, tracker: Tracker, workdir: Path) -> ScoringModel:
+def _registered_model(config: ScoreConfig, tracker: Tracker, workdir: Path) -> ScoringModel:
     """A model URI of the tracker's store, resolved to one version and downloaded into ``workdir``."""
+    uri = config.model
     resolved = resolve_model(tracker, uri)
     package_dir = download_package(tracker, resolved, workdir / "model")
-    package = load_package(package_dir)
+    package = _load(config, package_dir)
     name = resolved.name or resolved.pinned_uri.split("/")[1]
     record = ModelRecord(
         uri, resolved.pinned_uri, name, resolved.version, resolved.run_id, package.spec.content_hash
@@ -169,7 +182,7 @@ def _fresh_manifest(config: ScoreConfig, model: ScoringModel, inputs: Inputs) ->
         input_fingerprint=inputs.fingerprint,
         inputs={k: [str(f) for f in v] for k, v in inputs.groups.items()},
         history_source=inputs.history_source,
-        settings=config.settings(),
+        settings=replace(config.settings(), embedding_dtype=model.package.embedding_dtype),
         rows_in=inputs.rows,
     )
 

@@ -30,14 +30,8 @@ import pyarrow as pa
 
 from features.checks import invalid
 from features.pipeline import Tables
-from recsys.package import (
-    LoadedPackage,
-    history_needs,
-    load_package,
-    model_ready,
-    output_column,
-    score_ready,
-)
+from recsys.package import LoadedPackage, load_package, model_ready, output_column, score_ready
+from recsys.rows import history_needs
 from recsys.runtime import init_ray, model_process_env
 from recsys.scoring.config import ScoreConfig
 from recsys.scoring.inputs import Inputs
@@ -240,12 +234,20 @@ class ScoreStage:
         threads: torch threads of the actor.
         device: where the model runs: ``cpu``, or ``cuda`` (the GPU Ray assigned to this actor, the only
             one it sees).
+        precision: ``embedding_dtype`` and ``compute_dtype`` for :func:`recsys.package.load_package`.
 
     Raises:
         RuntimeError: ``cuda`` and this actor's torch sees no CUDA device.
     """
 
-    def __init__(self, shared: dict[str, Any], batch_size: int, threads: int, device: str = "cpu") -> None:
+    def __init__(
+        self,
+        shared: dict[str, Any],
+        batch_size: int,
+        threads: int,
+        device: str = "cpu",
+        precision: dict[str, Any] | None = None,
+    ) -> None:
         import ray
         import torch
 
@@ -256,7 +258,7 @@ class ScoreStage:
                 f"{torch.version.cuda}, CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r})"
             )
         package_dir = _materialize(ray.get(shared["package"]))
-        package = load_package(package_dir, map_location=device)
+        package = load_package(package_dir, map_location=device, **(precision or {}))
         shutil.rmtree(package_dir, ignore_errors=True)
         tables = {k: pl.from_arrow(ray.get(shared[k])) for k in ("users", "items", "history")}
         self.scorer = PartitionScorer(
@@ -297,6 +299,7 @@ def scored_frames(
         "batch_size": config.batch_size,
         "threads": threads,
         "device": resources.device,
+        "precision": {"embedding_dtype": config.embedding_dtype, "compute_dtype": config.compute_dtype},
     }
     dataset = ray.data.from_items(specs, override_num_blocks=len(specs)).map_batches(
         ScoreStage,

@@ -34,6 +34,9 @@ from recsys.tracking.client import Tracker
 
 PYFUNC_FILE = Path(__file__).with_name("pyfunc.py")
 PACKAGE_ARTIFACT = "package"  # the artifact key recsys.tracking.pyfunc loads the package from
+# The pyfunc model's load options (``mlflow.pyfunc.load_model(uri, model_config=...)``) and their defaults:
+# MLflow passes on only the keys that the logged model declares.
+LOAD_OPTIONS = {"embedding_dtype": None, "compute_dtype": "fp32"}
 
 
 def _requirements() -> list[str]:
@@ -117,6 +120,7 @@ def _save_pyfunc(
             input_example=input_example,
             pip_requirements=_requirements(),
             mlflow_model=model,
+            model_config=dict(LOAD_OPTIONS),
         )
     for cache in list(local.rglob("__pycache__")):
         shutil.rmtree(cache, ignore_errors=True)
