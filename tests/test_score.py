@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import mlflow
 import numpy as np
@@ -17,7 +18,7 @@ from features.config import FeatureConfig, builtin_config
 from features.contract import LABELS, ContractError
 from features.pipeline import build, load_tables
 from recsys.config import TaskConfig
-from recsys.package import save_package
+from recsys.package import predict_frame, save_package
 from recsys.runtime import init_ray
 from recsys.scoring import ScoreConfig, ScoreFormula, ScoreSettings, run_scoring
 from recsys.scoring.manifest import (
@@ -515,3 +516,49 @@ def test_int8_tables_and_bf16_dense_layers_score_every_row_close_to_fp32(world, 
     assert model.unwrap_python_model().package.precision_line() == "int8 tables, bf16 dense layers"
     with pytest.raises(ValueError, match="embedding_dtype: expected one of .* got 'int2'"):
         mlflow.pyfunc.load_model(f"models:/{MODEL}/1", model_config={"embedding_dtype": "int2"})
+
+
+@pytest.mark.slow
+def test_a_flat_table_model_scores_every_row_of_its_table(world, tmp_path):
+    from features.pipeline import Tables, fit_spec
+    from tests.test_package import FLAT_FEATURES, flat_frame
+
+    spec = fit_spec(FeatureConfig.from_dict(FLAT_FEATURES), Tables(flat_frame(200, seed=0).lazy()))
+    model = {"tasks": [{"name": "rich"}, {"name": "single"}], "arch": {"type": "shared_bottom"}}
+    package = in_memory_package(spec, {**model, "embedding": {"dim": 4}})
+    path = save_package(tmp_path / "flat-package", package.model, package.model_config, spec)
+    rows = flat_frame(700, seed=1).with_columns(
+        pl.col("row_id").alias("impression_id"), (pl.col("row_id") // 7).alias("request_id")
+    )
+    inputs = tmp_path / "flat"
+    inputs.mkdir()
+    rows.head(400).write_parquet(inputs / "a.parquet")
+    rows.slice(400).drop("income").write_parquet(inputs / "b.parquet")  # labels and extra columns optional
+    config = ScoreConfig(
+        model=str(path),
+        input=str(inputs),
+        output=str(tmp_path / "out"),
+        tracking_uri=world["store"],
+        rows_per_partition=250,
+        progress=False,
+    )
+    result = run_scoring(config)
+    out = read_output(result.output)
+    assert result.ok and result.rows_out == rows.height == out.height
+    assert out.columns == [
+        "impression_id",
+        "request_id",
+        "p_rich",
+        "p_single",
+        "score",
+        "rank",
+        "model_version",
+    ]
+    expected = predict_frame(package, rows).sort("row_id")
+    np.testing.assert_allclose(out["p_rich"].to_numpy(), expected["p_rich"].to_numpy(), rtol=0, atol=1e-6)
+    assert out.group_by("request_id").agg(pl.col("rank").max() == pl.len())["rank"].all()
+    rows.drop("request_id").write_parquet(inputs / "b.parquet")
+    with pytest.raises(
+        ContractError, match="b.parquet: column 'request_id': expected an integer key column, missing"
+    ):
+        run_scoring(replace(config, output=str(tmp_path / "out2")))

@@ -22,11 +22,13 @@ import polars as pl
 import pyarrow.parquet as pq
 
 from features.contract import LABELS, ContractError, validate
-from features.pipeline import input_paths
+from features.pipeline import Tables, input_paths, validate_tables
+from features.spec import FeatureSpec
 from recsys.rows import HISTORY_COLUMNS, empty_history
 from recsys.scoring.config import ScoreConfig
 
 NULLABLE_IDS = ("user_id", "item_id")  # null ids are scored through the out-of-vocabulary path
+FLAT_KEYS = ("impression_id", "request_id")  # what a flat table needs besides its features
 BESIDE = ("users", "items", "history")  # tables that may sit beside the input files, and are not input
 
 
@@ -58,17 +60,20 @@ class Inputs:
     labelled: bool = False
 
 
-def read_inputs(config: ScoreConfig) -> Inputs:
+def read_inputs(config: ScoreConfig, spec: FeatureSpec | None = None) -> Inputs:
     """Finds and validates the input of ``config``, with the click events of the history.
 
     A model whose affinity features read more of the event log reads it again with
-    :func:`with_history`.
+    :func:`with_history`. For a model of a flat table (``spec`` of source ``flat``) the input is that table
+    alone, with ``impression_id`` (unique) and ``request_id`` (the ranking group) besides its features.
 
     Raises:
         ContractError: a table breaks the contract (the message names the table, the column and a value).
         FileNotFoundError: an input is missing.
     """
     files = input_files(config.input)
+    if spec is not None and spec.feature_config.source == "flat":
+        return _flat_inputs(files, spec)
     groups = {
         "input": files,
         "users": _table_files(_beside(files, config.users, "users")),
@@ -82,6 +87,29 @@ def read_inputs(config: ScoreConfig) -> Inputs:
     history, source = _history(config, files, has_labels, HISTORY_COLUMNS, False)
     rows = sum(pq.read_metadata(f).num_rows for f in files)
     return Inputs(files, rows, users, items, history, source, groups, _fingerprint(groups), has_labels)
+
+
+def _flat_inputs(files: list[Path], spec: FeatureSpec) -> Inputs:
+    """The input of a flat-table model: its files, checked for the spec's columns and the two keys."""
+    cfg = spec.feature_config
+    for f in files:
+        schema = pl.scan_parquet(str(f)).collect_schema()
+        for key in FLAT_KEYS:
+            if key not in schema or not schema[key].is_integer():
+                found = f"type {schema[key]}" if key in schema else "missing"
+                raise ContractError(f"input {f}: column {key!r}: expected an integer key column, {found}")
+        try:
+            validate_tables(cfg, Tables(pl.scan_parquet(str(f))), labels=False)
+        except ContractError as e:
+            raise ContractError(f"input {f}:\n{e}") from None
+    rows, unique = _scan(files).select(pl.len(), pl.col("impression_id").n_unique()).collect().row(0)
+    if rows != unique:
+        raise ContractError(f"input.impression_id: key is not unique: {rows - unique} duplicate row(s)")
+    labelled = all(lab.column in pl.scan_parquet(str(files[0])).collect_schema() for lab in cfg.labels)
+    groups = {"input": files}
+    none = "none (a flat table has no history)"
+    empty = pl.DataFrame()
+    return Inputs(files, rows, empty, empty, empty_history(), none, groups, _fingerprint(groups), labelled)
 
 
 def with_history(

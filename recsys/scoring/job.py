@@ -47,7 +47,7 @@ from recsys.scoring.inputs import Inputs, read_inputs, with_history
 from recsys.scoring.manifest import MANIFEST, Manifest, ModelRecord, open_output
 from recsys.scoring.partitions import Partition, plan_partitions
 from recsys.scoring.ranking import ScoreFormula, score_summary
-from recsys.scoring.stage import package_files, plan_resources, ray_for, scored_frames
+from recsys.scoring.stage import key_columns, package_files, plan_resources, ray_for, scored_frames
 from recsys.scoring.writer import PartitionWriter
 from recsys.tracking import Tracker, download_package, resolve_model
 
@@ -96,10 +96,10 @@ def run_scoring(config: ScoreConfig) -> ScoreResult:
         TrackingError: the model cannot be resolved (its store is unreachable).
     """
     started = time.perf_counter()
-    inputs = read_inputs(config)
     tracker = _tracker(config)
     with tempfile.TemporaryDirectory(prefix="recsys-score-") as workdir:
         model = _resolve(config, tracker, Path(workdir))
+    inputs = read_inputs(config, model.package.spec)
     history_columns, needs = history_needs(model.package.spec)
     inputs = with_history(config, inputs, history_columns, needs.every_impression)
     formula = ScoreFormula.for_tasks(config.score_formula, config.alpha, model.package.model_config.tasks)
@@ -142,7 +142,10 @@ def _resolve(config: ScoreConfig, tracker: Tracker, workdir: Path) -> ScoringMod
         model = _registered_model(config, tracker, workdir)
     console.story(f"model: {model.record.pinned_uri} (from {model.record.uri})")
     _, why = resolve_precision(config.compute_dtype, torch.device("cuda" if config.use_gpu else "cpu"))
-    console.story(f"precision: {model.package.precision_line()} ({why})")
+    console.story(
+        f"precision: {model.package.precision_line()}"
+        + ("" if config.compute_dtype == "fp32" else f" ({why})")
+    )
     return model
 
 
@@ -209,7 +212,9 @@ def _score(
         disable=None if config.progress else True,
     )
     outputs = model.outputs
-    writer = PartitionWriter(formula, config.top_k, outputs, manifest, out, {p.index: p for p in todo}, bar)
+    todo_by_index = {p.index: p for p in todo}
+    keys = key_columns(model.package.spec)
+    writer = PartitionWriter(formula, config.top_k, outputs, manifest, out, todo_by_index, bar, keys)
     empty = [p for p in todo if p.rows_in == 0]  # nothing reaches the driver for these
     work = [p for p in todo if p.rows_in > 0] if len(empty) < limit else []
     with ray_for(config) if work else contextlib.nullcontext():

@@ -183,18 +183,24 @@ def read_range(file: str, start: int, stop: int, columns: Sequence[str]) -> pl.D
     offsets = np.cumsum([0] + [meta.row_group(i).num_rows for i in range(meta.num_row_groups)])
     groups = [i for i in range(meta.num_row_groups) if offsets[i] < stop and offsets[i + 1] > start]
     if not groups:
-        return pl.from_arrow(pf.schema_arrow.empty_table().select(list(columns)))
-    table = pf.read_row_groups(groups, columns=list(columns))
+        empty = pf.schema_arrow.empty_table()
+        return pl.from_arrow(empty if columns is None else empty.select(list(columns)))
+    table = pf.read_row_groups(groups, columns=None if columns is None else list(columns))
     return pl.from_arrow(table.slice(start - int(offsets[groups[0]]), stop - start))
 
 
-def read_partition(part: Partition) -> pl.DataFrame:
-    """The candidate rows a partition scores (its range, less dropped requests, plus pulled rows)."""
-    rows = read_range(part.file, part.start, part.stop, READ_COLUMNS)
+def read_partition(part: Partition, columns: tuple[str, ...] | None = READ_COLUMNS) -> pl.DataFrame:
+    """The candidate rows a partition scores (its range, less dropped requests, plus pulled rows).
+
+    Args:
+        part: the partition.
+        columns: the columns to read (None: all, as a flat table's).
+    """
+    rows = read_range(part.file, part.start, part.stop, columns)
     if part.drop_requests:
         rows = rows.filter(~pl.col("request_id").is_in(list(part.drop_requests)))
     pulled = [
-        read_range(file, start, stop, READ_COLUMNS).filter(pl.col("request_id").is_in(list(ids)))
+        read_range(file, start, stop, columns).filter(pl.col("request_id").is_in(list(ids)))
         for file, start, stop, ids in part.pull
     ]
     return pl.concat([rows, *pulled]) if pulled else rows

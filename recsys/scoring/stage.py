@@ -30,14 +30,22 @@ import pyarrow as pa
 
 from features.checks import invalid
 from features.pipeline import Tables
+from features.spec import FeatureSpec
 from recsys.package import LoadedPackage, load_package, model_ready, output_column, score_ready
 from recsys.rows import history_needs
 from recsys.runtime import init_ray, model_process_env
 from recsys.scoring.config import ScoreConfig
-from recsys.scoring.inputs import Inputs
-from recsys.scoring.partitions import PARTITION, Partition, read_partition
+from recsys.scoring.inputs import FLAT_KEYS, Inputs
+from recsys.scoring.partitions import PARTITION, READ_COLUMNS, Partition, read_partition
 
 KEY_COLUMNS = ("impression_id", "request_id", "user_id", "item_id")
+
+
+def key_columns(spec: FeatureSpec) -> tuple[str, ...]:
+    """The input columns passed through to the output: :data:`KEY_COLUMNS`, or those of a flat table."""
+    return FLAT_KEYS if spec.feature_config.source == "flat" else KEY_COLUMNS
+
+
 # A bounded object store bounds the tables and scored blocks in flight, and so the memory.
 OBJECT_STORE_BYTES = 2 * 1024**3
 # Ray counts resources in steps of 1/10,000: a GPU share finer than that would round to another value.
@@ -183,6 +191,8 @@ class PartitionScorer:
         self.batch_size = batch_size
         self.columns = {t.name: output_column(t) for t in package.model_config.tasks}
         self.every_user = history_needs(package.spec)[1].every_user
+        self.keys = key_columns(package.spec)
+        self.flat = package.spec.feature_config.source == "flat"
 
     def score(self, part: Partition) -> pa.Table:
         """(rows, keys + one column per task + ``__partition``): the scored rows of ``part``."""
@@ -191,8 +201,11 @@ class PartitionScorer:
 
     def steps(self, part: Partition) -> Iterator[tuple[str, Any]]:
         """The parts of :meth:`score`, each yielded as ``(name, result)`` when done (to time them)."""
-        rows = read_partition(part)
+        rows = read_partition(part, None if self.flat else READ_COLUMNS)
         yield "read", rows
+        if self.flat:  # one table: its rows are the model's input, no history
+            yield from self._model_steps(part, model_ready(self.package.spec, Tables(rows.lazy()), self.keys))
+            return
         # A row's history features read events strictly before its ts, and only its own user's unless an
         # affinity feature counts everybody's: the rest need not be derived.
         history = self.history.filter(pl.col("ts") < rows["ts"].max())
@@ -201,13 +214,16 @@ class PartitionScorer:
             history = history.filter(pl.col("user_id").is_in(users))
         yield "history", history
         tables = Tables(rows.lazy(), self.users.lazy(), self.items.lazy(), history.lazy())
-        frame = model_ready(self.package.spec, tables)
+        yield from self._model_steps(part, model_ready(self.package.spec, tables))
+
+    def _model_steps(self, part: Partition, frame: pl.DataFrame) -> Iterator[tuple[str, Any]]:
+        """The steps of :meth:`steps` from the model-ready rows on."""
         yield "features", frame
         ready = frame.to_arrow()
         yield "to_arrow", ready
         scores = score_ready(self.package, ready, self.batch_size)
         yield "model", scores
-        out = ready.select(list(KEY_COLUMNS)).append_column(
+        out = ready.select(list(self.keys)).append_column(
             PARTITION, pa.array(np.full(ready.num_rows, part.index, np.int64))
         )
         for task, column in self.columns.items():

@@ -39,6 +39,7 @@ class PartitionWriter:
         out: the output folder.
         todo: the partitions still to write, by index.
         bar: the progress bar over partitions (updated once per partition written).
+        keys: the input columns passed through (:func:`recsys.scoring.stage.key_columns`).
         written: partitions written so far.
         rows_scored: rows scored in them.
     """
@@ -50,6 +51,7 @@ class PartitionWriter:
     out: Path
     todo: dict[int, Partition]
     bar: Any
+    keys: tuple[str, ...] = KEY_COLUMNS
     written: int = 0
     rows_scored: int = 0
     _frames: dict[int, list[pl.DataFrame]] = field(default_factory=dict)
@@ -100,8 +102,8 @@ class PartitionWriter:
     def _ranked(self, scored: pl.DataFrame) -> pl.DataFrame:
         ranked = rank_requests(scored, self.formula, self.top_k)
         return ranked.select(
-            *KEY_COLUMNS,
-            *[c for c in scored.columns if c not in KEY_COLUMNS],
+            *self.keys,
+            *[c for c in scored.columns if c not in self.keys],
             "score",
             "rank",
             pl.lit(self.manifest.model_version, pl.String).alias("model_version"),
@@ -109,4 +111,4 @@ class PartitionWriter:
 
     def _empty(self) -> pl.DataFrame:
         """The scored rows of a partition without rows."""
-        return pl.DataFrame(schema={c: pl.Int64 for c in KEY_COLUMNS} | {c: pl.Float64 for c in self.outputs})
+        return pl.DataFrame(schema={c: pl.Int64 for c in self.keys} | {c: pl.Float64 for c in self.outputs})
