@@ -136,21 +136,24 @@ def make_table(rows: int, seed: int) -> pl.DataFrame:
 
 def feature_config() -> FeatureConfig:
     """The flat-table feature config of :func:`make_table` (hash split, 2% validation, 2% test)."""
+    return FeatureConfig.from_dict(feature_config_dict())
+
+
+def feature_config_dict() -> dict[str, Any]:
+    """:func:`feature_config` as plain data (what a YAML feature config file holds)."""
     features = [{"name": f"c{i}", "kind": "categorical"} for i in range(NUM_CATEGORICAL)]
     features.append({"name": "bag", "kind": "multi_hot", "vocab_of": f"c{NUM_CATEGORICAL - 1}"})
     features += [
         {"name": f"x{j}", "kind": "numeric", "transforms": ["standardize"]} for j in range(NUM_DENSE)
     ]
-    return FeatureConfig.from_dict(
-        {
-            "name": "benchmark",
-            "source": "flat",
-            "rows_per_file": 100_000,
-            "split": {"method": "hash", "validation_fraction": 0.02, "test_fraction": 0.02},
-            "labels": [{"name": "click"}, {"name": "purchase"}],
-            "features": features,
-        }
-    )
+    return {
+        "name": "benchmark",
+        "source": "flat",
+        "rows_per_file": 100_000,
+        "split": {"method": "hash", "validation_fraction": 0.02, "test_fraction": 0.02},
+        "labels": [{"name": "click"}, {"name": "purchase"}],
+        "features": features,
+    }
 
 
 def flops_per_example(config: ModelConfig, layout: FeatureLayout, ids_per_example: float) -> dict[str, float]:

@@ -32,9 +32,10 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
-from benchmarks.measure import benchmark_layout, cpu_model
+from benchmarks.measure import cpu_model
 from benchmarks.score_bench import prepare
 from recsys.config import ModelConfig, builtin_config
+from recsys.data.batch import FeatureLayout
 from recsys.metrics import auc
 from recsys.model import build_model
 from recsys.package import load_package, quantize_package, save_package, score_ready
@@ -104,9 +105,9 @@ def benchmark_model_sizes(workdir: Path) -> dict[str, int]:
     from features.pipeline import Tables, fit_spec
 
     config = ModelConfig.from_yaml(builtin_config("benchmark_mmoe"))
-    spec = fit_spec(feature_config(), Tables(make_table(20_000, seed=0).lazy()))
+    spec = fit_spec(feature_config(), Tables(make_table(1_000_000, seed=0).lazy()))  # tables of full size
     torch.manual_seed(0)
-    model = build_model(config, benchmark_layout())
+    model = build_model(config, FeatureLayout.from_spec(spec, config.embedding))
     return package_sizes(save_package(workdir / "benchmark", model, config, spec))
 
 

@@ -6,10 +6,11 @@ optimizer state stay fp32. ``auto`` is ``bf16`` on a CPU with AVX-512 bf16 or AM
 support, else ``fp32``. On a CPU without bf16 units, bf16 is emulated and slower than fp32: ``bf16`` still
 runs there, and :func:`resolve_precision` says so.
 
-For scoring, :func:`quantize_embeddings` swaps the tables of a trained model for TorchRec's quantized
-inference collections (``torchrec.quant``: FBGEMM's row-wise ``IntNBitTableBatchedEmbeddingBags``): fp16, or
-int8 / int4 with a per-row fp16 scale and bias, rows padded to 4 bytes. An int8 row of dimension 16 takes 20
-bytes instead of 64. The pooled outputs stay fp32.
+For scoring, :func:`quantize_embeddings` swaps the tables of a trained model for row-wise quantized ones:
+fp16, or int8 / int4 with a per-row scale and bias. The pooled tables become
+:class:`~recsys.modules.quantized.QuantizedBags` (FBGEMM's CPU embedding-bag kernels; an int8 row of dimension
+16 takes 24 bytes instead of 64), the attended ones of target attention TorchRec's quantized inference
+``EmbeddingCollection`` (``torchrec.quant``, rows padded to 4 bytes). The outputs stay fp32.
 
 Example:
     >>> dtype, message = resolve_precision("fp32", torch.device("cpu"))
@@ -24,6 +25,8 @@ from collections.abc import Iterator
 
 import torch
 from torch import nn
+
+from recsys.modules.quantized import QuantizedBags
 
 PRECISIONS = ("fp32", "bf16", "auto")
 EMBEDDING_DTYPES = ("fp32", "fp16", "int8", "int4")
@@ -140,17 +143,16 @@ def quantize_embeddings(model: nn.Module, dtype: str) -> nn.Module:
     check_embedding_dtype(dtype)
     if dtype == "fp32":
         return model
+    if embedding_dtype_of(model) != "fp32":
+        raise ValueError(
+            f"embedding_dtype: the model's tables are already quantized; cannot make them {dtype}"
+        )
     sparse_arch = getattr(model, "sparse_arch", None)
     history_arch = getattr(model, "history_arch", None)
-    for arch, name in ((sparse_arch, "embedding_bag_collection"), (history_arch, "embedding_collection")):
-        if arch is None:
-            continue
-        collection = getattr(arch, name)
-        if not any(p.dtype == torch.float32 for p in collection.parameters()):
-            raise ValueError(
-                f"embedding_dtype: the model's tables are already quantized; cannot make them {dtype}"
-            )
-        setattr(arch, name, _quantized(collection, dtype))
+    if sparse_arch is not None:
+        sparse_arch.embedding_bag_collection = QuantizedBags(sparse_arch.embedding_bag_collection, dtype)
+    if history_arch is not None:
+        history_arch.embedding_collection = _quantized(history_arch.embedding_collection, dtype)
     return model
 
 
@@ -158,6 +160,8 @@ def embedding_dtype_of(model: nn.Module) -> str:
     """``fp32``, or the dtype of ``model``'s tables as :func:`quantize_embeddings` made them."""
     names = {"FP16": "fp16", "INT8": "int8", "INT4": "int4"}
     for module in model.modules():
+        if isinstance(module, QuantizedBags):
+            return module.dtype
         if type(module).__module__.startswith("torchrec.quant") and hasattr(module, "embedding_bag_configs"):
             return names[module.embedding_bag_configs()[0].data_type.name]
         if type(module).__module__.startswith("torchrec.quant") and hasattr(module, "embedding_configs"):

@@ -256,3 +256,33 @@ def test_dispatch_with_small_capacity_counts_overflow():
         assert stats_fallback[f"moe/{task}/dropped"].item() == 96 - 48
     assert stats_drop["moe/overflow"].item() == sum(stats_drop[f"moe/{t}/overflow"].item() for t in TASKS)
     assert all(torch.isfinite(o).all() for o in out_drop + out_fallback)
+
+
+@pytest.mark.parametrize("pooling", ["mean", "sum"])
+def test_quantized_bags_pool_as_the_float_tables_do_within_their_precision(pooling):
+    from recsys.modules.quantized import QuantizedBags
+
+    torch.manual_seed(0)
+    layout = FeatureLayout(
+        sparse=(
+            SparseFeature("item", 50),
+            SparseFeature("user", 7),
+            SparseFeature("hist", 50, multi_hot=True, table="item"),
+        )
+    )
+    bags = embedding_bag_collection(layout, dim=8, pooling=pooling)
+    for bag in bags.embedding_bags.values():
+        torch.nn.init.normal_(bag.weight, std=1.0)
+    # 3 rows; the second row's history is empty (pools to zeros).
+    kjt = KeyedJaggedTensor(
+        keys=["item", "user", "hist"],
+        values=torch.tensor([1, 2, 3, 4, 5, 6, 10, 11, 12, 13]),
+        lengths=torch.tensor([1, 1, 1, 1, 1, 1, 3, 0, 1]),
+    )
+    expected = bags(kjt)
+    for dtype, atol in {"fp16": 1e-2, "int8": 5e-2, "int4": 0.6}.items():
+        got = QuantizedBags(bags, dtype)(kjt)
+        assert got.keys() == expected.keys() and got.values().dtype == torch.float32
+        error = (got.values() - expected.values()).abs()
+        assert 0 < error.max() < atol, (dtype, error.max())
+        assert got["hist"][1].abs().max() == 0  # the empty bag
