@@ -121,13 +121,17 @@ def main() -> None:
     parser.add_argument("--save", type=Path, help="write the timed partitions' output here")
     parser.add_argument("--check", type=Path, help="compare the timed partitions' output with this file")
     parser.add_argument("--profile", action="store_true", help="cProfile the timed partitions")
+    parser.add_argument("--embedding-dtype", default="fp32", help="the tables' precision (fp32)")
+    parser.add_argument("--compute-dtype", default="fp32", help="the dense layers' precision (fp32)")
     args = parser.parse_args()
 
     torch.set_num_threads(1)
     data = Path(args.data)
     started = time.perf_counter()
     tables = actor_tables(data)
-    package = load_package(data / "model")
+    package = load_package(
+        data / "model", embedding_dtype=args.embedding_dtype, compute_dtype=args.compute_dtype
+    )
     print(
         f"inputs and package: {time.perf_counter() - started:.1f} s; "
         f"history {tables['history'].height:,} rows"
