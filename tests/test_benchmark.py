@@ -112,3 +112,36 @@ def test_use_gpu_without_a_gpu_says_so(tmp_path):
     assert done.returncode == 1, done.stderr
     assert "--use-gpu:" in done.stderr and "sees no CUDA device" in done.stderr
     assert not (tmp_path / "benchmark_gpu.json").exists()
+
+
+def test_the_peers_benchmark_data_and_table(tmp_path):
+    import polars as pl
+
+    from benchmarks.peers import run as peers
+
+    train, test = peers.make_data(tmp_path, 300, 60)
+    rows = pl.read_parquet(train)
+    assert rows.height == 300 and rows["impression_id"].n_unique() == 300
+    assert (rows["request_id"] == rows["impression_id"] // peers.REQUEST_SIZE).all()
+    held_out = pl.read_parquet(test)["impression_id"]
+    assert held_out.min() == 300 and held_out.len() == 60  # ids continue: no key shared with train
+    assert peers.make_data(tmp_path, 300, 60) == (train, test)  # reused
+    assert peers.rate_in("epoch 1/1  12.5k examples/s\nepoch 2/2  13.0k examples/s", "examples/s") == 13000
+    assert peers.rate_in("1 partitions, 16.4 s, 6,682 rows/s", "rows/s") == 6682
+    assert math.isnan(peers.rate_in("nothing", "rows/s"))
+    runs = [
+        {
+            "system": "a",
+            "train_examples_per_s": x,
+            "predict_rows_per_s": 2 * x,
+            "auc": {"click": 0.7, "purchase": 0.6},
+            "peak_rss_mib": 100.0,
+        }
+        for x in (10.0, 30.0, 20.0)
+    ]
+    lines = peers.table(runs).splitlines()
+    assert len(lines) == 3 and lines[2].startswith(
+        "| a | 20 (10-30) | - | 40 (20-60) | - | 0.7000 | 0.6000 | 100 |"
+    )
+    with pytest.raises(SystemExit):
+        peers.parse_args(["--rows", "0"])
