@@ -89,6 +89,19 @@ def read_inputs(config: ScoreConfig, spec: FeatureSpec | None = None) -> Inputs:
     return Inputs(files, rows, users, items, history, source, groups, _fingerprint(groups), has_labels)
 
 
+def has_contract_tables(config: ScoreConfig) -> bool:
+    """Whether the users and items tables are there (given, or beside the input): a contract input.
+
+    Such an input is validated before the model is resolved; one without them is a flat table, or the
+    error that names the missing table comes once the model's spec says it is not one.
+    """
+    try:
+        files = input_files(config.input)
+    except FileNotFoundError:
+        return True  # read_inputs names what is missing, before the store is read
+    return all(_beside_path(files, getattr(config, name), name).exists() for name in ("users", "items"))
+
+
 def _flat_inputs(files: list[Path], spec: FeatureSpec) -> Inputs:
     """The input of a flat-table model: its files, checked for the spec's columns and the two keys."""
     cfg = spec.feature_config
@@ -152,8 +165,12 @@ def input_files(path: str) -> list[Path]:
     return [Path(f).resolve() for f in files]
 
 
+def _beside_path(files: list[Path], explicit: str | None, name: str) -> Path:
+    return Path(explicit) if explicit else files[0].parent / f"{name}.parquet"
+
+
 def _beside(files: list[Path], explicit: str | None, name: str) -> Path:
-    path = Path(explicit) if explicit else files[0].parent / f"{name}.parquet"
+    path = _beside_path(files, explicit, name)
     if not path.exists():
         how = f"--{name} {explicit}" if explicit else f"no --{name}, and no {path}"
         raise FileNotFoundError(f"{name}: {how} not found; give the {name} table with --{name}")

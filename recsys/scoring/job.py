@@ -43,7 +43,7 @@ from recsys.package import LoadedPackage, load_package, output_column
 from recsys.precision import resolve_precision
 from recsys.rows import history_needs
 from recsys.scoring.config import ScoreConfig, ScoreResult
-from recsys.scoring.inputs import Inputs, read_inputs, with_history
+from recsys.scoring.inputs import Inputs, has_contract_tables, read_inputs, with_history
 from recsys.scoring.manifest import MANIFEST, Manifest, ModelRecord, open_output
 from recsys.scoring.partitions import Partition, plan_partitions
 from recsys.scoring.ranking import ScoreFormula, score_summary
@@ -96,10 +96,13 @@ def run_scoring(config: ScoreConfig) -> ScoreResult:
         TrackingError: the model cannot be resolved (its store is unreachable).
     """
     started = time.perf_counter()
+    # The contract's tables are checked before the store is read; a flat table needs the model's spec.
+    inputs = read_inputs(config) if has_contract_tables(config) else None
     tracker = _tracker(config)
     with tempfile.TemporaryDirectory(prefix="recsys-score-") as workdir:
         model = _resolve(config, tracker, Path(workdir))
-    inputs = read_inputs(config, model.package.spec)
+    if inputs is None:
+        inputs = read_inputs(config, model.package.spec)
     history_columns, needs = history_needs(model.package.spec)
     inputs = with_history(config, inputs, history_columns, needs.every_impression)
     formula = ScoreFormula.for_tasks(config.score_formula, config.alpha, model.package.model_config.tasks)

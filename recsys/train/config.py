@@ -89,9 +89,10 @@ class TrainingSettings:
             and PCGrad the tasks' gradient norms and cosine) are logged with the training loss.
         gradnorm_alpha: GradNorm's asymmetry (1.5 as in the paper).
         gradnorm_lr: the learning rate of GradNorm's loss weights (Adam).
-        precision: ``fp32`` (the default), ``bf16`` (the dense layers' matrix products under bf16
-            autocast; tables, losses and optimizer state stay fp32) or ``auto`` (bf16 where the CPU or GPU
-            has bf16 units, else fp32); see :mod:`recsys.precision`.
+        precision: ``auto`` (the default: bf16 where the CPU or GPU has bf16 units, else fp32), ``fp32``,
+            or ``bf16`` (the dense layers' matrix products under bf16 autocast; tables, losses and optimizer
+            state stay fp32); see :mod:`recsys.precision`. bf16 kept the test AUC of fp32 within 0.0003 on
+            three generated worlds and on census (experiments/results/precision).
     """
 
     epochs: int = 2
@@ -117,7 +118,7 @@ class TrainingSettings:
     task_balancing: str = "fixed"
     gradnorm_alpha: float = 1.5
     gradnorm_lr: float = 0.025
-    precision: str = "fp32"
+    precision: str = "auto"
 
     def __post_init__(self) -> None:
         w = "training"
