@@ -99,7 +99,8 @@ def test_two_workers_train_log_register_and_the_registered_model_agrees(data):
     # The registered champion, loaded through MLflow from raw contract rows, scores the test rows as the
     # sharded model did during training.
     mlflow.set_tracking_uri(uri)
-    model = mlflow.pyfunc.load_model("models:/tiny-ranker@champion")
+    # In the precision it was trained and evaluated in (training.precision auto: bf16 where the CPU has it).
+    model = mlflow.pyfunc.load_model("models:/tiny-ranker@champion", model_config={"compute_dtype": "auto"})
     raw = data / "raw"
     rows = (
         pl.read_parquet(raw / "impressions.parquet")
