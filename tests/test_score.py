@@ -30,7 +30,7 @@ from recsys.scoring.manifest import (
     load_manifest,
     open_output,
 )
-from recsys.scoring.partitions import partition_rows, plan_partitions, read_partition
+from recsys.scoring.partitions import plan_partitions, read_partition
 from recsys.scoring.ranking import expected_rows_out, rank_requests
 from recsys.scoring.stage import OBJECT_STORE_BYTES, embedded_cpus
 from recsys.tracking import CHAMPION, Tracker, log_model, register_model
@@ -80,17 +80,6 @@ def test_partitions_hold_whole_requests_and_every_row_once(tmp_path):
     assert owner == [parts[0].index]  # the first partition that holds a request scores all of it
     six = seen.filter(pl.col("request_id") == 6)["part"].unique().to_list()
     assert len(six) == 1 and parts[six[0]].file.endswith("a.parquet")  # the first file's partition
-
-
-def test_a_small_input_is_cut_for_every_actor_and_a_large_one_by_the_setting(tmp_path):
-    assert partition_rows(100_000, 250_000) == 12_500  # 8 partitions: every actor of a small machine works
-    assert partition_rows(20_000_000, 250_000) == 250_000
-    assert partition_rows(30_000, 250_000) == 10_000 and partition_rows(3_000, 500) == 500
-    ids = np.arange(100_000)
-    frame = pl.DataFrame({"request_id": ids // 20, "impression_id": ids})
-    frame.write_parquet(tmp_path / "c.parquet", row_group_size=100_000)  # one row group
-    parts = plan_partitions([tmp_path / "c.parquet"], partition_rows(100_000, 250_000))
-    assert len(parts) == 8 and sum(p.rows_in for p in parts) == 100_000
 
 
 def test_rank_is_a_permutation_per_request_with_deterministic_ties():

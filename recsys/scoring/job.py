@@ -45,7 +45,7 @@ from recsys.rows import history_needs
 from recsys.scoring.config import ScoreConfig, ScoreResult
 from recsys.scoring.inputs import Inputs, has_contract_tables, read_inputs, with_history
 from recsys.scoring.manifest import MANIFEST, Manifest, ModelRecord, open_output
-from recsys.scoring.partitions import Partition, partition_rows, plan_partitions
+from recsys.scoring.partitions import Partition, plan_partitions
 from recsys.scoring.ranking import ScoreFormula, score_summary
 from recsys.scoring.stage import key_columns, package_files, plan_resources, ray_for, scored_frames
 from recsys.scoring.writer import PartitionWriter
@@ -106,7 +106,7 @@ def run_scoring(config: ScoreConfig) -> ScoreResult:
     history_columns, needs = history_needs(model.package.spec)
     inputs = with_history(config, inputs, history_columns, needs.every_impression)
     formula = ScoreFormula.for_tasks(config.score_formula, config.alpha, model.package.model_config.tasks)
-    partitions = plan_partitions(inputs.files, partition_rows(inputs.rows, config.rows_per_partition))
+    partitions = plan_partitions(inputs.files, config.rows_per_partition)
     out = Path(config.output).resolve()
     manifest = open_output(out, _fresh_manifest(config, model, inputs), config.overwrite)
     console.story(

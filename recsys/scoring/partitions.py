@@ -33,10 +33,6 @@ from features.files import atomic_write
 log = logging.getLogger(__name__)
 
 PARTITION = "__partition"  # the column that carries a scored row's partition from the actors to the driver
-# A small input is still cut into this many partitions (of at least MIN_PARTITION_ROWS rows), so that every
-# actor of a small machine gets work: 100,000 rows were one partition, scored by one actor of two.
-MIN_PARTITIONS = 8
-MIN_PARTITION_ROWS = 10_000
 READ_COLUMNS = tuple(c.name for c in IMPRESSIONS.without_labels().columns)
 
 Pull = tuple[str, int, int, tuple[int, ...]]  # (file, start, stop, request ids) rows read from elsewhere
@@ -81,19 +77,6 @@ class Partition:
         data["drop_requests"] = tuple(data["drop_requests"])
         data["pull"] = tuple((f, s, e, tuple(ids)) for f, s, e, ids in data["pull"])
         return cls(**data)
-
-
-def partition_rows(rows: int, rows_per_partition: int) -> int:
-    """The most rows of a partition for an input of ``rows`` rows: the setting, or less for a small input.
-
-    ``min(rows_per_partition, max(MIN_PARTITION_ROWS, ceil(rows / MIN_PARTITIONS)))``: decided by the input
-    and the setting alone, so a rerun plans the same partitions on any cluster.
-
-    Example:
-        >>> partition_rows(100_000, 250_000), partition_rows(20_000_000, 250_000), partition_rows(3_000, 500)
-        (12500, 250000, 500)
-    """
-    return min(rows_per_partition, max(MIN_PARTITION_ROWS, -(-rows // MIN_PARTITIONS)))
 
 
 def _cuts(group_rows: Sequence[int], limit: int) -> list[int]:
