@@ -180,8 +180,15 @@ def validate(
                 "purchase=1 without click=1",
             )
     if table == "items":
-        rules["price"] = ("price", (pl.col("price") < 0) | pl.col("price").is_nan(), "price must be >= 0")
-        rules["rating"] = ("rating", pl.col("rating").is_nan(), "rating is NaN (use null for no rating)")
+        # is_finite is False for NaN and for +-inf: an infinite price made every row's price features
+        # non-finite downstream (issue 20), so it is refused here like NaN.
+        price = pl.col("price")
+        rules["price"] = ("price", (price < 0) | ~price.is_finite(), "price must be finite and >= 0")
+        rules["rating"] = (
+            "rating",
+            ~pl.col("rating").is_finite(),
+            "rating is NaN or infinite (use null for no rating)",
+        )
 
     counts = lf.select(
         pl.len().alias("__rows"),

@@ -69,7 +69,7 @@ def test_negative_price_names_the_value_and_item(items):
     )
     with pytest.raises(
         ContractError,
-        match=r"items\.price: price must be >= 0: 1 row\(s\), e\.g\. price=-5\.0 at item_id=102",
+        match=r"items\.price: price must be finite and >= 0: 1 row\(s\), e\.g\. price=-5\.0 at item_id=102",
     ):
         validate(bad, "items")
 
@@ -105,6 +105,32 @@ def test_nullable_rating_is_accepted_but_nan_is_not(items):
     bad = items.with_columns(pl.col("rating").fill_null(float("nan")))
     with pytest.raises(ContractError, match=r"items\.rating: rating is NaN"):
         validate(bad, "items")
+
+
+def test_infinite_prices_and_ratings_are_named_like_nan(items):
+    # One item with price = inf made two features non-finite in every row and NaN scores (issue 20).
+    for column, value, message in (
+        ("price", float("inf"), r"items\.price: price must be finite and >= 0: 1 row\(s\), e\.g\. price=inf"),
+        (
+            "price",
+            float("-inf"),
+            r"items\.price: price must be finite and >= 0: 1 row\(s\), e\.g\. price=-inf",
+        ),
+        (
+            "rating",
+            float("inf"),
+            r"items\.rating: rating is NaN or infinite .*: 1 row\(s\), e\.g\. rating=inf",
+        ),
+    ):
+        bad = items.with_columns(
+            pl.when(pl.col("item_id") == 101)
+            .then(value)
+            .otherwise(pl.col(column))
+            .cast(items.schema[column])
+            .alias(column)
+        )
+        with pytest.raises(ContractError, match=message + r" at item_id=101"):
+            validate(bad, "items")
 
 
 def test_unknown_table_is_a_value_error(users):
