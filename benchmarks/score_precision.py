@@ -38,7 +38,7 @@ from recsys.config import ModelConfig, builtin_config
 from recsys.data.batch import FeatureLayout
 from recsys.metrics import auc
 from recsys.model import build_model
-from recsys.package import load_package, quantize_package, save_package, score_ready
+from recsys.package import load_package, package_bytes, quantize_package, save_package, score_ready
 from recsys.precision import bf16_supported
 from recsys.scoring import ScoreConfig, run_scoring
 
@@ -52,16 +52,12 @@ SETTINGS = [
 ]
 
 
-def folder_size(folder: Path) -> int:
-    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
-
-
 def package_sizes(package_dir: Path) -> dict[str, int]:
     """Bytes of the package folder with its tables in each precision."""
-    sizes = {"fp32": folder_size(package_dir)}
+    sizes = {"fp32": package_bytes(package_dir)}
     with tempfile.TemporaryDirectory() as tmp:
         for dtype in ("fp16", "int8", "int4"):
-            sizes[dtype] = folder_size(quantize_package(package_dir, Path(tmp) / dtype, dtype))
+            sizes[dtype] = package_bytes(quantize_package(package_dir, Path(tmp) / dtype, dtype))
     return sizes
 
 

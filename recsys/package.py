@@ -271,6 +271,11 @@ def _manifest(directory: Path) -> dict[str, Any]:
     return manifest
 
 
+def package_bytes(directory: str | Path) -> int:
+    """The size of a package folder in bytes: every file in it."""
+    return sum(f.stat().st_size for f in Path(directory).rglob("*") if f.is_file())
+
+
 def quantize_package(
     source: str | Path, directory: str | Path, embedding_dtype: str, *, overwrite: bool = False
 ) -> Path:

@@ -26,10 +26,10 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from recsys.modules.quantized import QuantizedBags
+from recsys.modules.quantized import QUANTIZED_DTYPES, QuantizedBags
 
 PRECISIONS = ("fp32", "bf16", "auto")
-EMBEDDING_DTYPES = ("fp32", "fp16", "int8", "int4")
+EMBEDDING_DTYPES = ("fp32", *QUANTIZED_DTYPES)
 _WEIGHT_DTYPES = {"fp16": torch.float16, "int8": torch.qint8, "int4": torch.quint4x2}
 ROW_ALIGNMENT = 4  # bytes; TorchRec's default of 16 would pad an int8 row of dimension 16 from 20 to 32 bytes
 
@@ -103,23 +103,14 @@ def _qconfig(dtype: str) -> torch.ao.quantization.QConfig:
     )
 
 
-def _quantized(collection: nn.Module, dtype: str) -> nn.Module:
-    """The TorchRec inference collection of a float ``EmbeddingBagCollection`` or ``EmbeddingCollection``."""
-    from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
+def _quantized_attended(collection: nn.Module, dtype: str) -> nn.Module:
+    """TorchRec's inference ``EmbeddingCollection`` of the float one of target attention (unpooled rows)."""
     from torchrec.quant import embedding_modules as qmodules
 
-    quantized = {
-        EmbeddingBagCollection: qmodules.EmbeddingBagCollection,
-        EmbeddingCollection: qmodules.EmbeddingCollection,
-    }.get(type(collection))
-    if quantized is None:
-        raise TypeError(
-            f"quantize_embeddings: expected a float TorchRec collection, got {type(collection).__name__}"
-        )
     collection.qconfig = _qconfig(dtype)
     setattr(collection, qmodules.MODULE_ATTR_ROW_ALIGNMENT_INT, ROW_ALIGNMENT)
     try:
-        return quantized.from_float(collection)
+        return qmodules.EmbeddingCollection.from_float(collection)
     finally:
         del collection.qconfig
 
@@ -152,7 +143,7 @@ def quantize_embeddings(model: nn.Module, dtype: str) -> nn.Module:
     if sparse_arch is not None:
         sparse_arch.embedding_bag_collection = QuantizedBags(sparse_arch.embedding_bag_collection, dtype)
     if history_arch is not None:
-        history_arch.embedding_collection = _quantized(history_arch.embedding_collection, dtype)
+        history_arch.embedding_collection = _quantized_attended(history_arch.embedding_collection, dtype)
     return model
 
 
@@ -162,8 +153,6 @@ def embedding_dtype_of(model: nn.Module) -> str:
     for module in model.modules():
         if isinstance(module, QuantizedBags):
             return module.dtype
-        if type(module).__module__.startswith("torchrec.quant") and hasattr(module, "embedding_bag_configs"):
-            return names[module.embedding_bag_configs()[0].data_type.name]
         if type(module).__module__.startswith("torchrec.quant") and hasattr(module, "embedding_configs"):
             return names[module.embedding_configs()[0].data_type.name]
     return "fp32"
