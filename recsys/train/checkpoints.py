@@ -1,14 +1,19 @@
 """Checkpoints of a sharded model, the best epoch's weights, and the unsharded model gathered for packaging.
 
 Every worker writes its own shard of the model and optimizer state (``rank{r}.pt``) into the folder that
-Ray Train merges into one checkpoint; a restarted worker reads its own file back. A checkpoint holds
-ShardedTensors, so it can only be read by the same number of workers.
+Ray Train merges into one checkpoint; a restarted worker reads its own file back, with the number of workers
+and the sharding plan it was written with.
+
+A checkpoint file holds plain data only: each ShardedTensor of the state dicts is written as its local
+shards (offsets, sizes and a plain tensor each), so that files load with ``torch.load(weights_only=True)``
+and a crafted file cannot run code. Loading copies the shards into the model's own ShardedTensors.
 """
 
 from __future__ import annotations
 
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -21,6 +26,8 @@ from recsys.train.sharding import ShardedModel, task_balancer
 from recsys.train.state import TrainingState
 
 CHECKPOINT_FILE = "rank{rank}.pt"
+CHECKPOINT_FORMAT = 2  # 1: pickled ShardedTensors (weights_only=False), refused since
+_SHARDS = "__shards__"  # the key that marks a ShardedTensor written as its local shards
 
 
 def checkpoint_file(directory: Path, rank: int | None = None) -> Path:
@@ -31,23 +38,98 @@ def checkpoint_file(directory: Path, rank: int | None = None) -> Path:
 def save_checkpoint(sharded: ShardedModel, directory: Path, state: TrainingState) -> None:
     """Writes this worker's shard of the model and optimizer state (Ray merges all workers' files)."""
     payload = {
-        "model": sharded.dmp.state_dict(),
-        "optimizer": sharded.optimizer.state_dict(),
+        "format": CHECKPOINT_FORMAT,
+        "model": _plain(sharded.dmp.state_dict()),
+        "optimizer": _plain(sharded.optimizer.state_dict()),
         "state": state.to_dict(),
     }
     torch.save(payload, checkpoint_file(directory))
 
 
 def load_checkpoint(sharded: ShardedModel, directory: Path) -> TrainingState:
-    """Restores this worker's shard; returns the run's state at the checkpoint."""
-    # The checkpoint holds ShardedTensors written by this project's own workers, not a downloaded model:
-    # full unpickling is needed for them (the registered model, in contrast, loads with weights_only).
-    payload = torch.load(checkpoint_file(directory), weights_only=False)
-    sharded.dmp.load_state_dict(payload["model"])
+    """Restores this worker's shard; returns the run's state at the checkpoint.
+
+    Raises:
+        ValueError: the file is not a checkpoint of this format, or holds code or objects beyond plain
+            tensors and numbers (``weights_only`` refuses them), or was written with another sharding plan.
+    """
+    path = checkpoint_file(directory)
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # UnpicklingError and the like: a file of other content
+        raise ValueError(
+            f"checkpoint {path}: not a checkpoint of this version (it holds more than tensors and plain "
+            f"data, which is never unpickled: {str(error).splitlines()[0][:200]})"
+        ) from None
+    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+        found = payload.get("format", 1) if isinstance(payload, dict) else type(payload).__name__
+        raise ValueError(
+            f"checkpoint {path}: format {found}, expected {CHECKPOINT_FORMAT}; start a new run "
+            "(checkpoints of format 1 held pickled objects and are no longer read)"
+        )
+    model = sharded.dmp.state_dict()
+    _fill(model, payload["model"], f"{path}: model")
+    sharded.dmp.load_state_dict(model)
     # Adam creates its state at the first step; TorchRec's keyed optimizers load only into existing state.
     sharded.dense_optimizer.init_state()
-    sharded.optimizer.load_state_dict(payload["optimizer"])
-    return TrainingState.from_dict(payload.get("state") or payload["meta"])  # "meta": older checkpoints
+    optimizer = sharded.optimizer.state_dict()
+    _fill(optimizer, payload["optimizer"], f"{path}: optimizer")
+    sharded.optimizer.load_state_dict(optimizer)
+    return TrainingState.from_dict(payload["state"])
+
+
+def _plain(value: Any) -> Any:
+    """``value`` with every ShardedTensor replaced by its local shards as plain data (nested containers)."""
+    from torch.distributed._shard.sharded_tensor import ShardedTensor
+
+    if isinstance(value, ShardedTensor):
+        shards = [
+            {
+                "offsets": list(s.metadata.shard_offsets),
+                "sizes": list(s.metadata.shard_sizes),
+                "tensor": s.tensor.detach().cpu(),
+            }
+            for s in value.local_shards()
+        ]
+        return {_SHARDS: shards, "size": list(value.size())}
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_plain(v) for v in value)
+    return value
+
+
+def _fill(template: dict[str, Any], saved: dict[str, Any], where: str) -> None:
+    """Puts ``saved`` (from :func:`_plain`) into ``template``, a live state dict: shards copied in place."""
+    from torch.distributed._shard.sharded_tensor import ShardedTensor
+
+    for key, value in template.items():
+        if key not in saved:
+            raise ValueError(f"checkpoint {where}: no entry {key!r}; it was written for another model")
+        if isinstance(value, ShardedTensor):
+            _fill_shards(value, saved[key], f"{where}: {key}")
+        elif isinstance(value, dict) and isinstance(saved[key], dict) and _SHARDS not in saved[key]:
+            _fill(value, saved[key], f"{where}: {key}")
+        else:
+            template[key] = saved[key]
+
+
+def _fill_shards(value: Any, saved: Any, where: str) -> None:
+    """Copies the saved local shards into ShardedTensor ``value``'s own (the same plan's offsets)."""
+    if not isinstance(saved, dict) or _SHARDS not in saved:
+        raise ValueError(f"checkpoint {where}: expected a sharded table, found {type(saved).__name__}")
+    by_offsets = {tuple(s["offsets"]): s for s in saved[_SHARDS]}
+    for shard in value.local_shards():
+        offsets = tuple(shard.metadata.shard_offsets)
+        entry = by_offsets.get(offsets)
+        if entry is None or list(entry["sizes"]) != list(shard.metadata.shard_sizes):
+            raise ValueError(
+                f"checkpoint {where}: no shard at offsets {list(offsets)} of sizes "
+                f"{list(shard.metadata.shard_sizes)}; it was written with another number of workers or "
+                "sharding plan"
+            )
+        with torch.no_grad():
+            shard.tensor.copy_(entry["tensor"])
 
 
 def restore_best_epoch(sharded: ShardedModel, state: TrainingState, run_dir: Path) -> TrainingState:
