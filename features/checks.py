@@ -12,6 +12,7 @@ Example:
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Sequence
 from dataclasses import fields
@@ -59,6 +60,63 @@ def check_number(
     if not above or (high is not None and value > high):
         bound = f"{'>' if low_open else '>='} {low:g}" + ("" if high is None else f" and <= {high:g}")
         raise invalid(where, name, value, f"expected a number {bound}")
+
+
+def as_tuple(where: str, name: str, value: Any) -> tuple[Any, ...]:
+    """``value`` (a list) as a tuple; raises for a scalar, such as ``windows_days: 7`` in YAML.
+
+    A string is refused too: ``tuple("log1p")`` would silently be its letters.
+    """
+    if not isinstance(value, list | tuple):
+        raise invalid(where, name, value, "expected a list")
+    return tuple(value)
+
+
+def non_finite(data: Any, where: str = "") -> tuple[str, float] | None:
+    """The first infinite or NaN float in nested dicts and lists, with its path (``steps[1].mean``).
+
+    Example:
+        >>> non_finite({"steps": [{"op": "log1p"}, {"mean": float("inf")}]})
+        ('steps[1].mean', inf)
+    """
+    if isinstance(data, float):
+        return None if math.isfinite(data) else (where, data)
+    if isinstance(data, dict):
+        items = [(f"{where}.{k}" if where else str(k), v) for k, v in data.items()]
+    elif isinstance(data, list | tuple):
+        items = [(f"{where}[{i}]", v) for i, v in enumerate(data)]
+    else:
+        return None
+    for path, value in items:
+        found = non_finite(value, path)
+        if found is not None:
+            return found
+    return None
+
+
+def read_json_object(path: str | Path, what: str) -> dict[str, Any]:
+    """The JSON object in file ``path``; a ValueError naming the file when it is not one.
+
+    ``NaN`` and ``Infinity`` (not JSON, though Python's ``json`` writes and reads them) are refused.
+    """
+    path = Path(path)
+
+    def refuse(constant: str) -> None:
+        raise ValueError(f"{path}: {constant} is not a JSON number; a {what} holds finite numbers only")
+
+    try:
+        body = json.loads(path.read_text(), parse_constant=refuse)
+    except json.JSONDecodeError as exc:
+        raise ValueError(
+            f"{path}: not a {what} JSON file: {exc.msg} at line {exc.lineno}, column {exc.colno}"
+        ) from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: not a {what} JSON file: not UTF-8 text") from None
+    except IsADirectoryError:
+        raise ValueError(f"{path}: is a folder; give the {what} JSON file") from None
+    if not isinstance(body, dict):
+        raise ValueError(f"{path}: not a {what} JSON file: expected an object, got {type(body).__name__}")
+    return body
 
 
 def check_choice(where: str, name: str, value: Any, choices: Sequence[Any]) -> None:

@@ -39,6 +39,7 @@ import yaml
 from features import affinity
 from features.affinity import AFFINITY
 from features.checks import (
+    as_tuple,
     check_choice,
     check_int,
     from_mapping,
@@ -79,7 +80,7 @@ class LabelConfig:
             raise invalid("labels", "name", self.name, "expected a non-empty string")
         if not self.column:
             object.__setattr__(self, "column", self.name)
-        object.__setattr__(self, "positive_values", tuple(self.positive_values))
+        object.__setattr__(self, "positive_values", as_tuple(where, "positive_values", self.positive_values))
         check_choice(where, "kind", self.kind, ("binary", "regression"))
         if self.kind == "regression" and (self.positive_values or self.positive_prefix):
             raise invalid(where, "kind", self.kind, "positive_values/positive_prefix need kind 'binary'")
@@ -152,8 +153,12 @@ class FeatureDef:
                     raise invalid(where, name, getattr(self, name), "only affinity features take it")
         if not self.source:
             object.__setattr__(self, "source", self.name)
-        object.__setattr__(self, "transforms", tuple(self.transforms))
-        object.__setattr__(self, "boundaries", tuple(float(b) for b in self.boundaries))
+        object.__setattr__(self, "transforms", as_tuple(where, "transforms", self.transforms))
+        boundaries = as_tuple(where, "boundaries", self.boundaries)
+        bad = [b for b in boundaries if not is_number(b)]
+        if bad:
+            raise invalid(where, "boundaries", bad[0], "expected finite numbers")
+        object.__setattr__(self, "boundaries", tuple(float(b) for b in boundaries))
         check_int(where, "min_count", self.min_count, minimum=1)
         for name in ("max_size", "hash_buckets", "num_buckets", "max_length"):
             check_int(where, name, getattr(self, name), minimum=0)
@@ -251,6 +256,11 @@ class SplitConfig:
             check_int("split", name, getattr(self, name), minimum=0)
         for name in ("valid_start", "test_start"):
             value = getattr(self, name)
+            if isinstance(value, dt.date):  # YAML reads an unquoted 2024-01-10 as a date, not a string
+                value = value.isoformat()
+                object.__setattr__(self, name, value)
+            if not isinstance(value, str):
+                raise invalid("split", name, value, "expected an ISO date or datetime")
             if value:
                 try:
                     dt.datetime.fromisoformat(value)
@@ -281,7 +291,7 @@ class HistoryConfig:
     windows_days: tuple[int, ...] = (1, 7)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "windows_days", tuple(self.windows_days))
+        object.__setattr__(self, "windows_days", as_tuple("history", "windows_days", self.windows_days))
         check_int("history", "max_length", self.max_length, minimum=1)
         for d in self.windows_days:
             if not is_int(d) or d < 1:
@@ -317,7 +327,7 @@ class FeatureConfig:
 
     def __post_init__(self) -> None:
         check_choice("config", "source", self.source, SOURCES)
-        object.__setattr__(self, "passthrough", tuple(self.passthrough))
+        object.__setattr__(self, "passthrough", as_tuple("config", "passthrough", self.passthrough))
         if not self.features:
             raise invalid("config", "features", list(self.features), "expected at least one feature")
         check_int("config", "rows_per_file", self.rows_per_file, minimum=1)
@@ -362,11 +372,11 @@ class FeatureConfig:
         for key in ("name", "source", "features"):
             if key not in data:
                 raise ValueError(f"config.{key}: missing required field")
-        data["labels"] = tuple(
-            from_mapping(LabelConfig, lab, f"labels[{i}]") for i, lab in enumerate(data.get("labels") or ())
-        )
+        labels = as_tuple("config", "labels", data.get("labels") or ())
+        features = as_tuple("config", "features", data["features"] or ())
+        data["labels"] = tuple(from_mapping(LabelConfig, lab, f"labels[{i}]") for i, lab in enumerate(labels))
         data["features"] = tuple(
-            from_mapping(FeatureDef, f, f"features[{i}]") for i, f in enumerate(data["features"] or ())
+            from_mapping(FeatureDef, f, f"features[{i}]") for i, f in enumerate(features)
         )
         data["split"] = from_mapping(SplitConfig, data.get("split") or {}, "split")
         data["history"] = from_mapping(HistoryConfig, data.get("history") or {}, "history")
@@ -378,8 +388,13 @@ class FeatureConfig:
 
         ``extends: NAME`` (a shipped config or a YAML path, relative to this file) starts from that config:
         this file's ``features`` are added after the base's, and its other fields replace the base's.
+        Errors name the file.
         """
-        return cls.from_dict(_resolved_yaml(Path(path)))
+        data = _resolved_yaml(Path(path))
+        try:
+            return cls.from_dict(data)
+        except ValueError as exc:
+            raise ValueError(f"{path}: {exc}") from None
 
     def feature(self, name: str) -> FeatureDef:
         """Returns the feature called ``name``."""
@@ -396,8 +411,13 @@ def builtin_config(name: str) -> Path:
 
 def _resolved_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     """The YAML mapping of ``path`` with its ``extends`` chain merged in (see ``FeatureConfig.from_yaml``)."""
-    with open(path) as fh:
-        data = yaml.safe_load(fh)
+    try:
+        with open(path) as fh:
+            data = yaml.safe_load(fh)
+    except yaml.YAMLError as exc:
+        raise ValueError(f"{path}: not valid YAML{_yaml_problem(exc)}") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: not a YAML text file (not UTF-8)") from None
     if not isinstance(data, dict) or "extends" not in data:
         return data
     data = dict(data)
@@ -412,3 +432,15 @@ def _resolved_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     base = _resolved_yaml(base_path, (*seen, path.resolve()))
     features = list(base.get("features") or []) + list(data.pop("features", None) or [])
     return {**base, **data, "features": features}
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """Where and what a YAML syntax error is: `` at line L, column C: problem (context at line L)``."""
+    mark, problem = getattr(exc, "problem_mark", None), getattr(exc, "problem", None)
+    if mark is None or problem is None:
+        return f": {exc}"
+    text = f" at line {mark.line + 1}, column {mark.column + 1}: {problem}"
+    context, start = getattr(exc, "context", None), getattr(exc, "context_mark", None)
+    if context and start is not None:
+        text += f" ({context} started at line {start.line + 1}, column {start.column + 1})"
+    return text

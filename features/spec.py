@@ -22,6 +22,7 @@ from typing import Any
 
 import polars as pl
 
+from features.checks import non_finite, read_json_object
 from features.config import AFFINITY, CATEGORICAL, MULTI_HOT, NUMERIC, FeatureConfig, FeatureDef, LabelConfig
 from features.derive import HIST_STATE, gather_lists
 from features.files import atomic_write
@@ -110,28 +111,40 @@ class FeatureSpec:
         """The spec as JSON (with its content hash)."""
         body = json.loads(self._canonical())
         body["content_hash"] = self.content_hash
-        return json.dumps(body, indent=1, sort_keys=True)
+        return json.dumps(body, indent=1, sort_keys=True, allow_nan=False)  # strict JSON: no NaN, Infinity
 
     def save(self, path: str | Path) -> Path:
-        """Writes the spec atomically (temporary file, then rename)."""
+        """Writes the spec atomically (temporary file, then rename); refuses a non-finite number."""
         path = Path(path)
+        found = non_finite({"config": self.config, "fitted": self.fitted, "split": self.split})
+        if found is not None:
+            raise ValueError(f"{path}: not written: {found[0]} is {found[1]!r}; a spec holds finite numbers")
         atomic_write(path, self.to_json())
         return path
 
     @classmethod
     def load(cls, path: str | Path) -> FeatureSpec:
-        """Reads a spec and checks its format version and content hash."""
-        body = json.loads(Path(path).read_text())
+        """Reads a spec and checks its format version, its fields and its content hash."""
+        body = read_json_object(path, "spec")
         if body.get("format_version") != FORMAT_VERSION:
             raise ValueError(
                 f"{path}: format_version {body.get('format_version')!r}, expected {FORMAT_VERSION}"
             )
+        missing = [k for k in ("config", "fitted", "split", "content_hash") if k not in body]
+        if missing:
+            raise ValueError(f"{path}: missing field(s) {missing}; not a spec written by fit or build")
         spec = cls(config=body["config"], fitted=body["fitted"], split=body["split"])
-        if body.get("content_hash") != spec.content_hash:
+        if body["content_hash"] != spec.content_hash:
             raise ValueError(
-                f"{path}: content_hash {body.get('content_hash')!r} does not match the content "
+                f"{path}: content_hash {body['content_hash']!r} does not match the content "
                 f"({spec.content_hash}); the file was edited or damaged"
             )
+        try:
+            unfitted = [f.name for f in spec.feature_config.features if f.name not in spec.fitted]
+        except ValueError as exc:
+            raise ValueError(f"{path}: {exc}") from None
+        if unfitted:
+            raise ValueError(f"{path}: fitted: no fitted state for feature(s) {unfitted}")
         return spec
 
 
@@ -467,6 +480,13 @@ def fit(
             fitted[f.name]["output"] = ID_LIST if f.kind == MULTI_HOT else ID
         if f.vocab_of:
             fitted[f.name]["num_embeddings"] = fitted[f.vocab_of]["num_embeddings"]
+    for f in config.features:
+        found = non_finite(fitted[f.name])
+        if found is not None:
+            raise ValueError(
+                f"features[{f.name}]: fitted {found[0]} is {found[1]!r}; the training rows of column "
+                f"{f.source!r} hold infinite or NaN values, or values whose statistics overflow"
+            )
     config_dict = _config_to_dict(config)
     return FeatureSpec(
         config=config_dict, fitted={f.name: fitted[f.name] for f in config.features}, split=split

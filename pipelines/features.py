@@ -21,9 +21,15 @@ from features import console
 from features.checks import config_path
 from features.config import CONFIG_DIR, FeatureConfig
 from features.contract import ContractError
-from features.pipeline import Tables, build, fit_spec, load_tables, scan_table, transform
+from features.files import check_replaceable, refuse_overlap
+from features.inputs import refuse_input_file
+from features.pipeline import FEATURES, Tables, build, fit_spec, load_tables, scan_table, transform
 from features.spec import FeatureSpec
 from pipelines.cli import add_console_flags, fail, quiet_console
+
+BAD_INPUT = (ContractError, ValueError, FileNotFoundError, FileExistsError)
+INPUT_FLAGS = ("data", "impressions", "users", "items", "history", "table")
+OVERWRITE_HELP = "replace an existing output folder (only a features output written by this tool)"
 
 
 def _config(value: str) -> FeatureConfig:
@@ -68,13 +74,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--spec", required=True, help="a spec JSON written by fit or build")
     p.add_argument("--out", required=True, help="output folder (model-ready Parquet)")
     p.add_argument("--no-split", action="store_true", help="write one 'all' folder even when labelled")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     _add_inputs(p)
 
     p = sub.add_parser("build", help="fit on the training window and transform every split, in one pass")
     p.add_argument("--config", required=True, help="YAML path, or a shipped config name (e.g. ecommerce)")
     p.add_argument("--out", required=True, help="output folder (model-ready Parquet and spec.json)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     _add_inputs(p)
 
     for p in sub.choices.values():
@@ -87,11 +93,26 @@ def main(argv: list[str] | None = None) -> int:
     """Runs one subcommand; bad input exits with status 2 and a one-line reason."""
     args = parse_args(argv)
     target = Path(args.spec if args.command == "fit" else args.out)
+    try:
+        _check_output(args)  # before the log file is opened beside the output: nothing is written yet
+    except BAD_INPUT as exc:
+        return fail(exc)
     with quiet_console(args, target.parent / f"{target.name}.log"):
         try:
             return _run(args)
-        except (ContractError, ValueError, FileNotFoundError, FileExistsError) as exc:
+        except BAD_INPUT as exc:
             return fail(exc)
+
+
+def _check_output(args: argparse.Namespace) -> None:
+    """Refuses an output that is, holds or lies in an input, or a folder that is not our features output."""
+    inputs = {f"--{flag}": getattr(args, flag) for flag in INPUT_FLAGS if getattr(args, flag)}
+    if args.command == "fit":
+        inputs["--config"] = config_path(args.config, CONFIG_DIR, "feature config")
+        refuse_input_file(args.spec, inputs, "--spec")
+    else:
+        refuse_overlap(args.out, inputs)
+        check_replaceable(args.out, FEATURES, args.overwrite)
 
 
 def _run(args: argparse.Namespace) -> int:
