@@ -40,6 +40,22 @@ def _any_rank(flag: bool, op: dist.ReduceOp) -> bool:
     return bool(value.item())
 
 
+def _group_slice(path: Path, group: int, lo: int, hi: int, read_rows: int) -> Iterator[pa.Table]:
+    """Rows ``lo:hi`` of a row group of a Parquet file, read in chunks of ``read_rows``."""
+    import pyarrow.parquet as pq
+
+    # Our feature parts carry page checksums: a corrupted page fails here instead of training on.
+    parquet = pq.ParquetFile(path, page_checksum_verification=True)
+    pos = 0
+    for chunk in parquet.iter_batches(batch_size=read_rows, row_groups=[group]):
+        a, b = max(lo, pos), min(hi, pos + chunk.num_rows)
+        if a < b:
+            yield pa.Table.from_batches([chunk.slice(a - pos, b - a)])
+        pos += chunk.num_rows
+        if pos >= hi:
+            break
+
+
 def padding_row(layout: FeatureLayout, key_columns: list[str]) -> pa.Table:
     """One row of zeros (out-of-vocabulary ids, empty bags) with the model's and the keys' columns."""
     columns: dict[str, pa.Array] = {}
@@ -65,6 +81,7 @@ def lockstep_batches(
     seed: int = 0,
     prepare: Callable[[pa.Table], Any] | None = None,
     prepare_threads: int = 1,
+    stop: Callable[[], bool] | None = None,
 ) -> Iterator[tuple[Any, int]]:
     """Arrow batches of exactly ``batch_size`` rows, the same number on every worker.
 
@@ -82,6 +99,8 @@ def lockstep_batches(
             built and pinned there, off the training thread (see :func:`recsys.train.worker.train_epoch`).
         prepare_threads: threads that copy the batches' rows out of the shuffle buffer and ``prepare``
             them (Arrow's ``take`` and most of NumPy's work release the GIL).
+        stop: training mode only: this worker's vote to stop before the next batch (asked at every
+            batch); all workers stop together when any votes so (see :mod:`recsys.train.divergence`).
 
     Yields:
         ``(table, n_real)``: the batch (or what ``prepare`` made of it) and how many of its first rows are
@@ -109,7 +128,8 @@ def lockstep_batches(
     steps = 0
     while not max_steps or steps < max_steps:
         table, n_real = next(it, (None, 0))
-        go_on = _any_rank(n_real > 0, dist.ReduceOp.MAX if complete else dist.ReduceOp.MIN)
+        wants = n_real > 0 and not (stop is not None and not complete and stop())
+        go_on = _any_rank(wants, dist.ReduceOp.MAX if complete else dist.ReduceOp.MIN)
         if not go_on:
             return
         if n_real:
@@ -171,21 +191,14 @@ class ParquetShard:
         return self.stop - self.start
 
     def _tables(self) -> Iterator[pa.Table]:
-        import pyarrow.parquet as pq
-
         offset = 0
         for path, group, n in self.groups:
             lo, hi = max(self.start, offset), min(self.stop, offset + n)
             if lo < hi:
-                pos = offset
-                batches = pq.ParquetFile(path).iter_batches(batch_size=self.READ_ROWS, row_groups=[group])
-                for chunk in batches:
-                    a, b = max(lo, pos), min(hi, pos + chunk.num_rows)
-                    if a < b:
-                        yield pa.Table.from_batches([chunk.slice(a - pos, b - a)])
-                    pos += chunk.num_rows
-                    if pos >= hi:
-                        break
+                try:
+                    yield from _group_slice(path, group, lo - offset, hi - offset, self.READ_ROWS)
+                except OSError as error:  # a corrupted page (checksum), a truncated file
+                    raise OSError(f"features part {path}, row group {group}: {error}") from error
             offset += n
 
     def _batches(self, batch_size: int, drop_last: bool, shuffle_rows: int, seed: int) -> Iterator[Rows]:
