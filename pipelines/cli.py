@@ -35,7 +35,7 @@ def quiet_console(args: argparse.Namespace, default_log: str | Path) -> Iterator
             console.story(f"log: {log}")  # after a failure too: the full story is there
 
 
-def fail(exc: BaseException) -> int:
-    """Prints ``error: <reason>`` on screen and returns the exit status for bad input, 2."""
+def fail(exc: BaseException, status: int = 2) -> int:
+    """Prints ``error: <reason>`` on screen and returns the exit status: 2 for bad input by default."""
     console.error(f"error: {exc}")
-    return 2
+    return status

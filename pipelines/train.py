@@ -55,6 +55,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="fail if MLflow is unreachable (default: train on and say so once)",
     )
+    parser.add_argument(
+        "--no-register",
+        action="store_true",
+        help="train without logging and registering the model (by default MLflow must be reachable from "
+        "the start, and a model that could not be registered fails the run)",
+    )
     parser.add_argument("--epochs", type=int, help="override training.epochs")
     parser.add_argument("--features", help="override the features folder")
     add_console_flags(parser, "<run.storage_path>/train-<time>.log")
@@ -77,7 +83,7 @@ def load_config(args: argparse.Namespace) -> TrainConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Trains; bad input exits with status 2 and a one-line reason."""
+    """Trains; bad input exits with status 2, a failed run with 1, each with a one-line reason."""
     args = parse_args(argv)
     try:
         config = load_config(args)
@@ -85,7 +91,9 @@ def main(argv: list[str] | None = None) -> int:
         return fail(exc)
     log = Path(config.run.storage_path) / f"train-{dt.datetime.now():%Y%m%d-%H%M%S}.log"
     with quiet_console(args, log):
+        from recsys.tracking import TrackingError
         from recsys.train.driver import run_training
+        from recsys.train.reports import NonFiniteLossError
 
         try:
             result = run_training(
@@ -94,9 +102,12 @@ def main(argv: list[str] | None = None) -> int:
                 require_tracking=args.require_tracking,
                 resume=args.resume,
                 start_from=args.from_checkpoint,
+                register=not args.no_register,
             )
         except (ValueError, FileNotFoundError) as exc:
             return fail(exc)
+        except (TrackingError, NonFiniteLossError) as exc:
+            return fail(exc, status=1)
         console.story(f"run: {result.run_name} (checkpoints in {result.storage})")
         console.story(json.dumps(result.summary.to_dict(), indent=1, sort_keys=True, default=str))
     return 0

@@ -5,10 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import os
-import signal
 import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -41,6 +38,7 @@ from recsys.tracking import (
 )
 from recsys.tracking.models import PYFUNC_FILE
 from recsys.tracking.settings import mlflow_settings
+from tests.servers import mlflow_server  # noqa: F401  (a fixture)
 from tests.test_package import TINY_MODEL, in_memory_package, joined
 
 
@@ -371,59 +369,9 @@ def test_registry_champion_moves_only_to_a_better_version(store, package, monkey
     assert len(champion.predict(rows.head(4).to_pandas())) == 4
 
 
-@pytest.fixture
-def mlflow_server(tmp_path):
-    """A real ``mlflow server`` on a free port; yields its URI and a function that stops it."""
-    port = free_port()
-    command = [
-        str(Path(sys.executable).with_name("mlflow")),
-        "server",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--workers",
-        "1",
-        "--backend-store-uri",
-        f"sqlite:///{tmp_path / 'server.db'}",
-        "--default-artifact-root",
-        str(tmp_path / "art"),
-    ]
-    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    log_path = tmp_path / "server.log"
-    with open(log_path, "w") as log_file:
-        # Its own process group: stopping it stops the web workers it starts as well.
-        server = subprocess.Popen(
-            command, stdout=log_file, stderr=subprocess.STDOUT, env=env, start_new_session=True
-        )
-
-    def stop() -> None:
-        if server.poll() is None:
-            os.killpg(server.pid, signal.SIGTERM)
-            try:
-                server.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(server.pid, signal.SIGKILL)
-                server.wait()
-
-    try:
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=1):
-                    break
-            except OSError:
-                if server.poll() is not None or time.monotonic() > deadline:
-                    raise AssertionError(log_path.read_text()[-3000:]) from None
-                time.sleep(0.5)
-        yield f"http://127.0.0.1:{port}", stop
-    finally:
-        stop()
-
-
 @pytest.mark.slow
-def test_tracking_over_http_with_a_real_mlflow_server(mlflow_server, package, monkeypatch, caplog):
-    uri, stop_server = mlflow_server
+def test_tracking_over_http_with_a_real_mlflow_server(mlflow_server, package, monkeypatch, caplog):  # noqa: F811
+    uri, stop_server = mlflow_server.uri, mlflow_server.stop
     path, pkg, rows = package
     tracker = Tracker(uri, "http-exp", require=True)
     with tracker.run("over-http") as run_id:

@@ -7,6 +7,7 @@ runs back) and :mod:`~recsys.tracking.settings` (MLflow's request settings for a
 """
 
 from recsys.tracking.client import (
+    RegistrationError,
     Tracker,
     TrackingError,
     default_tracking_uri,
@@ -42,6 +43,7 @@ __all__ = [
     "ResolvedModel",
     "RunStatus",
     "Tracker",
+    "RegistrationError",
     "TrackingError",
     "child_runs",
     "default_tracking_uri",

@@ -57,6 +57,10 @@ class TrackingError(RuntimeError):
     """The tracking store cannot be reached, or a call failed, and the tracker was built with ``require``."""
 
 
+class RegistrationError(TrackingError):
+    """A trained model could not be logged or registered (the message names the model and its package)."""
+
+
 def default_tracking_uri() -> str:
     """``MLFLOW_TRACKING_URI`` if set, else a SQLite store ``mlflow.db`` in the current directory."""
     return os.environ.get("MLFLOW_TRACKING_URI") or sqlite_tracking_uri(Path.cwd())
@@ -175,6 +179,7 @@ class Tracker:
         self._warned = False
         self._failures = 0  # in a row
         self.failed_calls = 0  # in all
+        self.last_error: str | None = None  # the last failed call, in words
         self.client = mlflow.MlflowClient(tracking_uri=self.tracking_uri, registry_uri=self.tracking_uri)
         self._connect(artifact_location or _default_artifact_location(self.tracking_uri))
 
@@ -193,6 +198,7 @@ class Tracker:
                 f"MLflow tracking at {self.tracking_uri} is unreachable ({short_error(e)}, after "
                 f"{time.monotonic() - started:.1f} s)"
             )
+            self.last_error = message
             if self.require:
                 raise TrackingError(f"{message}; start the server or fix the URI, or track optionally") from e
             log.warning("%s; the job goes on without tracking", message)
@@ -273,8 +279,9 @@ class Tracker:
             with self.settings():
                 result = call()
         except Exception as e:
+            self.last_error = f"MLflow {what} at {self.tracking_uri} failed: {short_error(e)}"
             if self.require:
-                raise TrackingError(f"MLflow {what} at {self.tracking_uri} failed: {short_error(e)}") from e
+                raise TrackingError(self.last_error) from e
             self._failures += 1
             self.failed_calls += 1
             if self._failures >= self.max_consecutive_failures:
@@ -365,13 +372,27 @@ class Tracker:
                 self.client.set_tag(run_id, key, value)
         return True
 
-    def end_run(self, status: str = "FINISHED") -> None:
-        """Ends the active run (if any) with ``FINISHED``, ``FAILED`` or ``KILLED``."""
+    def end_run(self, status: str = "FINISHED", *, even_if_off: bool = False) -> None:
+        """Ends the active run (if any) with ``FINISHED``, ``FAILED`` or ``KILLED``.
+
+        Args:
+            status: the run's end status.
+            even_if_off: try once even when tracking went off during the run (a store that failed may be
+                back), so that a failed run is not left ``RUNNING``; a failure is logged, not raised.
+        """
         if status not in ("FINISHED", "FAILED", "KILLED"):
             raise ValueError(f"status: expected 'FINISHED', 'FAILED' or 'KILLED', got {status!r}")
         run_id, self._run_id = self._run_id, None
-        if run_id is not None:
+        if run_id is None:
+            return
+        if self._enabled or not even_if_off:
             self.guarded("end_run", lambda: self.client.set_terminated(run_id, status))
+            return
+        try:
+            with self.settings(max_retries=0, timeout_s=min(PROBE_TIMEOUT_S, self.timeout_s)):
+                self.client.set_terminated(run_id, status)
+        except Exception as e:
+            log.warning("MLflow run %s could not be ended %s: %s", run_id, status, short_error(e))
 
     @contextlib.contextmanager
     def run(self, run_name: str | None = None, tags: Mapping[str, Any] | None = None) -> Iterator[str | None]:

@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 
 CHAMPION, CHALLENGER = "champion", "challenger"
 METRIC_TAG_PREFIX = "validation."  # a model version's tag holding its validation metric
+SETTLE_ROUNDS = 20  # moves of the champion alias one registration makes at most (each one re-read)
 
 
 @dataclass(frozen=True)
@@ -54,8 +55,77 @@ def _champion_metric(
     version = aliases.get(CHAMPION)
     if version is None:
         return None, None
-    tag = client.get_model_version(name, version).tags.get(METRIC_TAG_PREFIX + metric_name)
-    return str(version), float(tag) if tag is not None else None
+    return str(version), _metric_of(client.get_model_version(name, version).tags, metric_name)
+
+
+def _metric_of(tags: dict[str, str], metric_name: str) -> float | None:
+    """A version's recorded validation metric (None when it has none, or not a finite number)."""
+    try:
+        value = float(tags[METRIC_TAG_PREFIX + metric_name])
+    except (KeyError, TypeError, ValueError):
+        return None
+    return value if math.isfinite(value) else None
+
+
+def _best_version(client: mlflow.MlflowClient, name: str, metric_name: str, higher: bool) -> str | None:
+    """The registered version with the best recorded ``metric_name``; a tie goes to the older version."""
+    scored = []
+    for v in client.search_model_versions(f"name = '{name}'"):
+        value = _metric_of(v.tags, metric_name)
+        if value is not None and v.tags.get("higher_is_better", str(higher)) == str(higher):
+            scored.append((value if higher else -value, -int(v.version), str(v.version)))
+    return max(scored)[2] if scored else None
+
+
+def _settle_champion(
+    client: mlflow.MlflowClient, name: str, metric_name: str, higher: bool, version: str
+) -> str:
+    """Points ``champion`` at the best recorded version until a read shows it there; returns our alias.
+
+    Every caller applies the same rule to the registry's versions and re-reads after each move, so
+    concurrent registrations converge on the best version whatever the order of their writes: the last
+    caller to read sees every version created before, and finds the alias on the best one. A champion
+    without this metric (set by hand) is kept.
+    """
+    for _ in range(SETTLE_ROUNDS):
+        champion = client.get_registered_model(name).aliases.get(CHAMPION)
+        if (
+            champion is not None
+            and _metric_of(client.get_model_version(name, champion).tags, metric_name) is None
+        ):
+            best = str(champion)
+            log.warning(
+                "registered model %r: champion v%s has no tag %r; v%s becomes the challenger",
+                name,
+                champion,
+                METRIC_TAG_PREFIX + metric_name,
+                version,
+            )
+        else:
+            best = _best_version(client, name, metric_name, higher) or version
+        if champion is not None and str(champion) == best:
+            break
+        _set_alias(client, name, CHAMPION, best)
+    if best == version:
+        return CHAMPION
+    for _ in range(SETTLE_ROUNDS):
+        if _set_alias(client, name, CHALLENGER, version):
+            break
+    return CHALLENGER
+
+
+def _set_alias(client: mlflow.MlflowClient, name: str, alias: str, version: str) -> bool:
+    """Points ``alias`` at ``version``; False when a concurrent writer's move collided with it.
+
+    The SQL store replaces an alias by a delete and an insert: two writers at once can collide on the
+    insert (a unique constraint). The caller reads the registry again and decides again.
+    """
+    try:
+        client.set_registered_model_alias(name, alias, version)
+    except MlflowException as e:
+        log.debug("registered model %r: setting %s to v%s collided: %s", name, alias, version, e)
+        return False
+    return True
 
 
 def _ensure_registered_model(client: mlflow.MlflowClient, name: str) -> None:
@@ -94,13 +164,15 @@ def register_model(
     metric_value: float,
     higher_is_better: bool = True,
 ) -> RegisteredVersion | None:
-    """Registers a logged model as a new version and moves ``champion`` to it only if it is better.
+    """Registers a logged model as a new version; ``champion`` goes to the best validated version.
 
-    The version's validation metric is stored as its tag ``validation.<metric_name>``, so that later
-    comparisons read it from the registry, whatever happened to the run. The new version becomes
-    ``champion`` if there is none, or if its metric is strictly better than the champion's; otherwise it
-    becomes ``challenger``. A champion without this metric (registered by other means) is kept, and the
-    new version is its challenger: promote it by hand if it should win.
+    The version's validation metric is stored as its tag ``validation.<metric_name>``, so that comparisons
+    read it from the registry, whatever happened to the run. After registering, ``champion`` is set to the
+    registered version with the best recorded metric (a tie goes to the older version) and read back until
+    it holds: a rule that gives the same champion whatever the order of concurrent registrations. The new
+    version gets ``challenger`` if it is not the champion, and the alias returned is the one it really has.
+    A champion without this metric (registered or promoted by other means) is kept, and the new version is
+    its challenger: promote it by hand if it should win.
 
     Args:
         tracker: the tracker.
@@ -129,7 +201,7 @@ def register_model(
     def register() -> RegisteredVersion:
         _ensure_registered_model(client, name)
         source, model_id, run_id = _version_source(client, model_uri, tracker.run_id)
-        champion, previous = _champion_metric(client, name, metric_name)
+        _, previous = _champion_metric(client, name, metric_name)
         version = client.create_model_version(
             name,
             source=source,
@@ -137,17 +209,7 @@ def register_model(
             tags={METRIC_TAG_PREFIX + metric_name: repr(value), "higher_is_better": str(higher_is_better)},
             model_id=model_id,
         ).version
-        if champion is not None and previous is None:
-            log.warning(
-                "registered model %r: champion v%s has no tag %r; v%s becomes the challenger",
-                name,
-                champion,
-                METRIC_TAG_PREFIX + metric_name,
-                version,
-            )
-        better = champion is None or (previous is not None and _better(value, previous, higher_is_better))
-        alias = CHAMPION if better else CHALLENGER
-        client.set_registered_model_alias(name, alias, str(version))
+        alias = _settle_champion(client, name, metric_name, higher_is_better, str(version))
         return RegisteredVersion(str(version), alias, previous)
 
     return tracker.guarded("register_model", register)

@@ -54,19 +54,7 @@ def load_checkpoint(sharded: ShardedModel, directory: Path) -> TrainingState:
             tensors and numbers (``weights_only`` refuses them), or was written with another sharding plan.
     """
     path = checkpoint_file(directory)
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # UnpicklingError and the like: a file of other content
-        raise ValueError(
-            f"checkpoint {path}: not a checkpoint of this version (it holds more than tensors and plain "
-            f"data, which is never unpickled: {str(error).splitlines()[0][:200]})"
-        ) from None
-    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
-        found = payload.get("format", 1) if isinstance(payload, dict) else type(payload).__name__
-        raise ValueError(
-            f"checkpoint {path}: format {found}, expected {CHECKPOINT_FORMAT}; start a new run "
-            "(checkpoints of format 1 held pickled objects and are no longer read)"
-        )
+    payload = read_checkpoint_file(path)
     model = sharded.dmp.state_dict()
     _fill(model, payload["model"], f"{path}: model")
     sharded.dmp.load_state_dict(model)
@@ -76,6 +64,30 @@ def load_checkpoint(sharded: ShardedModel, directory: Path) -> TrainingState:
     _fill(optimizer, payload["optimizer"], f"{path}: optimizer")
     sharded.optimizer.load_state_dict(optimizer)
     return TrainingState.from_dict(payload["state"])
+
+
+def read_checkpoint_file(path: Path, *, mmap: bool = False) -> dict[str, Any]:
+    """One worker's checkpoint file, loaded with ``weights_only=True`` (``mmap``: without reading the data).
+
+    Raises:
+        ValueError: the file holds more than tensors and plain data (never unpickled), or is not a
+            checkpoint of this format; the message names the file.
+    """
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except Exception as error:  # UnpicklingError and the like: a file of other content
+        first = (str(error).splitlines() or [type(error).__name__])[0][:200]
+        raise ValueError(
+            f"checkpoint {path}: not a checkpoint of this version; only tensors and plain data are loaded, "
+            f"nothing is unpickled ({first})"
+        ) from None
+    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+        found = payload.get("format", 1) if isinstance(payload, dict) else type(payload).__name__
+        raise ValueError(
+            f"checkpoint {path}: format {found}, expected {CHECKPOINT_FORMAT}; start a new run "
+            "(checkpoints of format 1 held pickled objects and are no longer read)"
+        )
+    return payload
 
 
 def _plain(value: Any) -> Any:

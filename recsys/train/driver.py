@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from features.console import story
-from recsys.train.checkpoints import CHECKPOINT_FILE
+from recsys.train.checkpoints import CHECKPOINT_FILE, read_checkpoint_file
 from recsys.train.config import TrainConfig
 from recsys.train.state import WorkerSettings
 from recsys.train.summary import TrainingSummary
@@ -53,6 +53,7 @@ def run_training(
     resume: bool = False,
     callbacks: list[Any] | None = None,
     start_from: str | Path | None = None,
+    register: bool = True,
 ) -> TrainResult:
     """Trains with Ray Train: an embedded local Ray unless ``RAY_ADDRESS`` names a cluster.
 
@@ -66,18 +67,29 @@ def run_training(
         start_from: a checkpoint folder of an earlier run (``<run>/checkpoint_*``, written with the same
             number of workers): a new run starts from its weights, optimizer state and place in the data
             (epoch, and batch within the epoch).
+        register: log and register the model (the store is then required from the start, and a model
+            that could not be logged or registered is an error); False trains without registering.
 
     Returns:
         The run's name, storage folder and summary (test metrics, registered version).
+
+    Raises:
+        ValueError: a bad input, e.g. a validation split whose labels cannot give the main metric.
+        TrackingError: MLflow is unreachable at the start and is required (``require_tracking``,
+            ``register``).
+        RegistrationError: the trained model could not be logged or registered.
+        NonFiniteLossError: a training loss went NaN or infinite (the step and task named).
     """
     from recsys.runtime import init_ray
     from recsys.tracking import default_tracking_uri
     from recsys.train.recorder import RecorderChannel, RunRecorder
 
     config = _absolute_paths(config)
+    _check_validation_labels(config)
     run_dir = _run_dir(config, resume)
     start = _checked_start(config, start_from, resume)
-    recorder = RunRecorder(config, run_dir, tracking_uri or default_tracking_uri(), require_tracking)
+    uri = tracking_uri or default_tracking_uri()
+    recorder = RunRecorder(config, run_dir, uri, require_tracking, register)
     # Created once every check has passed: a refused start leaves no folder for --resume to pick.
     run_dir.mkdir(parents=True, exist_ok=True)
     with recorder:  # the MLflow run, ended FAILED on any error from here on (KILLED on Ctrl-C)
@@ -104,19 +116,54 @@ def _absolute_paths(config: TrainConfig) -> TrainConfig:
     return config.replace(features=str(features), truth=truth)
 
 
+def _check_validation_labels(config: TrainConfig) -> None:
+    """Raises a named ValueError when the validation split cannot give the main metric (an AUC of one label).
+
+    Else every epoch's metric would be NaN: no epoch could be selected, and no model registered.
+    """
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    task_name, metric = config.training.main_metric.split("/")
+    task = next(t for t in config.model.tasks if t.name == task_name)
+    if task.kind != "binary" or metric not in ("auc", "gauc"):
+        return
+    folder = Path(config.features) / "valid"
+    files = sorted(folder.glob("*.parquet"))
+    labels = [pq.read_table(f, columns=[task.label]).column(0) for f in files]
+    values = {v for col in labels for v in pc.unique(col).to_pylist() if v is not None}
+    if len(values) < 2:
+        rows = sum(len(col) for col in labels)
+        raise ValueError(
+            f"training.main_metric: valid/{config.training.main_metric} is undefined: the label "
+            f"{task.label!r} in {folder} takes the values {sorted(values)} over {rows} rows (an AUC needs "
+            "both); rebuild the features with another split, or choose another training.main_metric"
+        )
+
+
 def _run_dir(config: TrainConfig, resume: bool) -> Path:
     """The run's folder (not created): ``run.name``, else a new name, or with ``resume`` the latest run's."""
     storage = Path(config.run.storage_path).resolve()
     if resume:
         name = config.run.name or _latest_run(storage)
     else:
-        name = config.run.name or f"{config.run.model_name}-{dt.datetime.now():%Y%m%d-%H%M%S}"
+        name = config.run.name or _new_run_name(storage, config.run.model_name)
     run_dir = storage / name
     # Ray Train restores a run from the latest checkpoint under its storage path and name by itself;
     # --resume only picks that name (the latest run's), and checks there is something to resume.
     if resume and not any(run_dir.glob("checkpoint_*")):
         raise ValueError(f"--resume: run {name} has no checkpoint under {run_dir}")
     return run_dir
+
+
+def _new_run_name(storage: Path, model_name: str) -> str:
+    """``<model>-<time>-<4 hex>``: two runs started in the same second get their own folders."""
+    import secrets
+
+    while True:
+        name = f"{model_name}-{dt.datetime.now():%Y%m%d-%H%M%S}-{secrets.token_hex(2)}"
+        if not (storage / name).exists():
+            return name
 
 
 def _latest_run(storage: Path) -> str:
@@ -134,11 +181,13 @@ def _checked_start(config: TrainConfig, start_from: str | Path | None, resume: b
         raise ValueError("start_from: a new run starts from a checkpoint; --resume continues the last run")
     start = Path(start_from).resolve()
     for rank in range(config.run.num_workers):
-        if not (start / CHECKPOINT_FILE.format(rank=rank)).exists():
+        path = start / CHECKPOINT_FILE.format(rank=rank)
+        if not path.exists():
             raise FileNotFoundError(
-                f"start_from: {start / CHECKPOINT_FILE.format(rank=rank)} not found; a checkpoint "
+                f"start_from: {path} not found; a checkpoint "
                 f"folder of a run with run.num_workers = {config.run.num_workers} is needed"
             )
+        read_checkpoint_file(path, mmap=True)  # refused here, in the driver: a worker's error is retried
     return start
 
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import shutil
 import threading
 from pathlib import Path
@@ -38,8 +39,10 @@ from recsys.train.reports import (
     RECORD,
     TEST_PREDICTIONS,
     VALID_PREDICTIONS,
+    DivergedReport,
     EpochReport,
     FinalReport,
+    NonFiniteLossError,
     Report,
     StartReport,
     TrainWindow,
@@ -47,6 +50,8 @@ from recsys.train.reports import (
     read_report,
 )
 from recsys.train.summary import TrainingSummary
+
+log = logging.getLogger(__name__)
 
 TRACKING_FILE = "tracking.json"  # in the run's folder: {"run_id": ...}
 SUMMARY_METRICS = (
@@ -71,16 +76,26 @@ class RunRecorder:
         run_dir: the run's folder (Ray Train's checkpoints, ``tracking.json``, the package).
         tracking_uri: the MLflow store.
         require: fail if the store is unreachable (else go on without tracking, said once).
+        register: log and register the model at the end; then the store is required, and a model that
+            could not be logged or registered is an error (:class:`~recsys.tracking.RegistrationError`).
     """
 
-    def __init__(self, config: TrainConfig, run_dir: Path, tracking_uri: str, require: bool) -> None:
+    def __init__(
+        self, config: TrainConfig, run_dir: Path, tracking_uri: str, require: bool, register: bool = False
+    ) -> None:
         from features.spec import FeatureSpec
-        from recsys.tracking import Tracker
+        from recsys.tracking import Tracker, TrackingError
 
-        self.config, self.run_dir = config, run_dir
+        self.config, self.run_dir, self.register = config, run_dir, register
         self.spec = FeatureSpec.load(Path(config.features) / "spec.json")
         # Probes the store and opens no run: an unreachable store that is required fails here, in seconds.
+        # Registering needs the store at the start too; later failures only lose what they would log,
+        # until the model is logged and registered at the end, which must succeed.
         self.tracker = Tracker(tracking_uri, config.run.experiment, require=require)
+        if register and not self.tracker.enabled:
+            raise TrackingError(
+                f"{self.tracker.last_error}; the model could not be registered (--no-register: train without)"
+            )
         self.run_id: str | None = None
         self.plan_logged = True
         self.steps: list[int] = []
@@ -130,11 +145,19 @@ class RunRecorder:
         elif isinstance(report, FinalReport):
             with checkpoint.as_directory() as directory:
                 self.summary = self._finish(report, Path(directory))
+        elif isinstance(report, DivergedReport):
+            raise NonFiniteLossError(report)
 
     def close(self, status: str) -> None:
-        """Ends the MLflow run of a run that failed (``FAILED``) or was interrupted (``KILLED``)."""
+        """Ends the MLflow run of a run that failed (``FAILED``) or was interrupted (``KILLED``).
+
+        Tried even when tracking went off during the run: a store that failed may be back.
+        """
         if self.summary is None:
-            self.tracker.end_run(status)
+            try:
+                self.tracker.end_run(status, even_if_off=True)
+            except Exception as error:  # a required store that failed: the run's own error is the one raised
+                log.warning("MLflow run %s could not be ended %s: %s", self.run_id, status, error)
 
     def _start(self, report: StartReport) -> None:
         # Restarted workers (``max_failures``) train again from their checkpoint's step: the windows after it
@@ -163,6 +186,7 @@ class RunRecorder:
         from recsys.report import calibration_figure
         from recsys.train.evaluation import finite_metrics
 
+        _check_main_metric(report, f"valid/{self.config.training.main_metric}")
         self.tracker.log_metrics(
             {**finite_metrics(report.metrics), "epoch": float(report.epoch)}, report.step
         )
@@ -217,17 +241,27 @@ class RunRecorder:
         self.tracker.log_artifact(target, "report")
 
     def _register(self, package: Path, final_metric: float) -> dict[str, Any]:
-        """Logs the package as an MLflow model and registers it; the summary's registry fields."""
-        from recsys.tracking import log_model, register_model
+        """Logs the package as an MLflow model and registers it; the summary's registry fields.
 
-        uri = log_model(self.tracker, package)
-        if uri is None:
+        Raises:
+            RegistrationError: the model could not be logged or registered (with ``register``).
+        """
+        from recsys.tracking import RegistrationError, log_model, register_model
+
+        if not self.register:
             return {}
-        key = f"valid/{self.config.training.main_metric}"
         model_name = self.config.run.model_name
-        version = register_model(self.tracker, uri, model_name, key, float(final_metric))
+        uri = log_model(self.tracker, package)
+        version = None
+        if uri is not None:
+            key = f"valid/{self.config.training.main_metric}"
+            version = register_model(self.tracker, uri, model_name, key, float(final_metric))
         if version is None:
-            return {}
+            why = self.tracker.last_error or "tracking is off"
+            raise RegistrationError(
+                f"model not registered: {model_name} was not {'registered' if uri else 'logged'} ({why}); "
+                f"the trained package is in {package}"
+            )
         return {
             "model_uri": uri,
             "registered_model": model_name,
@@ -256,6 +290,18 @@ def _summary(report: FinalReport, config: TrainConfig, run_id: str | None, packa
         expert_load=expert_loads(test, "test/"),  # per gate, for experiments that compare routing
         valid_curve=[h[main] for h in state.history if main in h],
     )
+
+
+def _check_main_metric(report: EpochReport, key: str) -> None:
+    """Raises a named ValueError when the epoch's main validation metric is missing or not finite."""
+    import math
+
+    value = report.metrics.get(key)
+    if value is None or not math.isfinite(value):
+        raise ValueError(
+            f"{key} is {value} at epoch {report.epoch + 1}: the model cannot be compared or selected "
+            "(an AUC needs both labels in the validation split); nothing was logged as a model"
+        )
 
 
 def _end_status(kind: type[BaseException]) -> str:

@@ -105,12 +105,44 @@ class FinalReport:
     windows: tuple[TrainWindow, ...] = ()
 
 
-Report = StartReport | StepReport | EpochReport | FinalReport
+@dataclass(frozen=True)
+class DivergedReport:
+    """A training loss went non-finite (:mod:`recsys.train.divergence`): the run stops, nothing is logged.
+
+    Attributes:
+        epoch: the epoch (from 0).
+        step: the first step at which a worker found it.
+        task: the loss part (a task's name, or ``loss`` for the total).
+        value: its value, as text (``nan``, ``inf``).
+        rank: the worker that found it.
+    """
+
+    epoch: int
+    step: int
+    task: str
+    value: str
+    rank: int
+
+
+class NonFiniteLossError(RuntimeError):
+    """Raised by the driver when the workers report a :class:`DivergedReport`."""
+
+    def __init__(self, report: DivergedReport) -> None:
+        super().__init__(
+            f"training stopped: the {report.task} loss is {report.value} at step {report.step} (epoch "
+            f"{report.epoch + 1}, worker {report.rank}); no model was logged. Look for non-finite values in "
+            "the features, or lower training.dense_lr and training.embedding_lr"
+        )
+        self.report = report
+
+
+Report = StartReport | StepReport | EpochReport | FinalReport | DivergedReport
 _KINDS: dict[str, type] = {
     "start": StartReport,
     "step": StepReport,
     "epoch": EpochReport,
     "final": FinalReport,
+    "diverged": DivergedReport,
 }
 
 

@@ -41,6 +41,7 @@ from recsys.data.shard import ParquetShard, lockstep_batches
 from recsys.precision import autocast
 from recsys.train.checkpoints import gather_unsharded, load_checkpoint, restore_best_epoch, save_checkpoint
 from recsys.train.config import TrainConfig
+from recsys.train.divergence import LossWatch, TrainingDivergedError
 from recsys.train.evaluation import (
     Predictions,
     finite_metrics,
@@ -156,9 +157,15 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     Args:
         loop_config: ``{"settings": WorkerSettings}`` (Ray Train passes the trainer's loop config).
     """
+    import ray.train
+
     worker = setup(loop_config["settings"])
     state = restore(worker)
-    state = run_epochs(worker, state)
+    try:
+        state = run_epochs(worker, state)
+    except TrainingDivergedError as diverged:  # on every worker at once; reported, not retried by Ray Train
+        ray.train.report(report_metrics(diverged.report) if worker.rank == 0 else {})
+        return
     finish(worker, state)
 
 
@@ -224,10 +231,12 @@ def train_epoch(worker: Worker, state: TrainingState, epoch: int) -> TrainingSta
     """One pass over this worker's share of the training split; returns the state with its steps."""
     t = worker.config.training
     shard = _train_shard(worker, epoch)
+    # Reading a loss waits for the device: on a GPU it is checked once per window.
+    watch = LossWatch(worker.rank, 1 if worker.sharded.device.type == "cpu" else t.log_every_steps)
     batches = lockstep_batches(
         shard, t.batch_size, complete=False, max_steps=t.max_steps_per_epoch, shuffle_rows=t.shuffle_rows,
         seed=t.seed * 1000 + epoch, prepare=_gpu_feed(worker.sharded),
-        prepare_threads=max(1, worker.config.run.cpus_per_worker // 2),
+        prepare_threads=max(1, worker.config.run.cpus_per_worker // 2), stop=watch.tripped,
     )  # fmt: skip
     set_epoch_lr(worker.sharded, t, epoch)
     if t.embedding_reinit and epoch > 0 and state.epoch_step == 0:  # not again when resumed within it
@@ -243,14 +252,16 @@ def train_epoch(worker: Worker, state: TrainingState, epoch: int) -> TrainingSta
             continue
         losses, stats = train_step(worker.sharded, batch)
         step += 1
+        watch.check(epoch, step, losses)
         worker.meter.add(step, rows * worker.world, losses, stats)
-        if t.checkpoint_every_steps and step % t.checkpoint_every_steps == 0:
+        if t.checkpoint_every_steps and step % t.checkpoint_every_steps == 0 and not watch.any_worker():
             within = replace(state, epoch=epoch, step=step, epoch_step=epoch_step)
             record = StepReport(epoch, step, worker.meter.take())
             report_checkpoint(worker, within, record, f"step{step:08d}")
     worker.meter.end_epoch()
     if bar is not None:
         bar.close()
+    watch.raise_if_found()
     return replace(state, epoch=epoch, step=step, epoch_step=0)
 
 
