@@ -1,9 +1,10 @@
-"""Logged models: a model package as an MLflow pyfunc model ("models from code").
+"""Logged models: a model package as an MLflow pyfunc model (``loader_module`` form, data only).
 
-A model is logged with :mod:`recsys.tracking.pyfunc` as its code and the package folder of
-:mod:`recsys.package` as the artifact ``package``: loading one runs that file and loads the weights with
-``weights_only=True``, and unpickles nothing. The signature names the raw columns; the requirements pin
-the installed versions of what scoring imports.
+A model is logged as the package folder of :mod:`recsys.package` (the model's ``data``) and an ``MLmodel``
+file naming :mod:`recsys.tracking.pyfunc` as its loader: loading one imports that module from the installed
+``recsys``, loads the weights with ``weights_only=True``, runs no code of the artifact store and unpickles
+nothing. The signature names the raw columns; the requirements pin the installed versions of what scoring
+imports.
 
 Example:
     >>> with tracker.run("mmoe-baseline"):  # doctest: +SKIP
@@ -12,7 +13,6 @@ Example:
 
 from __future__ import annotations
 
-import shutil
 import tempfile
 import warnings
 from collections.abc import Sequence
@@ -26,14 +26,12 @@ from mlflow.models import Model, ModelSignature
 from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 from mlflow.types.schema import AnyType
 
-import features
-import recsys
 from features.contract import IMPRESSIONS, ITEMS, LABELS, USERS
 from recsys.package import DEFAULT_BATCH_SIZE, load_package, output_column
 from recsys.tracking.client import Tracker
 
-PYFUNC_FILE = Path(__file__).with_name("pyfunc.py")
-PACKAGE_ARTIFACT = "package"  # the artifact key recsys.tracking.pyfunc loads the package from
+LOADER_MODULE = "recsys.tracking.pyfunc"  # imported from the installed package when a model loads
+PACKAGE_ARTIFACT = "package"  # the artifact key of models logged before the loader_module form
 # The pyfunc model's load options (``mlflow.pyfunc.load_model(uri, model_config=...)``) and their defaults:
 # MLflow passes on only the keys that the logged model declares.
 LOAD_OPTIONS = {"embedding_dtype": None, "compute_dtype": "fp32"}
@@ -106,24 +104,27 @@ def _signature_of_package(package_dir: Path) -> tuple[ModelSignature, dict[str, 
 def _save_pyfunc(
     local: Path, package_dir: Path, signature: ModelSignature, input_example: Any, model: Model
 ) -> None:
-    """Writes the pyfunc model (code, package artifact, library code, requirements) into ``local``."""
+    """Writes the pyfunc model (the package as data, the loader's name, requirements) into ``local``.
+
+    No code travels with the model: loading it runs :data:`LOADER_MODULE` of the installed ``recsys``.
+    """
+    model.signature = signature
     with warnings.catch_warnings():
         # MLflow asks for an input example even when the signature is given; raw rows are optional.
         warnings.filterwarnings("ignore", message=".*input example was not provided", category=UserWarning)
         mlflow.pyfunc.save_model(
             local,
-            python_model=str(PYFUNC_FILE),
-            artifacts={PACKAGE_ARTIFACT: str(package_dir)},
-            # The library travels with the model, so that it loads where recsys is not installed.
-            code_paths=[str(Path(recsys.__file__).parent), str(Path(features.__file__).parent)],
-            signature=signature,
-            input_example=input_example,
+            loader_module=LOADER_MODULE,
+            data_path=str(package_dir),
             pip_requirements=_requirements(),
             mlflow_model=model,
             model_config=dict(LOAD_OPTIONS),
         )
-    for cache in list(local.rglob("__pycache__")):
-        shutil.rmtree(cache, ignore_errors=True)
+    if input_example is not None:
+        from mlflow.models.utils import _save_example
+
+        _save_example(model, input_example, str(local))
+        model.save(str(local / "MLmodel"))
 
 
 def log_model(

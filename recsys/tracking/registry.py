@@ -310,6 +310,20 @@ def resolve_model(tracker: Tracker, uri: str) -> ResolvedModel:
     return ResolvedModel(uri, f"models:/{a}/{number}", a, number, version.run_id, source)
 
 
+def _package_folder(local: Path) -> Path | None:
+    """The package folder of a downloaded logged model, as its ``MLmodel`` names it (None if none).
+
+    The pyfunc flavor's ``data`` (the ``loader_module`` form), or for models logged before it, the
+    artifact ``package`` of the models-from-code form.
+    """
+    if not (local / "MLmodel").is_file():
+        return None
+    flavor = Model.load(str(local / "MLmodel")).flavors.get("python_function", {})
+    relative = flavor.get("data") or ((flavor.get("artifacts") or {}).get(PACKAGE_ARTIFACT) or {}).get("path")
+    package = local / relative if relative else None
+    return package if package is not None and package.is_dir() else None
+
+
 def download_package(tracker: Tracker, model: ResolvedModel, dst: str | Path) -> Path:
     """Downloads the model package (the logged model's artifact ``package``) of a resolved model.
 
@@ -335,16 +349,9 @@ def download_package(tracker: Tracker, model: ResolvedModel, dst: str | Path) ->
                 registry_uri=tracker.tracking_uri,
             )
         )
-    # The artifact keeps its folder's name (artifacts/<name>); MLmodel says which one is the package.
-    artifacts = {}
-    if (local / "MLmodel").is_file():
-        flavor = Model.load(str(local / "MLmodel")).flavors.get("python_function", {})
-        artifacts = flavor.get("artifacts") or {}
-    relative = (artifacts.get(PACKAGE_ARTIFACT) or {}).get("path")
-    package = local / relative if relative else None
-    if package is None or not package.is_dir():
+    package = _package_folder(local)
+    if package is None:
         raise FileNotFoundError(
-            f"model: {model.pinned_uri} has no {PACKAGE_ARTIFACT!r} artifact; log models with "
-            "recsys.tracking.log_model"
+            f"model: {model.pinned_uri} holds no model package; log models with recsys.tracking.log_model"
         )
     return package
