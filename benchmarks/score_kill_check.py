@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -51,6 +52,8 @@ def main() -> None:
     data = Path(args.data)
     prepare(data, args.rows, 23)
     out = data / "out"
+    if out.exists():  # a previous check's output: its manifest would read as this run's progress
+        shutil.rmtree(out)
     command = [
         sys.executable,
         "-m",
@@ -68,13 +71,14 @@ def main() -> None:
         "--tracking-uri",
         f"sqlite:///{data / 'mlflow.db'}",
         "--no-progress",
-        "--overwrite",
     ]
     first = subprocess.Popen(
         command, cwd=ROOT, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
-    while done_partitions(out) == 0 and first.poll() is None:
+    while done_partitions(out) == 0 and first.poll() is None:  # only this run's manifest counts
         time.sleep(0.2)
+    if first.poll() is not None:
+        raise SystemExit(f"the first run ended (exit {first.returncode}) before it wrote a partition")
     delay = rng.uniform(0, 4)
     time.sleep(delay)
     at_kill = done_partitions(out)
@@ -86,7 +90,7 @@ def main() -> None:
         f"manifest, {len(list(out.glob('part-*.parquet')))} part file(s), temporary files: {leftovers}"
     )
 
-    rerun = [c for c in command if c != "--overwrite"]
+    rerun = command
     started = time.perf_counter()
     finished = subprocess.run(rerun, cwd=ROOT, capture_output=True, text=True)
     print(f"rerun: exit {finished.returncode} in {time.perf_counter() - started:.0f} s")

@@ -17,18 +17,22 @@ Examples::
 
 Rerunning the same command after a crash skips the finished partitions (OUT/manifest.json) and scores
 the rest; an output folder of another model version, input or settings is refused unless --overwrite.
+OUT is marked as a scoring output when first opened: a folder that holds other files is never written
+into nor cleared (--overwrite included), and OUT may not be an input, lie inside one, or contain one.
 Output: OUT/part-XXXXX.parquet with impression_id, request_id, user_id, item_id, one p_<task> per task of
 the model (p_click, p_purchase for the demo model), score, rank (1 = best within request_id) and
 model_version. The run is logged to MLflow, in the experiment <model name>-scoring unless --experiment
 names another. Library output goes to OUT.log (beside the output folder; --verbose: on screen too).
-Exit status: 0 when every count agrees, 1 when a count differs or partitions are left, 2 on bad input (nothing
-written).
+Exit status: 0 when every count agrees; 1 when a count differs, partitions are left or a write failed (a
+full disk: rerun the same command to finish); 2 on bad input, a refused output folder, or a model that
+returns NaN or infinite scores (nothing, or no more partitions, written).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -137,18 +141,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Scores; exits 2 on bad input, 1 if a count differs, 0 otherwise."""
+    """Scores; exits 2 on bad input, 1 if a count differs or a write failed, 0 otherwise."""
     args = parse_args(argv)
     from features.contract import ContractError
-    from recsys.scoring import run_scoring
+    from recsys.scoring import check_paths, run_scoring
     from recsys.tracking import TrackingError
 
+    try:
+        config = _config(args)
+        check_paths(config)  # first: a refused output folder gets nothing, not even OUT.log beside it
+    except (ValueError, FileNotFoundError, FileExistsError) as exc:
+        return fail(exc)
     output = Path(args.output)
     with quiet_console(args, output.parent / f"{output.name}.log"):
         try:
-            result = run_scoring(_config(args))
-        except (ContractError, ValueError, FileNotFoundError, TrackingError) as exc:
+            result = run_scoring(config)
+        except (ContractError, ValueError, FileNotFoundError, FileExistsError, TrackingError) as exc:
             return fail(exc)
+        except OSError as exc:  # a write failed
+            console.error(f"error: {exc}; rerun the same command to finish")
+            return 1
         _print_result(result)
     return 0 if result.ok else 1
 
@@ -202,4 +214,7 @@ def _print_result(result: ScoreResult) -> None:
 
 
 if __name__ == "__main__":
+    # A Ray call after the run's Ray is shut down (an object collected late) then fails at once, rather
+    # than start a new local Ray while the process exits. Read when ray is first imported, which is later.
+    os.environ.setdefault("RAY_ENABLE_AUTO_CONNECT", "0")
     sys.exit(main())

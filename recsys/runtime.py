@@ -15,8 +15,11 @@ Example:
 from __future__ import annotations
 
 import os
+import secrets
 import sys
+import tempfile
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 MALLOC_TUNABLES = "glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=1073741824"
@@ -69,12 +72,16 @@ def init_ray(
 ) -> bool:
     """Connects to the cluster ``RAY_ADDRESS`` names, or starts an embedded local one: the one bootstrap.
 
-    An embedded cluster listens on 127.0.0.1 only and runs its workers at the normal priority
-    (:func:`embedded_ray_env`). Training and tuning start its dashboard (on 127.0.0.1): it serves the State
+    An embedded cluster runs its workers at the normal priority (:func:`embedded_ray_env`). Its gRPC
+    servers (GCS, raylet, object manager, the agents) listen on all interfaces, at the node's address (Ray
+    turns 127.0.0.1 into it); Ray's token authentication, on by default for a cluster ``ray.init`` starts,
+    protects them, and its token file is readable by its owner only (:func:`protect_ray_token`).
+    Training and tuning start its dashboard, whose HTTP server listens on 127.0.0.1: it serves the State
     API, which Ray Train's PlacementGroupCleaner polls; without it the cleaner logged "Failed to query Ray
     Train Controller actor state" every few seconds, and the CPUs of trials ASHA stopped were never freed.
-    Scoring needs no dashboard. Worker output reaches this process, where :mod:`features.console` keeps the
-    run's story on screen and the rest in the log file.
+    Scoring needs no dashboard (Ray still starts its API server, with one module and no web page). Worker
+    output reaches this process, where :mod:`features.console` keeps the run's story on screen and the rest
+    in the log file.
 
     Args:
         purpose: ``training``, ``tuning`` or ``scoring``.
@@ -98,6 +105,7 @@ def init_ray(
     dashboard: dict[str, Any] = {"include_dashboard": with_dashboard}
     if with_dashboard:
         dashboard["dashboard_host"] = "127.0.0.1"
+    protect_ray_token(create=not address)
     if address:
         ray.init(address=address, logging_level=logging.WARNING, **dashboard)
     else:
@@ -105,12 +113,46 @@ def init_ray(
         ray.init(
             num_cpus=num_cpus,
             object_store_memory=object_store_memory,
-            _node_ip_address="127.0.0.1",  # local only: nothing listens on other interfaces
             logging_level=logging.WARNING,
             **dashboard,
         )
     route_ray_output()
     return True
+
+
+def protect_ray_token(create: bool) -> None:
+    """Makes Ray's token file readable by its owner only (mode 0600): the token lets one run code on Ray.
+
+    Ray turns token authentication on for a cluster ``ray.init`` starts, and writes a missing
+    ``~/.ray/auth_token`` with the umask's mode (0644: any local user could read it). With ``create``, the
+    file is made here first, 0600, the way Ray makes it (64 hex digits); an existing token file of this
+    user is set to 0600. Nothing happens where the token comes from ``RAY_AUTH_TOKEN``, or where
+    ``RAY_AUTH_MODE`` turns authentication off.
+
+    Args:
+        create: write a missing token file (before ``ray.init`` starts a cluster, which would write one).
+    """
+    if os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_MODE", "token").lower() != "token":
+        return
+    explicit = os.environ.get("RAY_AUTH_TOKEN_PATH")
+    path = Path(explicit) if explicit else Path.home() / ".ray" / "auth_token"
+    if create and not explicit and not path.exists():
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".auth_token.", suffix=".tmp")  # mode 0600
+        try:
+            with os.fdopen(fd, "w") as fh:
+                fh.write(secrets.token_hex(32))  # ray._private.authentication's generator
+            os.link(tmp, path)  # complete when it appears; another process's token, if first, is kept
+        except FileExistsError:
+            pass
+        finally:
+            os.unlink(tmp)
+    try:
+        info = path.stat()
+        if info.st_uid == os.getuid() and info.st_mode & 0o077:
+            os.chmod(path, 0o600)
+    except FileNotFoundError:
+        pass  # no token file: Ray reports it if it needs one
 
 
 def dashboard_available() -> bool:

@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny hand-written contract tables."""
+"""Shared fixtures: tiny hand-written contract tables, and the scoring tests' world (built once)."""
 
 from __future__ import annotations
 
@@ -95,3 +95,22 @@ def world_of_one(tmp_path):
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     yield
     dist.destroy_process_group()
+
+
+@pytest.fixture(scope="session")
+def scoring_raw(tmp_path_factory):
+    """Generated contract tables (3,000 impressions over 30 days), for the scoring tests."""
+    from tests.scoring_world import generate_raw
+
+    return generate_raw(tmp_path_factory.mktemp("score") / "raw")
+
+
+@pytest.fixture(scope="session")
+def scoring_models(scoring_raw):
+    """Two tiny registered models and candidate files (:func:`tests.scoring_world.register_models`).
+
+    Built once for the session: each scoring test module starts its own Ray around it.
+    """
+    from tests.scoring_world import register_models
+
+    return register_models(scoring_raw)

@@ -19,7 +19,6 @@ from features.contract import LABELS, ContractError
 from features.pipeline import build, load_tables
 from recsys.config import TaskConfig
 from recsys.package import predict_frame, save_package
-from recsys.runtime import init_ray
 from recsys.scoring import ScoreConfig, ScoreFormula, ScoreSettings, run_scoring
 from recsys.scoring.manifest import (
     MANIFEST,
@@ -32,13 +31,11 @@ from recsys.scoring.manifest import (
 )
 from recsys.scoring.partitions import plan_partitions, read_partition
 from recsys.scoring.ranking import expected_rows_out, rank_requests
-from recsys.scoring.stage import OBJECT_STORE_BYTES, embedded_cpus
-from recsys.tracking import CHAMPION, Tracker, log_model, register_model
+from recsys.tracking import CHAMPION, register_model
 from synth.candidates import generate_candidates
-from synth.generate import generate
+from tests.scoring_world import MODEL, config_for, read_output, running_ray
 from tests.test_package import TINY_MODEL, in_memory_package, joined
 
-MODEL = "tiny-ranker"
 TASKS = (TaskConfig("click"), TaskConfig("purchase", given="click"))  # the tiny model's tasks
 
 
@@ -205,80 +202,17 @@ def test_candidates_are_the_generated_impressions_without_labels(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def raw_world(tmp_path_factory):
-    """Generated contract tables (3,000 impressions over 30 days)."""
-    raw = tmp_path_factory.mktemp("score") / "raw"
-    generate(raw, 3000, seed=3, progress=False, chunk_rows=400)
-    return raw
+def raw_world(scoring_raw):
+    """Generated contract tables (3,000 impressions over 30 days), shared with the other scoring tests."""
+    return scoring_raw
 
 
 @pytest.fixture(scope="module")
-def world(raw_world):
-    """A tiny model registered as v1 (champion) in a SQLite store, candidate files, a running local Ray."""
-    raw = raw_world
-    root = raw.parent
-    config = FeatureConfig.from_yaml(builtin_config("ecommerce"))
-    spec, _ = build(config, load_tables(raw), root / "features", progress=False)
-    store = f"sqlite:///{root / 'mlflow.db'}"
-    tracker = Tracker(store, "train", require=True)
-    uris = []
-    for seed in (0, 1):  # two models with different weights: v1 champion, v2 registered later
-        pkg = in_memory_package(spec, TINY_MODEL, seed=seed)
-        path = save_package(root / f"package{seed}", pkg.model, pkg.model_config, spec)
-        with tracker.run(f"train{seed}"):
-            uris.append(log_model(tracker, path))
-    assert register_model(tracker, uris[0], MODEL, "val/auc", 0.6).version == "1"
-
-    impressions = pl.read_parquet(raw / "impressions.parquet")
-    users = pl.read_parquet(raw / "users.parquet")
-    items = pl.read_parquet(raw / "items.parquet")
-    # Candidates: two files with small row groups; the last request of file 1 continues in file 2, and
-    # two rows have an unseen user and an unseen item.
-    last = impressions["impression_id"].max()
-    unseen = impressions.tail(3).with_columns(
-        pl.Series("impression_id", [last + 1, last + 2, last + 3]),
-        pl.Series("user_id", [10**9, impressions["user_id"][0], None], dtype=pl.Int64),
-        pl.Series("item_id", [impressions["item_id"][0], 10**9, impressions["item_id"][1]]),
-    )
-    cands = pl.concat([impressions, unseen])
-    inputs = root / "cands"
-    inputs.mkdir()
-    cands.head(1700).write_parquet(inputs / "c0.parquet", row_group_size=300)
-    cands.slice(1700).write_parquet(inputs / "c1.parquet", row_group_size=300)
-    users.write_parquet(inputs / "users.parquet")
-    items.write_parquet(inputs / "items.parquet")
-    ray_started = init_ray("scoring", num_cpus=embedded_cpus(2), object_store_memory=OBJECT_STORE_BYTES)
-    yield {
-        "root": root,
-        "store": store,
-        "uris": uris,
-        "tracker": tracker,
-        "inputs": inputs,
-        "cands": cands,
-        "users": users,
-        "items": items,
-    }
-    if ray_started:
-        import ray
-
-        ray.shutdown()
-
-
-def config_for(world, out, **kwargs) -> ScoreConfig:
-    return ScoreConfig(
-        model=kwargs.pop("model", f"models:/{MODEL}@{CHAMPION}"),
-        input=str(world["inputs"]),
-        output=str(world["root"] / out),
-        tracking_uri=world["store"],
-        rows_per_partition=kwargs.pop("rows_per_partition", 500),
-        batch_size=kwargs.pop("batch_size", 256),
-        progress=kwargs.pop("progress", False),
-        **kwargs,
-    )
-
-
-def read_output(out) -> pl.DataFrame:
-    return pl.read_parquet(sorted(out.glob("part-*.parquet"))).sort("impression_id")
+def world(scoring_models):
+    """A tiny model registered as v1 (champion) in a SQLite store, candidate files (tests/scoring_world.py),
+    and a running local Ray for this module."""
+    with running_ray():
+        yield scoring_models
 
 
 @pytest.fixture(scope="module")
@@ -379,11 +313,11 @@ def test_an_interrupted_run_resumes_to_the_same_output(world, full_run):
     dropped = sorted(manifest["partitions"], key=int)[-1]
     del manifest["partitions"][dropped]
     first.manifest.write_text(json.dumps(manifest))
-    (first.output / "part-00099.parquet.tmp").write_bytes(b"half written")
+    (first.output / ".part-00099.parquet.k3x_9a2q.tmp").write_bytes(b"half written")  # atomic_write's name
     second = run_scoring(config_for(world, "resumed"))
     assert second.ok, second.problems
     assert second.partitions_skipped == 1 and second.partitions_scored == second.partitions - 1
-    assert not list(second.output.glob("*.tmp"))
+    assert not list(second.output.glob(".*.tmp"))
     assert_frame_equal(read_output(second.output), full_run[1])
     # Once complete, a rerun does nothing and is still ok.
     third = run_scoring(config_for(world, "resumed"))

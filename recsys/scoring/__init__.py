@@ -5,7 +5,7 @@ Lossless and resumable: partitions are planned up front, written atomically and 
 """
 
 from recsys.scoring.config import PRODUCT, ScoreConfig, ScoreResult, ScoreSettings
-from recsys.scoring.job import run_scoring
+from recsys.scoring.job import check_paths, run_scoring
 from recsys.scoring.ranking import ScoreFormula, top_of_request
 
 __all__ = [
@@ -14,6 +14,7 @@ __all__ = [
     "ScoreFormula",
     "ScoreResult",
     "ScoreSettings",
+    "check_paths",
     "run_scoring",
     "top_of_request",
 ]

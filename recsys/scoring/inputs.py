@@ -13,15 +13,20 @@ else they are empty (no clicks), and the run says so.
 
 from __future__ import annotations
 
+import contextlib
+import fnmatch
 import hashlib
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import polars as pl
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from features.contract import LABELS, ContractError, validate
+from features.files import refuse_overlap
 from features.pipeline import Tables, input_paths, validate_tables
 from features.spec import FeatureSpec
 from recsys.rows import HISTORY_COLUMNS, empty_history
@@ -89,6 +94,54 @@ def read_inputs(config: ScoreConfig, spec: FeatureSpec | None = None) -> Inputs:
     return Inputs(files, rows, users, items, history, source, groups, _fingerprint(groups), has_labels)
 
 
+def refuse_output_among_inputs(config: ScoreConfig, out: Path) -> None:
+    """Raises ValueError if output folder ``out`` is an input, lies inside one, or contains one.
+
+    The inputs: the candidates (the file or folder given, or each file a glob matches), the users and items
+    tables and the history. An output inside a folder or glob of candidates would be read back as input by
+    the next run; one around an input, or equal to it, would be cleared by ``overwrite``.
+
+    Raises:
+        FileNotFoundError: no candidate file at ``config.input``.
+    """
+    files = input_files(config.input)
+    pattern = config.input if _is_glob(config.input) else None
+    roles: dict[str, Path] = {}
+    if pattern is None:
+        roles["--input"] = Path(config.input)
+    else:
+        roles.update({f"file {i + 1} of --input {pattern!r}": f for i, f in enumerate(files)})
+    for name in ("users", "items"):
+        roles[f"{name} table"] = _beside_path(files, getattr(config, name), name)
+    if config.history:
+        roles["--history"] = Path(config.history)
+    refuse_overlap(out, roles)
+    if pattern is not None and _glob_matches(out.resolve() / "part-00000.parquet", pattern):
+        raise ValueError(
+            f"output folder {out.resolve()} lies where --input {pattern!r} finds its files: the next run "
+            "would read its part files back as input; choose an output folder outside the inputs"
+        )
+
+
+def _is_glob(path: str) -> bool:
+    return not os.path.isdir(path) and any(ch in path for ch in "*?[")
+
+
+def _glob_matches(path: Path, pattern: str) -> bool:
+    """Whether ``glob.glob(pattern, recursive=True)`` would find file ``path`` (``**``: any folders)."""
+
+    def match(parts: tuple[str, ...], pats: tuple[str, ...]) -> bool:
+        if not pats:
+            return not parts
+        if pats[0] == "**":
+            return any(match(parts[i:], pats[1:]) for i in range(len(parts) + 1))
+        return bool(parts) and fnmatch.fnmatchcase(parts[0], pats[0]) and match(parts[1:], pats[1:])
+
+    pats = Path(os.path.abspath(pattern)).parts
+    fixed = next(i for i, part in enumerate(pats) if any(ch in part for ch in "*?["))
+    return match(path.parts, Path(*pats[:fixed]).resolve().parts + pats[fixed:])
+
+
 def has_contract_tables(config: ScoreConfig) -> bool:
     """Whether the users and items tables are there (given, or beside the input): a contract input.
 
@@ -106,16 +159,18 @@ def _flat_inputs(files: list[Path], spec: FeatureSpec) -> Inputs:
     """The input of a flat-table model: its files, checked for the spec's columns and the two keys."""
     cfg = spec.feature_config
     for f in files:
-        schema = pl.scan_parquet(str(f)).collect_schema()
-        for key in FLAT_KEYS:
-            if key not in schema or not schema[key].is_integer():
-                found = f"type {schema[key]}" if key in schema else "missing"
-                raise ContractError(f"input {f}: column {key!r}: expected an integer key column, {found}")
-        try:
-            validate_tables(cfg, Tables(pl.scan_parquet(str(f))), labels=False)
-        except ContractError as e:
-            raise ContractError(f"input {f}:\n{e}") from None
-    rows, unique = _scan(files).select(pl.len(), pl.col("impression_id").n_unique()).collect().row(0)
+        with _reading(f"input {f}"):
+            schema = pl.scan_parquet(str(f)).collect_schema()
+            for key in FLAT_KEYS:
+                if key not in schema or not schema[key].is_integer():
+                    found = f"type {schema[key]}" if key in schema else "missing"
+                    raise ContractError(f"input {f}: column {key!r}: expected an integer key column, {found}")
+            try:
+                validate_tables(cfg, Tables(pl.scan_parquet(str(f))), labels=False)
+            except ContractError as e:
+                raise ContractError(f"input {f}:\n{e}") from None
+    with _reading(f"input {_named(files)}"):
+        rows, unique = _scan(files).select(pl.len(), pl.col("impression_id").n_unique()).collect().row(0)
     if rows != unique:
         raise ContractError(f"input.impression_id: key is not unique: {rows - unique} duplicate row(s)")
     labelled = all(lab.column in pl.scan_parquet(str(files[0])).collect_schema() for lab in cfg.labels)
@@ -209,7 +264,29 @@ def _fingerprint(groups: dict[str, list[Path]]) -> str:
 
 
 def _scan(files: list[Path]) -> pl.LazyFrame:
-    return pl.scan_parquet([str(f) for f in files])
+    """The files as one table of the first file's columns: the contract allows a file extra columns."""
+    return pl.scan_parquet([str(f) for f in files], extra_columns="ignore")
+
+
+_READ_ERRORS = (pl.exceptions.PolarsError, pa.ArrowException, OSError)
+
+
+@contextlib.contextmanager
+def _reading(what: str) -> Iterator[None]:
+    """Turns an error reading Parquet (an empty, truncated or damaged file) into a ContractError naming it.
+
+    Args:
+        what: the table and its file(s), e.g. ``input /data/c0.parquet``.
+    """
+    try:
+        yield
+    except _READ_ERRORS as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise ContractError(f"{what}: cannot be read as Parquet ({type(e).__name__}: {reason})") from None
+
+
+def _named(files: list[Path]) -> str:
+    return str(files[0]) if len(files) == 1 else f"{files[0].parent} ({len(files)} files)"
 
 
 def _validate_input(files: list[Path]) -> bool:
@@ -220,15 +297,17 @@ def _validate_input(files: list[Path]) -> bool:
     """
     has_labels = None
     for f in files:
-        labels = all(c in pl.scan_parquet(str(f)).collect_schema() for c in LABELS)
-        if has_labels is not None and labels != has_labels:
-            raise ContractError(
-                f"input {f}: some input files have the label columns {list(LABELS)}, others not"
-            )
-        has_labels = labels
-        _validate_candidates(f, labels)
+        with _reading(f"input {f}"):
+            labels = all(c in pl.scan_parquet(str(f)).collect_schema() for c in LABELS)
+            if has_labels is not None and labels != has_labels:
+                raise ContractError(
+                    f"input {f}: some input files have the label columns {list(LABELS)}, others not"
+                )
+            has_labels = labels
+            _validate_candidates(f, labels)
     if len(files) > 1:
-        stats = _scan(files).select(pl.len(), pl.col("impression_id").n_unique()).collect().row(0)
+        with _reading(f"input {_named(files)}"):
+            stats = _scan(files).select(pl.len(), pl.col("impression_id").n_unique()).collect().row(0)
         if stats[0] != stats[1]:
             raise ContractError(
                 f"impressions.impression_id: key is not unique across the input files: "
@@ -253,7 +332,8 @@ def _validate_candidates(file: Path, labels: bool) -> None:
 
 def _validated_table(files: list[Path], table: str) -> pl.DataFrame:
     try:
-        return validate(_scan(files), table).collect()
+        with _reading(f"{table} {_named(files)}"):
+            return validate(_scan(files), table).collect()
     except ContractError as e:
         raise ContractError(f"{table} {files[0] if len(files) == 1 else files}:\n{e}") from None
 
@@ -265,7 +345,8 @@ def _history(
     if config.history:
         hist_files = _table_files(Path(config.history))
         try:
-            lf = validate(_scan(hist_files), "impressions")
+            with _reading(f"history {_named(hist_files)}"):
+                lf = validate(_scan(hist_files), "impressions")
         except ContractError as e:
             raise ContractError(f"history {config.history}:\n{e}") from None
         source = f"history {config.history}"
@@ -275,10 +356,13 @@ def _history(
         return empty_history(
             columns
         ), "none (no --history and no labels in the input): history features are empty"
-    missing = [c for c in columns if c not in lf.collect_schema().names()]
-    if missing:
-        raise ContractError(f"{source}: missing column(s) {missing}, read by the model's history features")
-    # Only clicks make the click history (features.derive.click_history); affinity features may count
-    # every impression.
-    events = lf if every_impression else lf.filter(pl.col("click") == 1)
-    return events.select(columns).collect(), source
+    with _reading(source):
+        missing = [c for c in columns if c not in lf.collect_schema().names()]
+        if missing:
+            raise ContractError(
+                f"{source}: missing column(s) {missing}, read by the model's history features"
+            )
+        # Only clicks make the click history (features.derive.click_history); affinity features may count
+        # every impression.
+        events = lf if every_impression else lf.filter(pl.col("click") == 1)
+        return events.select(columns).collect(), source

@@ -2,7 +2,9 @@
 
 :func:`run_scoring` is the whole job; ``python -m pipelines.score`` is its command line. In order:
 
-1. **Validate** every input table against the data contract before any work (:mod:`.inputs`).
+1. **Validate** the output folder and every input table before any work: the output is neither an input
+   nor around or inside one, and is new, empty or a scoring output of ours (:mod:`.manifest`); every
+   table meets the data contract and reads as Parquet (:mod:`.inputs`).
 2. **Resolve the model once**: ``models:/NAME@champion`` becomes ``models:/NAME/3`` at the start, and
    version 3 is what every partition uses, what the manifest, the ``model_version`` column and the MLflow
    run record, even if the alias moves during the run. The score formula is checked against the model's
@@ -31,10 +33,13 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import logging
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -43,8 +48,14 @@ from recsys.package import LoadedPackage, load_package, output_column
 from recsys.precision import resolve_precision
 from recsys.rows import history_needs
 from recsys.scoring.config import ScoreConfig, ScoreResult
-from recsys.scoring.inputs import Inputs, has_contract_tables, read_inputs, with_history
-from recsys.scoring.manifest import MANIFEST, Manifest, ModelRecord, open_output
+from recsys.scoring.inputs import (
+    Inputs,
+    has_contract_tables,
+    read_inputs,
+    refuse_output_among_inputs,
+    with_history,
+)
+from recsys.scoring.manifest import MANIFEST, Manifest, ModelRecord, check_output, open_output
 from recsys.scoring.partitions import Partition, plan_partitions
 from recsys.scoring.ranking import ScoreFormula, score_summary
 from recsys.scoring.stage import key_columns, package_files, plan_resources, ray_for, scored_frames
@@ -89,13 +100,18 @@ def run_scoring(config: ScoreConfig) -> ScoreResult:
         What was done; :attr:`ScoreResult.ok` is False when a count differs or partitions are left.
 
     Raises:
-        ContractError: an input table breaks the contract (nothing is written).
+        ContractError: an input table breaks the contract or is not readable Parquet (nothing is written).
         FileNotFoundError: an input is missing.
-        ValueError: a bad model URI, a score formula that does not fit the model's tasks, or an output
-            folder of another run (without ``overwrite``).
+        FileExistsError: the output folder holds files and is not a scoring output of ours.
+        ValueError: a bad model URI, a score formula that does not fit the model's tasks, an output folder
+            that is an input or overlaps one, or one of another run or with an unreadable manifest
+            (without ``overwrite``).
+        NonFiniteScoreError: the model returned NaN or an infinite score (that partition is not written).
         TrackingError: the model cannot be resolved (its store is unreachable).
+        OSError: a write failed (a full disk); the output is left resumable.
     """
     started = time.perf_counter()
+    out = check_paths(config)
     # The contract's tables are checked before the store is read; a flat table needs the model's spec.
     inputs = read_inputs(config) if has_contract_tables(config) else None
     tracker = _tracker(config)
@@ -107,7 +123,6 @@ def run_scoring(config: ScoreConfig) -> ScoreResult:
     inputs = with_history(config, inputs, history_columns, needs.every_impression)
     formula = ScoreFormula.for_tasks(config.score_formula, config.alpha, model.package.model_config.tasks)
     partitions = plan_partitions(inputs.files, config.rows_per_partition)
-    out = Path(config.output).resolve()
     manifest = open_output(out, _fresh_manifest(config, model, inputs), config.overwrite)
     console.story(
         f"scoring {inputs.rows:,} rows in {len(partitions)} partitions ({len(manifest.partitions)} done "
@@ -127,6 +142,20 @@ def run_scoring(config: ScoreConfig) -> ScoreResult:
     left = "" if result.complete else f"; {result.partitions - len(manifest.partitions)} partitions left"
     console.story(f"wrote {result.rows_out:,} rows ({result.expected_out:,} expected) into {out}{left}")
     return result
+
+
+def check_paths(config: ScoreConfig) -> Path:
+    """The output folder, resolved, checked before any work: not among the inputs, and new or ours.
+
+    Raises:
+        ValueError: the output folder is an input, lies inside one, or contains one.
+        FileExistsError: it holds files and is not a scoring output of ours.
+        FileNotFoundError: no candidate file at ``config.input``.
+    """
+    out = Path(config.output).resolve()
+    refuse_output_among_inputs(config, out)
+    check_output(out)
+    return out
 
 
 def _tracker(config: ScoreConfig) -> Tracker:
@@ -226,16 +255,36 @@ def _score(
         for part in empty[:limit]:
             writer.write(part)
         if resources is not None:
-            frames = scored_frames(config, resources, model.files, inputs, work)
-            for frame in frames:
-                writer.add(frame)
-                if writer.written >= limit:
-                    break  # an interrupted run (max_partitions): the rest stays to do
-            else:
-                writer.flush()
-            frames.close()  # stops the dataset's execution when the loop stopped early
+            # Closed on every path, before Ray shuts down: the dataset's executor stops its actors then.
+            # Left to the garbage collector after ray.shutdown(), its ray.kill() started a new local Ray
+            # while the process exited, and the process never ended (after a failed write, say).
+            with _closed(scored_frames(config, resources, model.files, inputs, work)) as frames:
+                for frame in frames:
+                    writer.add(frame)
+                    if writer.written >= limit:
+                        break  # an interrupted run (max_partitions): the rest stays to do
+                else:
+                    writer.flush()
     bar.close()
     return ScoringPhase(writer.written, skipped, time.perf_counter() - started, writer.rows_scored)
+
+
+@contextlib.contextmanager
+def _closed(frames: Iterator[Any]) -> Iterator[Iterator[Any]]:
+    """Closes ``frames`` on every path; a failure to close never hides the error that ended the loop.
+
+    On a full disk, closing Ray Data's iterator fails too (its log file cannot be flushed): the write
+    error is what the user must see, so the second error goes to the log.
+    """
+    try:
+        yield frames
+    except BaseException:
+        try:
+            frames.close()
+        except Exception as e:
+            logging.getLogger(__name__).warning("closing the dataset after an error failed too: %r", e)
+        raise
+    frames.close()
 
 
 def _result(
@@ -269,7 +318,8 @@ def _result(
         rows_per_s=phase.rows_scored / phase.seconds if phase.seconds > 0 else 0.0,
         complete=every,
         problems=list(manifest.problems),
-        summary=score_summary(manifest.part_files(out), columns) if every else {},
+        # Read once every part is in place and intact (manifest.finish read each in full).
+        summary=score_summary(manifest.part_files(out), columns) if manifest.complete else {},
     )
 
 
@@ -279,6 +329,8 @@ def _start_run(tracker: Tracker, config: ScoreConfig, model: ModelRecord) -> str
     Returns the run's id, or None with tracking off.
     """
     tracker.set_experiment(config.experiment or f"{model.name}-scoring")
+    if not tracker.enabled:  # an unreachable store was reported once: the scoring goes on untracked
+        return None
     return tracker.start_run(
         run_name=f"score-{model.name}-{model.column_value}",
         tags={"model_uri": model.uri, "pinned_uri": model.pinned_uri, "model_version": model.column_value},

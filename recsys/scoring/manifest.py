@@ -2,9 +2,15 @@
 
 The driver is the only writer, and rewrites it atomically after each part file is renamed into place: a
 run killed at any moment leaves complete part files and a manifest that lists a subset of them. A rerun
-skips the partitions the manifest lists as done whose file holds the recorded rows, and scores the rest (a
-part file the manifest does not list is scored again and replaced). A manifest written with another model
-version, input fingerprint or scoring settings is refused unless ``overwrite``.
+skips the partitions the manifest lists as done whose file holds the recorded rows and passes its page
+checksums (:func:`recsys.scoring.partitions.check_part`), and scores the rest (a part file the manifest does
+not list, or a damaged one, is scored again and replaced). A manifest written with another model version,
+input fingerprint or scoring settings, or one that cannot be read, is refused unless ``overwrite``.
+
+The output folder is ours (:func:`features.files.mark_owned`, kind ``scores``) from the moment it is first
+opened: an existing folder without that marker is never written into nor cleared, with or without
+``overwrite``; and only our own names are ever removed (part files, the manifest, and the temporary names
+:func:`features.files.atomic_write` gives them).
 
 The JSON layout (format 1): the fields of :class:`Manifest`, ``partitions`` keyed by the partition's index
 as a string.
@@ -13,16 +19,24 @@ as a string.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+import re
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from features.files import atomic_write
+from features import console
+from features.files import OWNER_MARKER, atomic_write, check_replaceable, mark_owned, owned_kind
 from recsys.scoring.config import ScoreSettings
-from recsys.scoring.partitions import Partition, parquet_rows
+from recsys.scoring.partitions import Partition, check_part, parquet_rows
 
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = 1
+OWNER_KIND = "scores"  # the kind of our marker in a scoring output folder
+PART_FILE = re.compile(r"part-\d{5,}\.parquet")
+# What features.files.atomic_write leaves when killed: ".NAME.<8 random characters>.tmp", NAME one of ours.
+OUR_TEMPORARY = re.compile(
+    rf"\.(?:{PART_FILE.pattern}|{re.escape(MANIFEST)}|{re.escape(OWNER_MARKER)})\.[a-z0-9_]+\.tmp"
+)
 
 
 @dataclass(frozen=True)
@@ -92,15 +106,15 @@ class PartitionRecord:
     write_seconds: float
 
     def problems(self, out: Path) -> list[str]:
-        """Its counts that disagree, with each other or with its file in ``out``."""
+        """Its counts that disagree, with each other or with its file in ``out`` (read in full)."""
         problems = []
         if self.rows_scored != self.rows_in:
             problems.append(f"{self.file}: {self.rows_in} rows in, {self.rows_scored} scored")
         if self.rows_out != self.expected_out:
             problems.append(f"{self.file}: {self.rows_out} rows out, {self.expected_out} expected")
-        on_disk = parquet_rows(out / self.file)
-        if on_disk != self.rows_out:
-            problems.append(f"{self.file}: {on_disk} rows on disk, {self.rows_out} in the manifest")
+        damage = check_part(out / self.file, self.rows_out)
+        if damage is not None:
+            problems.append(damage)
         return problems
 
 
@@ -176,12 +190,21 @@ class Manifest:
             raise _other_run(path, problems)
 
     def finished(self, out: Path) -> set[int]:
-        """Partitions listed as done whose file in ``out`` holds the recorded rows."""
-        return {
-            index
-            for index, entry in self.partitions.items()
-            if entry.status == "done" and parquet_rows(out / entry.file) == entry.rows_out
-        }
+        """Partitions listed as done whose file in ``out`` holds the recorded rows, every page intact.
+
+        Each listed file is read in full (:func:`recsys.scoring.partitions.check_part`): a damaged part is
+        named on screen and scored again, never taken as done.
+        """
+        done = set()
+        for index, entry in sorted(self.partitions.items()):
+            if entry.status != "done" or parquet_rows(out / entry.file) is None:
+                continue  # never written, or its rename was lost: scored again, as planned
+            damage = check_part(out / entry.file, entry.rows_out)
+            if damage is None:
+                done.add(index)
+            else:
+                console.story(f"{damage}: scoring partition {index} again")
+        return done
 
     def finish(self, partitions: list[Partition], out: Path) -> None:
         """Checks every count against the plan and the files in ``out``; sets the totals and ``complete``."""
@@ -206,25 +229,58 @@ def load_manifest(path: Path) -> Manifest:
     """Reads a manifest back.
 
     Raises:
-        ValueError: the file is not a manifest of this format (the message names it, and ``--overwrite``).
+        ValueError: the file is not JSON, or not a manifest of this format and shape (the message names
+            the file, what is wrong with it, and ``--overwrite``).
     """
-    data = json.loads(path.read_text())
-    if not isinstance(data, dict) or data.get("format") != MANIFEST_FORMAT:
-        found = data.get("format") if isinstance(data, dict) else None
-        raise _other_run(path, [f"format: {found!r}, expected {MANIFEST_FORMAT}"])
     try:
-        return Manifest(
+        data = json.loads(path.read_text())
+    except ValueError as e:  # JSONDecodeError, and UnicodeDecodeError for bytes that are not text
+        raise _unreadable(path, f"not JSON ({type(e).__name__}: {e})") from None
+    if not isinstance(data, dict):
+        raise _unreadable(path, f"a JSON {type(data).__name__}, expected an object")
+    if data.get("format") != MANIFEST_FORMAT:
+        raise _other_run(path, [f"format: {data.get('format')!r}, expected {MANIFEST_FORMAT}"])
+    try:
+        partitions = {int(k): _partition_record(int(k), v) for k, v in data["partitions"].items()}
+        manifest = Manifest(
             **{k: v for k, v in data.items() if k not in ("model", "settings", "partitions")},
-            model=ModelRecord(**data["model"]),
-            settings=ScoreSettings(**data["settings"]),
-            partitions={int(k): _partition_record(v) for k, v in data["partitions"].items()},
+            model=_typed(ModelRecord, data["model"]),
+            settings=_typed(ScoreSettings, data["settings"]),
+            partitions=partitions,
         )
-    except (KeyError, TypeError, ValueError) as e:
-        raise _other_run(path, [f"unreadable ({type(e).__name__}: {e})"]) from None
+    except (AttributeError, KeyError, TypeError, ValueError) as e:
+        raise _unreadable(path, f"{type(e).__name__}: {e}") from None
+    return manifest
 
 
-def _partition_record(data: dict[str, Any]) -> PartitionRecord:
-    return PartitionRecord(**{**data, "moved_requests": MovedRequests(**data["moved_requests"])})
+_JSON_TYPES = {"str": (str,), "int": (int,), "float": (int, float), "None": (type(None),)}
+
+
+def _typed(cls: type, data: Any) -> Any:
+    """``cls(**data)`` for a dataclass of plain fields, each value of its annotated JSON type.
+
+    Raises:
+        TypeError: ``data`` is not an object of ``cls``'s fields, or a field has another type (named).
+    """
+    if not isinstance(data, dict):
+        raise TypeError(f"{cls.__name__}: expected an object, got {data!r}")
+    for f in fields(cls):
+        allowed = tuple(t for name in str(f.type).split(" | ") for t in _JSON_TYPES.get(name, (object,)))
+        value = data.get(f.name)
+        if f.name in data and (isinstance(value, bool) or not isinstance(value, allowed)):
+            raise TypeError(f"{cls.__name__}.{f.name}: expected {f.type}, got {value!r}")
+    return cls(**data)
+
+
+def _partition_record(index: int, data: Any) -> PartitionRecord:
+    if not isinstance(data, dict):
+        raise TypeError(f"partition {index}: expected an object, got {data!r}")
+    moved = _typed(MovedRequests, data.get("moved_requests"))
+    entry = _typed(PartitionRecord, {**data, "moved_requests": moved})
+    expected = f"part-{index:05d}.parquet"
+    if entry.file != expected:  # a manifest of ours never names another file
+        raise ValueError(f"partition {index}: file {entry.file!r}, expected {expected!r}")
+    return entry
 
 
 def _other_run(path: Path, problems: list[str]) -> ValueError:
@@ -235,27 +291,52 @@ def _other_run(path: Path, problems: list[str]) -> ValueError:
     )
 
 
+def _unreadable(path: Path, why: str) -> ValueError:
+    return ValueError(
+        f"{path}: not a scoring manifest: {why}. Pass --overwrite to rescore everything (the folder is a "
+        "scoring output of ours: only its part files and manifest are replaced)."
+    )
+
+
 def clear_output(out: Path) -> None:
-    """Removes the part files, temporary files and manifest of ``out``."""
-    for path in [*out.glob("part-*.parquet"), out / MANIFEST]:
-        path.unlink(missing_ok=True)
+    """Removes our part files, temporary files and manifest from ``out`` (a folder of ours)."""
+    for path in out.iterdir():
+        if PART_FILE.fullmatch(path.name) or path.name == MANIFEST:
+            path.unlink(missing_ok=True)
     remove_temporary(out)
 
 
 def remove_temporary(out: Path) -> None:
-    """Removes the temporary files a killed run left in ``out``."""
-    for path in [*out.glob("*.tmp"), *out.glob(".*.tmp")]:
-        path.unlink(missing_ok=True)
+    """Removes the temporary files a killed run of ours left in ``out``: our names only, never a user's."""
+    for path in out.iterdir():
+        if OUR_TEMPORARY.fullmatch(path.name):
+            path.unlink(missing_ok=True)
+
+
+def check_output(out: Path) -> None:
+    """Raises unless ``out`` may take this run's files: missing, empty, or a scoring output of ours.
+
+    Checked before any work, and again when the output is opened. The rule is the same with or without
+    ``overwrite``: a folder that ``overwrite`` may not clear, a rerun may not write its parts among.
+
+    Raises:
+        FileExistsError: ``out`` is a file, or a non-empty folder without our ``scores`` marker.
+    """
+    check_replaceable(out, OWNER_KIND, overwrite=True)
 
 
 def open_output(out: Path, fresh: Manifest, overwrite: bool) -> Manifest:
     """Prepares ``out`` for the run ``fresh`` describes; returns its manifest (written), done partitions kept.
 
     Raises:
-        ValueError: ``out`` holds another run's output (or part files without a manifest), and not
-            ``overwrite``.
+        FileExistsError: ``out`` is not ours (:func:`check_output`).
+        ValueError: ``out`` holds another run's output, an unreadable manifest, or part files without a
+            manifest, and not ``overwrite``.
     """
+    check_output(out)
     out.mkdir(parents=True, exist_ok=True)
+    if owned_kind(out) != OWNER_KIND:  # new or empty: ours from now on, before any file of ours is in it
+        mark_owned(out, OWNER_KIND)
     path = out / MANIFEST
     if overwrite:
         clear_output(out)
@@ -263,7 +344,7 @@ def open_output(out: Path, fresh: Manifest, overwrite: bool) -> Manifest:
         previous = load_manifest(path)
         previous.refuse_other_run(fresh, path)
         fresh.partitions = previous.partitions
-    elif any(out.glob("part-*.parquet")):
+    elif any(PART_FILE.fullmatch(p.name) for p in out.iterdir()):
         raise ValueError(
             f"output: {out} holds part files but no {MANIFEST}; pass --overwrite to replace them"
         )

@@ -338,5 +338,9 @@ def scored_frames(
             }
         },
     )
-    for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0):
-        yield pl.from_arrow(batch)
+    # Closing this generator closes Ray Data's iterator at once, which stops the executor and its actors
+    # while Ray is up; left to the garbage collector, that could happen after ray.shutdown().
+    batches = iter(dataset.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0))
+    with contextlib.closing(batches):  # a generator: it has close()
+        for batch in batches:
+            yield pl.from_arrow(batch)

@@ -4,7 +4,8 @@ Rows of several partitions arrive interleaved (the actors run concurrently); the
 scored rows (keys and one column per task) per partition until the partition's ``rows_in`` are there,
 then computes the ranking score and the rank within ``request_id``, keeps the top K per request if asked,
 writes ``OUT/part-XXXXX.parquet`` atomically and records it in the manifest. The driver is the only
-writer.
+writer. A partition with a score that is not a finite number is never written: the run stops with
+:class:`NonFiniteScoreError`.
 
 Output columns: ``impression_id``, ``request_id``, ``user_id``, ``item_id`` (passed through), one
 ``p_<task>`` per task (``pred_<task>`` for regression), ``score``, ``rank`` (1 = best; a permutation of
@@ -25,6 +26,33 @@ from recsys.scoring.manifest import MANIFEST, Manifest, MovedRequests, Partition
 from recsys.scoring.partitions import PARTITION, Partition, write_part
 from recsys.scoring.ranking import ScoreFormula, expected_rows_out, rank_requests
 from recsys.scoring.stage import KEY_COLUMNS
+
+
+class NonFiniteScoreError(ValueError):
+    """The model returned NaN or an infinite score; the message names the partition, its rows, an example."""
+
+
+def check_finite(scored: pl.DataFrame, outputs: tuple[str, ...], keys: tuple[str, ...], where: str) -> None:
+    """Raises :class:`NonFiniteScoreError` if an output column of ``scored`` holds NaN, an infinity or null.
+
+    Args:
+        scored: (N, keys + outputs) scored rows of one partition.
+        outputs: the model's output columns.
+        keys: the key columns, shown for an example row.
+        where: the partition, in words (its file and input range).
+    """
+    finite = [pl.col(c).is_finite().fill_null(False) for c in outputs]
+    bad = scored.filter(~pl.all_horizontal(finite)) if outputs else scored.clear()
+    if bad.height == 0:
+        return
+    columns = [c for c in outputs if not bad[c].is_finite().fill_null(False).all()]
+    example = ", ".join(f"{k}={bad[k][0]}" for k in keys if k in bad.columns)
+    values = ", ".join(f"{c}={bad[c][0]}" for c in columns)
+    raise NonFiniteScoreError(
+        f"{where}: not written: {bad.height} of {scored.height} rows have a score that is not a finite "
+        f"number in {columns} (first: {example}: {values}); the model returns NaN or infinite scores "
+        "(check its weights): nothing of this partition is written, and the run stops"
+    )
 
 
 @dataclass
@@ -76,6 +104,8 @@ class PartitionWriter:
         frames = self._frames.pop(part.index, [])
         n_scored = self._counts.pop(part.index, 0)
         scored = pl.concat(frames) if frames else self._empty()
+        where = f"{self.out / part.name} (partition {part.index}: {part.file} rows {part.start}-{part.stop})"
+        check_finite(scored, self.outputs, self.keys, where)
         started = time.perf_counter()
         ranked = self._ranked(scored)
         write_part(ranked, self.out / part.name)
