@@ -217,3 +217,23 @@ def test_a_corrupted_page_of_a_feature_part_fails_the_reader_naming_the_part(fea
     shard = ParquetShard(copy / "train", rank=0, world=1)
     with pytest.raises(OSError, match=rf"features part {part}, row group 0: .*CRC checksum"):
         list(shard.iter_rows(64, True, 0, 0))
+
+
+def test_runs_started_in_the_same_second_get_their_own_folders(tmp_path, monkeypatch):
+    """Two trainings started in the same second shared a run folder (and its checkpoints)."""
+    import datetime as dt
+
+    from recsys.train import driver
+
+    class Frozen(dt.datetime):
+        @classmethod
+        def now(cls, tz=None):
+            return cls(2026, 12, 7, 12, 0, 0)
+
+    monkeypatch.setattr(driver.dt, "datetime", Frozen)
+    names = set()
+    for _ in range(20):  # each run's folder is made (by Ray) before the next run is named
+        name = driver._new_run_name(tmp_path, "ranker")
+        (tmp_path / name).mkdir()  # fails if the name was given before
+        names.add(name)
+    assert len(names) == 20 and all(n.startswith("ranker-20261207-120000-") for n in names)
