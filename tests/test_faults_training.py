@@ -21,15 +21,13 @@ import pytest
 import yaml
 from ray.train import UserCallback
 
-from features.config import FeatureConfig, builtin_config
-from features.pipeline import build, load_tables
 from pipelines.train import main as train_main
 from recsys.tracking import CHALLENGER, CHAMPION, Tracker, TrackingError, register_model
 from recsys.train.config import TrainConfig
 from recsys.train.driver import run_training
 from recsys.train.reports import NonFiniteLossError
-from synth.generate import generate
 from tests.servers import free_port, mlflow_server  # noqa: F401  (a fixture)
+from tests.worlds import generated_features
 
 MODEL = {
     "tasks": [{"name": "click"}, {"name": "purchase", "given": "click"}],
@@ -40,11 +38,7 @@ MODEL = {
 
 @pytest.fixture(scope="module")
 def features(tmp_path_factory):
-    root = tmp_path_factory.mktemp("faults-train")
-    generate(root / "raw", 3000, seed=11, n_users=60, n_items=90, progress=False)
-    config = FeatureConfig.from_yaml(builtin_config("ecommerce"))
-    build(config, load_tables(root / "raw"), root / "features", progress=False)
-    yield root / "features"
+    yield generated_features(tmp_path_factory.mktemp("faults-train"), 3000, seed=11, n_users=60, n_items=90)
     import ray
 
     ray.shutdown()

@@ -10,13 +10,13 @@ import numpy as np
 import polars as pl
 import pytest
 
-from features.config import FeatureConfig, builtin_config
-from features.pipeline import build, load_tables
+from features.config import FeatureConfig
+from features.pipeline import build
 from recsys.package import load_package
 from recsys.tracking import TrackingError
 from recsys.train.config import TrainConfig
 from recsys.train.driver import run_training
-from synth.generate import generate
+from tests.worlds import generated_features
 
 pytestmark = pytest.mark.slow
 
@@ -31,9 +31,7 @@ TINY_MODEL = {
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     root = tmp_path_factory.mktemp("train")
-    generate(root / "raw", 12_000, seed=5, n_users=150, n_items=300, progress=False)
-    config = FeatureConfig.from_yaml(builtin_config("ecommerce"))
-    build(config, load_tables(root / "raw"), root / "features", progress=False)
+    generated_features(root, 12_000, seed=5, n_users=150, n_items=300)
     yield root
     import ray
 
