@@ -108,3 +108,46 @@ def test_a_staged_folder_replaces_the_old_one_only_when_complete(tmp_path):
     with staged_dir(target) as tmp:
         (tmp / "new.parquet").write_text("new")
     assert os.listdir(target) == ["new.parquet"] and os.listdir(tmp_path) == ["features"]
+
+
+def test_replace_dir_swaps_in_one_step_where_linux_can(tmp_path, monkeypatch):
+    from features import files
+
+    target, new = tmp_path / "out", tmp_path / "new"
+    for folder, text in ((target, "old"), (new, "new")):
+        folder.mkdir()
+        (folder / "part.parquet").write_text(text)
+    renames = []
+    monkeypatch.setattr(files.os, "replace", lambda a, b: renames.append((a, b)))  # a swap needs none
+    files.replace_dir(new, target)
+    assert renames == [] and (target / "part.parquet").read_text() == "new"
+    assert sorted(os.listdir(tmp_path)) == ["out"]  # the old folder, swapped out, is gone
+
+
+def test_a_marked_folder_of_the_same_kind_is_the_only_one_overwrite_replaces(tmp_path):
+    from features.files import OWNER_MARKER, check_replaceable, mark_owned, owned_kind
+
+    check_replaceable(tmp_path / "missing", "scores", overwrite=False)
+    mine, users = tmp_path / "mine", tmp_path / "users"
+    mine.mkdir()
+    users.mkdir()
+    (users / "notes.txt").write_text("keep")
+    mark_owned(mine, "features")
+    assert owned_kind(mine) == "features" and owned_kind(users) is None
+    check_replaceable(mine, "features", overwrite=True)
+    with pytest.raises(FileExistsError, match="pass --overwrite"):
+        check_replaceable(mine, "features", overwrite=False)
+    with pytest.raises(FileExistsError, match=f"it is a features output.*holds {OWNER_MARKER}"):
+        check_replaceable(mine, "scores", overwrite=True)
+    with pytest.raises(FileExistsError, match=rf"{users}: it has no {OWNER_MARKER} marker.*holds notes.txt"):
+        check_replaceable(users, "features", overwrite=True)
+
+
+@pytest.mark.parametrize(("out", "how"), [("in", "is"), ("in/out", "is inside"), (".", "contains")])
+def test_an_output_that_is_around_or_inside_an_input_is_refused(tmp_path, out, how):
+    from features.files import refuse_overlap
+
+    (tmp_path / "in").mkdir()
+    refuse_overlap(tmp_path / "elsewhere", {"--data": tmp_path / "in"})
+    with pytest.raises(ValueError, match=f"{how} the input --data {tmp_path / 'in'}"):
+        refuse_overlap(tmp_path / out, {"--data": tmp_path / "in"})
