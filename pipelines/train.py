@@ -48,7 +48,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--from-checkpoint",
         metavar="DIR",
         help="start a new run from a checkpoint folder of an earlier run (its weights, optimizer state and "
-        "place in the data)",
+        "place in the data), on any number of workers and sharding plan",
     )
     parser.add_argument(
         "--require-tracking",

@@ -85,7 +85,7 @@ def free_port() -> int:
 
 def test_a_refused_start_leaves_no_run_folder_for_resume_to_pick(features, tmp_path):
     config = make_config(features, tmp_path / "ray", "refused")
-    with pytest.raises(FileNotFoundError, match=r"rank0\.pt not found"):
+    with pytest.raises(FileNotFoundError, match=r"start_from: checkpoint .*: no rank0\.pt"):
         run_training(config, tracking_uri=f"sqlite:///{tmp_path / 'm.db'}", start_from=tmp_path)
     with pytest.raises(TrackingError):
         run_training(config, tracking_uri=f"http://127.0.0.1:{free_port()}", require_tracking=True)

@@ -1,12 +1,21 @@
 """Checkpoints of a sharded model, the best epoch's weights, and the unsharded model gathered for packaging.
 
 Every worker writes its own shard of the model and optimizer state (``rank{r}.pt``) into the folder that
-Ray Train merges into one checkpoint; a restarted worker reads its own file back, with the number of workers
-and the sharding plan it was written with.
+Ray Train merges into one checkpoint.
 
 A checkpoint file holds plain data only: each ShardedTensor of the state dicts is written as its local
 shards (offsets, sizes and a plain tensor each), so that files load with ``torch.load(weights_only=True)``
-and a crafted file cannot run code. Loading copies the shards into the model's own ShardedTensors.
+and a crafted file cannot run code.
+
+The checkpoint does not depend on the number of workers nor on the sharding plan: a worker reads every
+rank's file (memory-mapped) and fills each of its own shards from the saved shards that overlap it, so a
+run resumes on another number of workers (2 -> 1, 1 -> 3) or plan (table-wise <-> column-wise). Tables are
+``[rows, dim]`` in every plan; the fused row-wise optimizer's state is one number per row and column shard
+(``[rows * shards]``), converted when the number of column shards changes (the mean over the shards: exact
+for row-wise Adagrad, whose state is the mean of the squared gradients over a shard's columns; a table
+split into more shards gives each the table's value). Dense parameters and their optimizer state are the
+same on every worker (DDP) and are read from one file. The place in the data is kept as the share of the
+epoch trained: on ``W'`` workers instead of ``W``, each skips ``epoch_step * W / W'`` batches (rounded down).
 """
 
 from __future__ import annotations
@@ -39,6 +48,7 @@ def save_checkpoint(sharded: ShardedModel, directory: Path, state: TrainingState
     """Writes this worker's shard of the model and optimizer state (Ray merges all workers' files)."""
     payload = {
         "format": CHECKPOINT_FORMAT,
+        "world_size": dist.get_world_size(),
         "model": _plain(sharded.dmp.state_dict()),
         "optimizer": _plain(sharded.optimizer.state_dict()),
         "state": state.to_dict(),
@@ -47,23 +57,60 @@ def save_checkpoint(sharded: ShardedModel, directory: Path, state: TrainingState
 
 
 def load_checkpoint(sharded: ShardedModel, directory: Path) -> TrainingState:
-    """Restores this worker's shard; returns the run's state at the checkpoint.
+    """Restores this worker's shares of the model and optimizer state from every rank's file.
+
+    Returns the run's state at the checkpoint, its place in the epoch scaled to this number of workers.
 
     Raises:
-        ValueError: the file is not a checkpoint of this format, or holds code or objects beyond plain
-            tensors and numbers (``weights_only`` refuses them), or was written with another sharding plan.
+        ValueError: a file is not a checkpoint of this format, or holds code or objects beyond plain
+            tensors and numbers (``weights_only`` refuses them), or the checkpoint lacks a part of a table
+            (a missing rank file, another model).
+        FileNotFoundError: the folder holds no rank file.
     """
-    path = checkpoint_file(directory)
-    payload = read_checkpoint_file(path)
+    files = checkpoint_files(directory)
+    payloads = [read_checkpoint_file(path, mmap=True) for path in files]
+    rank = dist.get_rank()
+    own = rank if rank < len(payloads) else 0  # dense state is the same in every file
+    order = [own, *(i for i in range(len(payloads)) if i != own)]
+    where = f"checkpoint {directory}"
     model = sharded.dmp.state_dict()
-    _fill(model, payload["model"], f"{path}: model")
+    rows = _table_rows(model)
+    _fill(model, [payloads[i]["model"] for i in order], f"{where}: model", rows)
     sharded.dmp.load_state_dict(model)
     # Adam creates its state at the first step; TorchRec's keyed optimizers load only into existing state.
     sharded.dense_optimizer.init_state()
     optimizer = sharded.optimizer.state_dict()
-    _fill(optimizer, payload["optimizer"], f"{path}: optimizer")
+    _fill(optimizer, [payloads[i]["optimizer"] for i in order], f"{where}: optimizer", rows)
     sharded.optimizer.load_state_dict(optimizer)
-    return TrainingState.from_dict(payload["state"])
+    state = TrainingState.from_dict(payloads[own]["state"])
+    saved_world = int(payloads[0].get("world_size", len(payloads)))
+    world = dist.get_world_size()
+    if state.epoch_step and saved_world != world:
+        state = replace(state, epoch_step=state.epoch_step * saved_world // world)
+    return state
+
+
+def checkpoint_files(directory: Path) -> list[Path]:
+    """The rank files of a checkpoint folder, ``rank0.pt`` ... ``rank{W-1}.pt`` of the run that wrote it.
+
+    Raises:
+        FileNotFoundError: no ``rank0.pt``.
+        ValueError: a rank file is missing (the folder is incomplete: the checkpoint of a failed write).
+    """
+    directory = Path(directory)
+    first = checkpoint_file(directory, 0)
+    if not first.exists():
+        raise FileNotFoundError(f"checkpoint {directory}: no {first.name}; not a checkpoint folder")
+    world = int(read_checkpoint_file(first, mmap=True).get("world_size", 0)) or len(
+        list(directory.glob(CHECKPOINT_FILE.format(rank="*")))
+    )
+    files = [checkpoint_file(directory, r) for r in range(world)]
+    missing = [f.name for f in files if not f.exists()]
+    if missing:
+        raise ValueError(
+            f"checkpoint {directory}: written by {world} workers, but {missing} missing; it is incomplete"
+        )
+    return files
 
 
 def read_checkpoint_file(path: Path, *, mmap: bool = False) -> dict[str, Any]:
@@ -111,37 +158,87 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def _fill(template: dict[str, Any], saved: dict[str, Any], where: str) -> None:
-    """Puts ``saved`` (from :func:`_plain`) into ``template``, a live state dict: shards copied in place."""
+def _fill(template: dict[str, Any], saved: list[dict[str, Any]], where: str, rows: dict[str, int]) -> None:
+    """Puts the saved states (from :func:`_plain`, one per rank file) into ``template``, a live state dict.
+
+    A ShardedTensor is filled from the shards of every file; anything else is taken from the first file
+    that has it (``saved`` lists this worker's own file first).
+    """
     from torch.distributed._shard.sharded_tensor import ShardedTensor
 
     for key, value in template.items():
-        if key not in saved:
-            raise ValueError(f"checkpoint {where}: no entry {key!r}; it was written for another model")
+        found = [s[key] for s in saved if isinstance(s, dict) and key in s]
+        if not found:
+            raise ValueError(f"{where}: no entry {key!r}; it was written for another model")
         if isinstance(value, ShardedTensor):
-            _fill_shards(value, saved[key], f"{where}: {key}")
-        elif isinstance(value, dict) and isinstance(saved[key], dict) and _SHARDS not in saved[key]:
-            _fill(value, saved[key], f"{where}: {key}")
+            _fill_shards(value, found, f"{where}: {key}", rows.get(str(key).split(".")[0]))
+        elif isinstance(value, dict) and isinstance(found[0], dict) and _SHARDS not in found[0]:
+            _fill(value, found, f"{where}: {key}", rows)
         else:
-            template[key] = saved[key]
+            template[key] = found[0]
 
 
-def _fill_shards(value: Any, saved: Any, where: str) -> None:
-    """Copies the saved local shards into ShardedTensor ``value``'s own (the same plan's offsets)."""
-    if not isinstance(saved, dict) or _SHARDS not in saved:
-        raise ValueError(f"checkpoint {where}: expected a sharded table, found {type(saved).__name__}")
-    by_offsets = {tuple(s["offsets"]): s for s in saved[_SHARDS]}
+def _fill_shards(value: Any, saved: list[Any], where: str, table_rows: int | None) -> None:
+    """Fills ShardedTensor ``value``'s local shards from the saved shards (any plan) that overlap them."""
+    if not all(isinstance(s, dict) and _SHARDS in s for s in saved):
+        raise ValueError(f"{where}: expected a sharded table, found {type(saved[0]).__name__}")
+    pieces = [p for s in saved for p in s[_SHARDS]]
+    size = list(value.size())
+    if list(saved[0]["size"]) != size:
+        pieces = _resized(pieces, list(saved[0]["size"]), size, table_rows, where)
     for shard in value.local_shards():
-        offsets = tuple(shard.metadata.shard_offsets)
-        entry = by_offsets.get(offsets)
-        if entry is None or list(entry["sizes"]) != list(shard.metadata.shard_sizes):
-            raise ValueError(
-                f"checkpoint {where}: no shard at offsets {list(offsets)} of sizes "
-                f"{list(shard.metadata.shard_sizes)}; it was written with another number of workers or "
-                "sharding plan"
-            )
+        offsets, sizes = list(shard.metadata.shard_offsets), list(shard.metadata.shard_sizes)
+        covered = 0
         with torch.no_grad():
-            shard.tensor.copy_(entry["tensor"])
+            for piece in pieces:
+                lo = [max(a, b) for a, b in zip(offsets, piece["offsets"], strict=True)]
+                hi = [
+                    min(a + n, b + m)
+                    for a, n, b, m in zip(offsets, sizes, piece["offsets"], piece["sizes"], strict=True)
+                ]
+                if any(h <= low for low, h in zip(lo, hi, strict=True)):
+                    continue
+                target = shard.tensor[
+                    tuple(slice(a - o, b - o) for a, b, o in zip(lo, hi, offsets, strict=True))
+                ]
+                source = piece["tensor"][
+                    tuple(slice(a - o, b - o) for a, b, o in zip(lo, hi, piece["offsets"], strict=True))
+                ]
+                target.copy_(source)
+                covered += target.numel()
+        if covered != shard.tensor.numel():
+            raise ValueError(
+                f"{where}: the saved shards cover {covered} of the {shard.tensor.numel()} values at offsets "
+                f"{offsets} (sizes {sizes}); a rank file of the checkpoint is missing or of another model"
+            )
+
+
+def _resized(
+    pieces: list[dict[str, Any]], saved: list[int], size: list[int], rows: int | None, where: str
+) -> list:
+    """The row-wise optimizer state of ``saved`` column shards as one piece of ``size`` (other shards).
+
+    Row-wise state is ``[rows * shards]``, shard ``i`` at ``i * rows``; the saved shards' mean per row is
+    the table's state, given to each of the new shards.
+    """
+    if len(saved) != 1 or len(size) != 1 or not rows or saved[0] % rows or size[0] % rows:
+        raise ValueError(f"{where}: saved with size {saved}, the model has {size}; it is another model")
+    full = torch.zeros(saved[0], dtype=pieces[0]["tensor"].dtype)
+    for piece in pieces:
+        full[piece["offsets"][0] : piece["offsets"][0] + piece["sizes"][0]] = piece["tensor"]
+    per_row = full.view(saved[0] // rows, rows).mean(dim=0)
+    return [{"offsets": [0], "sizes": size, "tensor": per_row.repeat(size[0] // rows)}]
+
+
+def _table_rows(model_state: dict[str, Any]) -> dict[str, int]:
+    """Rows of each sharded table by name (``t_item``), from the model's ``...<table>.weight`` entries."""
+    from torch.distributed._shard.sharded_tensor import ShardedTensor
+
+    return {
+        key.split(".")[-2]: value.size(0)
+        for key, value in model_state.items()
+        if isinstance(value, ShardedTensor) and key.endswith(".weight") and len(value.size()) == 2
+    }
 
 
 def restore_best_epoch(sharded: ShardedModel, state: TrainingState, run_dir: Path) -> TrainingState:
@@ -153,8 +250,14 @@ def restore_best_epoch(sharded: ShardedModel, state: TrainingState, run_dir: Pat
     """
     last = state.epoch - 1
     best = last if state.best_epoch is None else state.best_epoch
+    if best == last:
+        return replace(state, final_epoch=last)
     directory = run_dir / f"checkpoint_epoch{best:03d}"
-    if best == last or not checkpoint_file(directory).exists():
+    if not checkpoint_file(directory, 0).exists():  # started from another run's checkpoint: not here
+        if dist.get_rank() == 0:
+            story(
+                f"the best epoch, {best + 1}, was trained in another run: the last epoch's weights are kept"
+            )
         return replace(state, final_epoch=last)
     load_checkpoint(sharded, directory)
     if dist.get_rank() == 0:

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from features.console import story
-from recsys.train.checkpoints import CHECKPOINT_FILE, read_checkpoint_file
+from recsys.train.checkpoints import checkpoint_files, read_checkpoint_file
 from recsys.train.config import TrainConfig
 from recsys.train.state import WorkerSettings
 from recsys.train.summary import TrainingSummary
@@ -64,9 +64,9 @@ def run_training(
         resume: continue the latest run under ``run.storage_path`` (or ``run.name``) from its last checkpoint.
         callbacks: Ray Train callbacks of the run (e.g. Ray Tune's ``TuneReportCallback``, which passes each
             epoch's report on to a Tune trial; see :mod:`recsys.experiments.search`).
-        start_from: a checkpoint folder of an earlier run (``<run>/checkpoint_*``, written with the same
-            number of workers): a new run starts from its weights, optimizer state and place in the data
-            (epoch, and batch within the epoch).
+        start_from: a checkpoint folder of an earlier run (``<run>/checkpoint_*``, written by any number of
+            workers with any sharding plan): a new run starts from its weights, optimizer state and place
+            in the data (epoch, and share of the epoch).
         register: log and register the model (the store is then required from the start, and a model
             that could not be logged or registered is an error); False trains without registering.
 
@@ -174,19 +174,17 @@ def _latest_run(storage: Path) -> str:
 
 
 def _checked_start(config: TrainConfig, start_from: str | Path | None, resume: bool) -> Path | None:
-    """``start_from`` resolved, once it holds a file for every worker of this run."""
+    """``start_from`` resolved, once it holds a file for every worker of the run that wrote it."""
     if start_from is None:
         return None
     if resume:
         raise ValueError("start_from: a new run starts from a checkpoint; --resume continues the last run")
     start = Path(start_from).resolve()
-    for rank in range(config.run.num_workers):
-        path = start / CHECKPOINT_FILE.format(rank=rank)
-        if not path.exists():
-            raise FileNotFoundError(
-                f"start_from: {path} not found; a checkpoint "
-                f"folder of a run with run.num_workers = {config.run.num_workers} is needed"
-            )
+    try:
+        files = checkpoint_files(start)  # any number of workers: the workers reshard it
+    except (FileNotFoundError, ValueError) as e:
+        raise type(e)(f"start_from: {e}") from None
+    for path in files:
         read_checkpoint_file(path, mmap=True)  # refused here, in the driver: a worker's error is retried
     return start
 

@@ -172,6 +172,9 @@ class RunRecorder:
             self.tracker.log_params(
                 {"world_size": report.world_size, "sharding_plan_ranks": report.plan_ranks}
             )
+        # The worker count over time: one point per start and restart (it changes when a run resumes on
+        # another number of workers).
+        self.tracker.log_metrics({"workers": float(report.world_size)}, step=report.step)
         if report.resumed_from is not None:
             self.tracker.log_metrics({"restarts/from_epoch": float(report.resumed_from)}, step=report.step)
 

@@ -1,0 +1,126 @@
+"""Checkpoints independent of the number of workers and the sharding plan (issue 21).
+
+One gloo process group per phase: 2 workers table-wise train and checkpoint; 3 workers
+column-wise load that checkpoint and checkpoint again; 1 worker table-wise loads that. The tables, the
+row-wise Adagrad state and the dense state must come back exactly.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from recsys.train.checkpoints import _SHARDS, _resized, checkpoint_files, read_checkpoint_file
+
+PHASES = (  # (workers, sharding, train steps, epoch_step saved)
+    (2, "table_wise", 3, 4),
+    (3, "column_wise", 0, None),
+    (1, "table_wise", 0, None),
+)
+MODEL = {
+    "tasks": [{"name": "click"}, {"name": "purchase", "given": "click"}],
+    "embedding": {"dim": 4},
+    "arch": {"num_experts": 2, "expert_hidden": [8], "tower_hidden": [4]},
+}
+
+
+def _phase(root: Path, index: int, rank: int) -> None:
+    from recsys.train.checkpoints import load_checkpoint, save_checkpoint
+    from recsys.train.config import TrainConfig
+    from recsys.train.sharding import plan_ranks, shard_model
+    from recsys.train.state import TrainingState
+    from tests.test_model_model import LAYOUT, tiny_batch
+
+    world, sharding, steps, epoch_step = PHASES[index]
+    dist.init_process_group("gloo", init_method=f"file://{root}/store{index}", rank=rank, world_size=world)
+    try:
+        training = {"sharding": sharding, "embedding_optimizer": "rowwise_adagrad", "embedding_lr": 0.1}
+        config = TrainConfig.from_dict({"features": str(root), "model": MODEL, "training": training})
+        sharded = shard_model(config, LAYOUT, torch.device("cpu"))
+        if index == 0:
+            for _ in range(steps):
+                loss, _ = sharded.dmp(tiny_batch())
+                loss.backward()
+                sharded.optimizer.step()
+                sharded.optimizer.zero_grad()
+            state = TrainingState(epoch=1, step=steps, epoch_step=epoch_step)
+        else:
+            state = load_checkpoint(sharded, root / f"phase{index - 1}")
+        (root / f"phase{index}").mkdir(exist_ok=True)
+        save_checkpoint(sharded, root / f"phase{index}", state)
+        sharded.dmp.eval()
+        with torch.no_grad():  # every worker scores the same rows: the model as a whole answers
+            _, (_, predictions, _) = sharded.dmp(tiny_batch())
+        if rank == 0:
+            info = {"epoch_step": state.epoch_step, "plan": plan_ranks(sharded.plan)}
+            info["predictions"] = {k: v.tolist() for k, v in predictions.items()}
+            (root / f"phase{index}.json").write_text(json.dumps(info))
+    finally:
+        dist.destroy_process_group()
+
+
+def _process(rank: int, root: str, index: int) -> None:
+    _phase(Path(root), index, rank)
+
+
+def _assembled(directory: Path) -> dict[str, torch.Tensor]:
+    """Every entry of a checkpoint as one whole tensor: sharded ones put together from all rank files."""
+    whole: dict[str, torch.Tensor] = {}
+
+    def walk(prefix: str, value) -> None:
+        if isinstance(value, dict) and _SHARDS in value:
+            full = whole.setdefault(prefix, torch.full(value["size"], float("nan")))
+            for piece in value[_SHARDS]:
+                index = tuple(slice(o, o + n) for o, n in zip(piece["offsets"], piece["sizes"], strict=True))
+                full[index] = piece["tensor"]
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                walk(f"{prefix}/{key}", item)
+        elif isinstance(value, torch.Tensor) and prefix not in whole:
+            whole[prefix] = value.clone()
+
+    for path in checkpoint_files(directory):
+        payload = read_checkpoint_file(path)
+        walk("model", payload["model"])
+        walk("optimizer", payload["optimizer"])
+    return whole
+
+
+@pytest.mark.slow
+def test_a_checkpoint_resumes_on_other_worker_counts_and_plans_exactly(tmp_path):
+    # Fresh processes per phase, as Ray Train starts them: TorchRec validates a process group's
+    # collectives once per process, so a process reused across phases would wait for the others forever.
+    for index, (world, *_) in enumerate(PHASES):
+        mp.start_processes(_process, args=(str(tmp_path), index), nprocs=world, start_method="spawn")
+    first, last = _assembled(tmp_path / "phase0"), _assembled(tmp_path / "phase2")
+    assert first.keys() == last.keys()
+    momentum = [k for k in first if k.endswith("momentum1")]
+    assert len(momentum) == 2 and all(first[k].abs().sum() > 0 for k in momentum)  # trained: state to carry
+    for key in first:
+        assert not first[key].isnan().any(), key  # the shards of every worker were in the files
+        torch.testing.assert_close(last[key], first[key], rtol=0, atol=0, msg=key)
+    info = [json.loads((tmp_path / f"phase{i}.json").read_text()) for i in range(3)]
+    assert ":[1]" in info[0]["plan"] and ":[1]" not in info[2]["plan"]  # tables moved between workers
+    # The place in the epoch: 4 batches on 2 workers = 8 batches' rows, 2 each on 3 (rounded down), 6 on 1.
+    assert [i["epoch_step"] for i in info] == [4, 2, 6]
+    assert info[1]["predictions"] == info[0]["predictions"] == info[2]["predictions"]
+    assert len(checkpoint_files(tmp_path / "phase1")) == 3
+
+
+def test_row_wise_state_of_column_shards_becomes_the_tables_mean_and_back():
+    rows = 3
+    two_shards = [
+        {"offsets": [0], "sizes": [rows], "tensor": torch.tensor([1.0, 2.0, 3.0])},
+        {"offsets": [rows], "sizes": [rows], "tensor": torch.tensor([3.0, 4.0, 5.0])},
+    ]
+    (whole,) = _resized(two_shards, [2 * rows], [rows], rows, "t")
+    torch.testing.assert_close(whole["tensor"], torch.tensor([2.0, 3.0, 4.0]))
+    (four,) = _resized([whole], [rows], [4 * rows], rows, "t")
+    torch.testing.assert_close(four["tensor"], torch.tensor([2.0, 3.0, 4.0]).repeat(4))
+    with pytest.raises(ValueError, match="saved with size \\[7\\], the model has \\[3\\]"):
+        _resized(two_shards, [7], [rows], rows, "t")
