@@ -41,7 +41,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--config", required=True, help="train config: a YAML path or a shipped name")
     parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite:///./mlflow.db)")
-    parser.add_argument("--num-workers", type=int, help="Ray Train workers (overrides run.num_workers)")
+    parser.add_argument(
+        "--num-workers",
+        type=_worker_count,
+        metavar="N|MIN-MAX",
+        help="Ray Train workers (overrides run.num_workers); MIN-MAX trains elastically: on as many as fit, "
+        "going on with fewer when workers or nodes are lost",
+    )
     parser.add_argument("--use-gpu", action="store_true", help="one GPU per worker, NCCL")
     parser.add_argument("--resume", action="store_true", help="continue the latest run from its checkpoint")
     parser.add_argument(
@@ -65,6 +71,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--features", help="override the features folder")
     add_console_flags(parser, "<run.storage_path>/train-<time>.log")
     return parser.parse_args(argv)
+
+
+def _worker_count(text: str) -> int | list[int]:
+    """``2`` or ``1-2`` (checked by the config)."""
+    try:
+        parts = [int(p) for p in text.split("-")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected N or MIN-MAX, got {text!r}") from None
+    if len(parts) > 2:
+        raise argparse.ArgumentTypeError(f"expected N or MIN-MAX, got {text!r}")
+    return parts[0] if len(parts) == 1 else parts
 
 
 def load_config(args: argparse.Namespace) -> TrainConfig:

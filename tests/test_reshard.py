@@ -1,8 +1,9 @@
 """Checkpoints independent of the number of workers and the sharding plan (issue 21).
 
-One gloo process group per phase: 2 workers table-wise train and checkpoint; 3 workers
-column-wise load that checkpoint and checkpoint again; 1 worker table-wise loads that. The tables, the
-row-wise Adagrad state and the dense state must come back exactly.
+One gloo process group per phase: 2 workers table-wise train and checkpoint; 1 worker column-wise loads
+that checkpoint and checkpoints again; then 2 workers table-wise, then 3 column-wise (2 -> 1 -> 2 -> 3
+workers, table-wise <-> column-wise at each step). The tables, the row-wise Adagrad state and the dense
+state must come back exactly.
 """
 
 from __future__ import annotations
@@ -19,8 +20,9 @@ from recsys.train.checkpoints import _SHARDS, _resized, checkpoint_files, read_c
 
 PHASES = (  # (workers, sharding, train steps, epoch_step saved)
     (2, "table_wise", 3, 4),
+    (1, "column_wise", 0, None),
+    (2, "table_wise", 0, None),
     (3, "column_wise", 0, None),
-    (1, "table_wise", 0, None),
 )
 MODEL = {
     "tasks": [{"name": "click"}, {"name": "purchase", "given": "click"}],
@@ -97,19 +99,22 @@ def test_a_checkpoint_resumes_on_other_worker_counts_and_plans_exactly(tmp_path)
     # collectives once per process, so a process reused across phases would wait for the others forever.
     for index, (world, *_) in enumerate(PHASES):
         mp.start_processes(_process, args=(str(tmp_path), index), nprocs=world, start_method="spawn")
-    first, last = _assembled(tmp_path / "phase0"), _assembled(tmp_path / "phase2")
-    assert first.keys() == last.keys()
+    phases = [_assembled(tmp_path / f"phase{i}") for i in range(len(PHASES))]
+    first = phases[0]
     momentum = [k for k in first if k.endswith("momentum1")]
     assert len(momentum) == 2 and all(first[k].abs().sum() > 0 for k in momentum)  # trained: state to carry
-    for key in first:
-        assert not first[key].isnan().any(), key  # the shards of every worker were in the files
-        torch.testing.assert_close(last[key], first[key], rtol=0, atol=0, msg=key)
-    info = [json.loads((tmp_path / f"phase{i}.json").read_text()) for i in range(3)]
-    assert ":[1]" in info[0]["plan"] and ":[1]" not in info[2]["plan"]  # tables moved between workers
-    # The place in the epoch: 4 batches on 2 workers = 8 batches' rows, 2 each on 3 (rounded down), 6 on 1.
-    assert [i["epoch_step"] for i in info] == [4, 2, 6]
-    assert info[1]["predictions"] == info[0]["predictions"] == info[2]["predictions"]
-    assert len(checkpoint_files(tmp_path / "phase1")) == 3
+    for later in phases[1:]:
+        assert later.keys() == first.keys()
+        for key in first:
+            assert not first[key].isnan().any(), key  # the shards of every worker were in the files
+            torch.testing.assert_close(later[key], first[key], rtol=0, atol=0, msg=key)
+    info = [json.loads((tmp_path / f"phase{i}.json").read_text()) for i in range(len(PHASES))]
+    assert ":[1]" in info[0]["plan"] and ":[1]" not in info[1]["plan"]  # tables moved between workers
+    # The place in the epoch: 4 batches on 2 workers = 8 batches' rows: 8 on 1, 4 on 2, 2 on 3 (rounded
+    # down).
+    assert [i["epoch_step"] for i in info] == [4, 8, 4, 2]
+    assert all(i["predictions"] == info[0]["predictions"] for i in info)
+    assert [len(checkpoint_files(tmp_path / f"phase{i}")) for i in range(len(PHASES))] == [2, 1, 2, 3]
 
 
 def test_row_wise_state_of_column_shards_becomes_the_tables_mean_and_back():

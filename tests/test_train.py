@@ -1,4 +1,8 @@
-"""Distributed training end to end: real Ray (embedded), real TorchRec DMP (2 workers, gloo), real MLflow."""
+"""Distributed training end to end: real Ray (embedded), real TorchRec DMP (gloo), real MLflow.
+
+The two-worker run with every check of its record and registered model is in tests/test_multinode.py,
+where it runs on two Ray nodes and loses one.
+"""
 
 from __future__ import annotations
 
@@ -61,93 +65,50 @@ def split_rows(root, split):
     return pl.scan_parquet(root / "features" / split / "*.parquet").select(pl.len()).collect().item()
 
 
-def test_two_workers_train_log_register_and_the_registered_model_agrees(data):
-    uri = f"sqlite:///{data / 'mlflow.db'}"
-    result = run_training(make_config(data, "two-workers"), tracking_uri=uri)
-    summary = result.summary
-    assert summary.alias == "champion" and summary.version == "1"
-
-    client = mlflow.MlflowClient(uri)
-    run = client.get_run(summary.mlflow_run_id)
-    # Tables really split across the workers: some on rank 0, some on rank 1.
-    ranks = run.data.params["sharding_plan_ranks"]
-    assert ":[0]" in ranks and ":[1]" in ranks
-    losses = [m.value for m in client.get_metric_history(run.info.run_id, "train/loss")]
-    assert len(losses) >= 4 and np.mean(losses[-2:]) < np.mean(losses[:2])
-    aucs = client.get_metric_history(run.info.run_id, "valid/click/auc")
-    assert len(aucs) == 2 and all(0.5 < m.value <= 1 for m in aucs)
-    assert run.data.metrics["workers"] == 2  # the worker count over time, one point per (re)start
-    # The model kept (tested, packaged, registered) is the best epoch's.
-    by_step = [m.value for m in sorted(aucs, key=lambda m: m.step)]
-    assert summary.final_epoch == int(np.argmax(by_step))
-    assert summary.final_valid_main_metric == pytest.approx(max(by_step))
-    # Every evaluation row is counted once: nothing dropped by the uneven split, no padding row.
-    assert run.data.metrics["valid/click/count"] == split_rows(data, "valid")
-    assert run.data.metrics["test/click/count"] == split_rows(data, "test")
-    assert 0 < run.data.metrics["test/click/oracle_auc"] - run.data.metrics["test/click/auc"] < 0.3
-    # The test metrics are those of the calibrated package, with those before calibration beside them.
-    for task in ("click", "purchase"):
-        for name in ("calibration", "log_loss"):
-            assert np.isfinite(run.data.metrics[f"test/{task}/{name}_raw"])
-        assert run.data.metrics[f"test/{task}/auc"] > 0.5
-    calibration = load_package(summary.model_package).calibration
-    assert sorted(calibration) == ["click", "purchase"] and all(c.a > 0 for c in calibration.values())
-    artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "report")}
-    assert {"report/calibration_test.png", "report/expert_load.png", "report/loss.png"} <= artifacts
-
-    # The registered champion, loaded through MLflow from raw contract rows, scores the test rows as the
-    # sharded model did during training.
-    mlflow.set_tracking_uri(uri)
-    # In the precision it was trained and evaluated in (training.precision auto: bf16 where the CPU has it).
-    model = mlflow.pyfunc.load_model("models:/tiny-ranker@champion", model_config={"compute_dtype": "auto"})
-    raw = data / "raw"
-    rows = (
-        pl.read_parquet(raw / "impressions.parquet")
-        .join(pl.read_parquet(raw / "users.parquet"), on="user_id", how="left")
-        .join(pl.read_parquet(raw / "items.parquet"), on="item_id", how="left")
-    )
-    scored = pl.from_pandas(model.predict(rows.to_pandas()))
-    during = pl.read_parquet(result.storage / "test_predictions.parquet")
-    joined = during.join(scored, on="impression_id", suffix="_registered")
-    assert joined.height == during.height == split_rows(data, "test")
-    for task in ("click", "purchase"):
-        np.testing.assert_allclose(joined[f"p_{task}_registered"], joined[f"p_{task}"], rtol=1e-4, atol=1e-6)
-
-
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def test_unreachable_tracking_training_goes_on_unless_required_or_registering(data):
-    config = make_config(data, "no-tracking", epochs=1, max_steps_per_epoch=3).replace(run={"num_workers": 1})
-    uri = f"http://127.0.0.1:{free_port()}"
-    with pytest.raises(TrackingError, match=uri):
-        run_training(config, tracking_uri=uri, require_tracking=True, register=False)
-    result = run_training(config, tracking_uri=uri, register=False)
-    assert result.summary.mlflow_run_id is None and result.summary.version is None
-    assert (result.storage / "model" / "weights.pt").exists()
+def steps_config(root, name, **training):
+    """One worker, a checkpoint every 10 steps (all kept), shuffled rows, tables drawn anew every epoch."""
+    config = make_config(
+        root, name, checkpoint_every_steps=10, shuffle_rows=3000, embedding_reinit=True, **training
+    )
+    return config.replace(run={"num_workers": 1, "checkpoints_to_keep": 0})
 
 
-def test_resume_gives_the_same_model_as_an_uninterrupted_run(data):
-    uri = f"sqlite:///{data / 'mlflow-resume.db'}"
-    whole = make_config(data, "whole").replace(run={"num_workers": 1})
-    run_training(whole, tracking_uri=uri)
-    first = make_config(data, "stopped", epochs=1).replace(run={"num_workers": 1})
-    stopped = run_training(first, tracking_uri=uri)
-    resumed = run_training(first.replace(training={"epochs": 2}), tracking_uri=uri, resume=True)
-    a = pl.read_parquet(data / "ray" / "whole" / "test_predictions.parquet").sort("impression_id")
-    b = pl.read_parquet(resumed.storage / "test_predictions.parquet").sort("impression_id")
+@pytest.fixture(scope="module")
+def whole(data):
+    """The uninterrupted run the interrupted ones must end as."""
+    uri = f"sqlite:///{data / 'mlflow-steps.db'}"
+    result = run_training(steps_config(data, "whole"), tracking_uri=uri)
+    predictions = pl.read_parquet(result.storage / "test_predictions.parquet").sort("impression_id")
+    return result, uri, predictions
+
+
+def assert_same_predictions(result, expected) -> None:
+    got = pl.read_parquet(result.storage / "test_predictions.parquet").sort("impression_id")
     for task in ("click", "purchase"):
-        np.testing.assert_allclose(b[f"p_{task}"], a[f"p_{task}"], rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(got[f"p_{task}"], expected[f"p_{task}"], rtol=1e-4, atol=1e-6)
+
+
+def test_resume_gives_the_same_model_as_an_uninterrupted_run(data, whole):
+    _, uri, expected = whole
+    # Ray Train prunes the first part's checkpoints to the two latest; the run resumes from the last.
+    first = steps_config(data, "stopped", epochs=1).replace(run={"checkpoints_to_keep": 2})
+    stopped = run_training(first, tracking_uri=uri)
+    assert len([p for p in stopped.storage.glob("checkpoint_*") if p.is_dir()]) == 2
+    resumed = run_training(first.replace(training={"epochs": 2}), tracking_uri=uri, resume=True)
+    assert_same_predictions(resumed, expected)
     # The resumed run records to the MLflow run the first part opened (its id kept in tracking.json).
     run_id = json.loads((resumed.storage / "tracking.json").read_text())["run_id"]
     assert resumed.summary.mlflow_run_id == stopped.summary.mlflow_run_id == run_id
     assert not (resumed.storage / "result.json").exists()  # the summary comes back from the driver
 
 
-def test_a_run_started_from_a_checkpoint_within_an_epoch_skips_the_batches_it_trained_on(data):
+def test_a_run_started_from_a_checkpoint_within_an_epoch_skips_the_batches_it_trained_on(data, whole):
     """Starting from step 10 of epoch 0 gives the model of the run that wrote the checkpoint.
 
     The new run trains on epoch 0's batches after the 10th (the shuffled order depends only on the seed and
@@ -155,41 +116,50 @@ def test_a_run_started_from_a_checkpoint_within_an_epoch_skips_the_batches_it_tr
     ``embedding_reinit``, epoch 1 starts with tables drawn anew from the seed; a run started within epoch 1
     must not draw them again (its rows trained since would be lost).
     """
-    uri = f"sqlite:///{data / 'mlflow-midway.db'}"
-    config = make_config(
-        data, "writes-steps", checkpoint_every_steps=10, shuffle_rows=3000, embedding_reinit=True
-    )
-    config = config.replace(run={"num_workers": 1})
-    whole = run_training(config, tracking_uri=uri)
-    a = pl.read_parquet(whole.storage / "test_predictions.parquet").sort("impression_id")
-    step10 = whole.storage / "checkpoint_step00000010"
+    result, uri, expected = whole
+    step10 = result.storage / "checkpoint_step00000010"
     assert (step10 / "rank0.pt").exists()
     per_epoch = split_rows(data, "train") // 256  # one worker: every full batch is a step
     within_second = [
         path
-        for path in sorted(whole.storage.glob("checkpoint_step*"))
+        for path in sorted(result.storage.glob("checkpoint_step*"))
         if per_epoch < int(path.name.removeprefix("checkpoint_step")) < 2 * per_epoch
     ]
     assert within_second
     for name, checkpoint, epoch in (("from-step10", step10, 0), ("within-second", within_second[0], 1)):
-        started = run_training(config.replace(run={"name": name}), tracking_uri=uri, start_from=checkpoint)
-        b = pl.read_parquet(started.storage / "test_predictions.parquet").sort("impression_id")
-        for task in ("click", "purchase"):
-            np.testing.assert_allclose(b[f"p_{task}"], a[f"p_{task}"], rtol=1e-4, atol=1e-6)
+        started = run_training(steps_config(data, name), tracking_uri=uri, start_from=checkpoint)
+        assert_same_predictions(started, expected)
         run = mlflow.MlflowClient(uri).get_run(started.summary.mlflow_run_id)
         assert run.data.metrics["restarts/from_epoch"] == epoch
     # The checkpoint of one worker may start a run of two (resharded; tests/test_reshard.py checks that
     # the state comes back exactly).
-    assert _checked_start(config.replace(run={"num_workers": 2}), step10, resume=False) == step10.resolve()
+    config = steps_config(data, "two").replace(run={"num_workers": 2})
+    assert _checked_start(config, step10, resume=False) == step10.resolve()
 
 
 def test_ray_data_ingest_feeds_the_same_batches_as_reading_parquet_directly(data):
-    """In file order (no shuffle) both ingest paths give one worker the same batches: the same model."""
-    uri = f"sqlite:///{data / 'mlflow-ingest.db'}"
-    runs = {}
-    for ingest in ("parquet", "ray_data"):
-        config = make_config(data, f"ingest-{ingest}", epochs=1, shuffle_rows=0, ingest=ingest)
-        runs[ingest] = run_training(config.replace(run={"num_workers": 1}), tracking_uri=uri)
+    """In file order (no shuffle) both ingest paths give one worker the same batches: the same model.
+
+    The ``parquet`` run also trains without its MLflow store (unreachable, ``register=False``): it goes on
+    untracked, unless tracking is required.
+    """
+    unreachable, store = f"http://127.0.0.1:{free_port()}", f"sqlite:///{data / 'mlflow-ingest.db'}"
+    uris = {"parquet": unreachable, "ray_data": store}
+    configs = {
+        ingest: make_config(data, f"ingest-{ingest}", epochs=1, shuffle_rows=0, ingest=ingest).replace(
+            run={"num_workers": 1}
+        )
+        for ingest in uris
+    }
+    with pytest.raises(TrackingError, match=uris["parquet"]):
+        run_training(configs["parquet"], tracking_uri=uris["parquet"], require_tracking=True, register=False)
+    runs = {
+        ingest: run_training(configs[ingest], tracking_uri=uris[ingest], register=ingest == "ray_data")
+        for ingest in uris
+    }
+    untracked = runs["parquet"]
+    assert untracked.summary.mlflow_run_id is None and untracked.summary.version is None
+    assert (untracked.storage / "model" / "weights.pt").exists()
     a, b = (
         pl.read_parquet(r.storage / "test_predictions.parquet").sort("impression_id") for r in runs.values()
     )

@@ -144,7 +144,7 @@ def _start_ray(config: Any, search: SearchSpec) -> None:
     """
     from recsys.runtime import init_ray
 
-    per_trial = 1 + config.run.num_workers * config.run.cpus_per_worker + 2
+    per_trial = 1 + config.run.max_workers * config.run.cpus_per_worker + 2
     init_ray("tuning", num_cpus=max(os.cpu_count() or 1, search.max_concurrent_trials * per_trial))
 
 

@@ -35,6 +35,7 @@ from recsys.train.sharding import ShardedModel, task_balancer
 from recsys.train.state import TrainingState
 
 CHECKPOINT_FILE = "rank{rank}.pt"
+BEST_DIR = "best"  # the run's folder of the best epoch's shards, kept apart from pruned checkpoints
 CHECKPOINT_FORMAT = 2  # 1: pickled ShardedTensors (weights_only=False), refused since
 _SHARDS = "__shards__"  # the key that marks a ShardedTensor written as its local shards
 
@@ -241,8 +242,35 @@ def _table_rows(model_state: dict[str, Any]) -> dict[str, int]:
     }
 
 
+def keep_best_epoch(directory: Path, run_dir: Path, epoch: int) -> None:
+    """Keeps this worker's file of a new best epoch in ``<run>/best/epoch<N>`` (every worker calls it).
+
+    A hard link to the file just written where the file system allows one (else a copy); the earlier best
+    epoch's folder is removed once every worker's file is in place.
+    """
+    import os
+    import shutil
+
+    best = Path(run_dir) / BEST_DIR
+    target = best / f"epoch{epoch:03d}"
+    if dist.get_rank() == 0:
+        shutil.rmtree(target, ignore_errors=True)  # a restarted run's earlier attempt, maybe more workers
+        target.mkdir(parents=True)
+    dist.barrier()
+    source, kept = checkpoint_file(directory), checkpoint_file(target)
+    try:
+        os.link(source, kept)
+    except OSError:
+        shutil.copyfile(source, kept)
+    dist.barrier()
+    if dist.get_rank() == 0:
+        for old in best.iterdir():
+            if old != target:
+                shutil.rmtree(old, ignore_errors=True)
+
+
 def restore_best_epoch(sharded: ShardedModel, state: TrainingState, run_dir: Path) -> TrainingState:
-    """Loads the checkpoint of the epoch with the best main metric, if a later epoch was worse.
+    """Loads the shards of the epoch with the best main metric, if a later epoch was worse.
 
     Deep CTR models often overfit from their second epoch on; the test split, the package and the registry
     then all see the best epoch's weights. Every worker decides alike (the state is broadcast each epoch).
@@ -252,7 +280,7 @@ def restore_best_epoch(sharded: ShardedModel, state: TrainingState, run_dir: Pat
     best = last if state.best_epoch is None else state.best_epoch
     if best == last:
         return replace(state, final_epoch=last)
-    directory = run_dir / f"checkpoint_epoch{best:03d}"
+    directory = run_dir / BEST_DIR / f"epoch{best:03d}"
     if not checkpoint_file(directory, 0).exists():  # started from another run's checkpoint: not here
         if dist.get_rank() == 0:
             story(

@@ -160,12 +160,19 @@ class RunSettings:
     Attributes:
         experiment: the MLflow experiment.
         model_name: the registered model's name in the MLflow model registry.
-        num_workers: Ray Train workers (each one process holding its share of the tables).
+        num_workers: Ray Train workers (each one process holding its share of the tables); ``[min, max]``
+            for elastic training: the run starts with as many workers as the cluster fits (at least
+            ``min``), goes on with fewer when a worker or node is lost (resharding the last checkpoint),
+            and grows back when resources return (checked every ``resize_check_s``).
         use_gpu: one GPU per worker, NCCL instead of gloo.
         storage_path: where Ray Train keeps checkpoints (a local folder or a cluster storage URI).
         name: the run's name under ``storage_path`` (default: model name and start time).
         max_failures: worker failures to recover from (from the latest checkpoint) before giving up (-1:
-            without limit).
+            without limit). A lost node counts as one.
+        resize_check_s: with ``num_workers: [min, max]``, how often a healthy run checks whether more
+            workers fit (growing restarts the workers from the last checkpoint).
+        checkpoints_to_keep: the latest checkpoints kept in the run's folder (older ones are deleted; the
+            best epoch's shards are kept apart); 0 keeps them all.
         cpus_per_worker: CPUs reserved per worker (and torch threads in it).
         parent_run_id: the MLflow run this run is nested under (tag ``mlflow.parentRunId``); empty: none.
             An experiment grid or a hyperparameter search sets it for each of its runs.
@@ -174,11 +181,13 @@ class RunSettings:
 
     experiment: str = "recsys"
     model_name: str = "ranking-model"
-    num_workers: int = 2
+    num_workers: int | tuple[int, int] = 2
     use_gpu: bool = False
     storage_path: str = "artifacts/ray"
     name: str = ""
     max_failures: int = 2
+    resize_check_s: float = 60.0
+    checkpoints_to_keep: int = 3
     cpus_per_worker: int = 1
     parent_run_id: str = ""
     tags: dict[str, str] = field(default_factory=dict)
@@ -188,10 +197,13 @@ class RunSettings:
         for name in ("experiment", "model_name"):
             if not isinstance(getattr(self, name), str) or not getattr(self, name):
                 raise invalid(w, name, getattr(self, name), "expected a non-empty string")
-        check_int(w, "num_workers", self.num_workers)
+        object.__setattr__(self, "num_workers", _worker_count(self.num_workers))
         # Ray Train's FailureConfig: -1 retries without limit, 0 never.
         check_int(w, "max_failures", self.max_failures, minimum=-1)
         check_int(w, "cpus_per_worker", self.cpus_per_worker)
+        check_int(w, "checkpoints_to_keep", self.checkpoints_to_keep, minimum=0)
+        if not isinstance(self.resize_check_s, int | float) or not 0 < self.resize_check_s < float("inf"):
+            raise invalid(w, "resize_check_s", self.resize_check_s, "expected a number of seconds > 0")
         if not isinstance(self.use_gpu, bool):
             raise invalid(w, "use_gpu", self.use_gpu, "expected true or false")
         if not isinstance(self.parent_run_id, str):
@@ -200,6 +212,28 @@ class RunSettings:
             isinstance(k, str) and k and isinstance(v, str) for k, v in self.tags.items()
         ):
             raise invalid(w, "tags", self.tags, "expected a mapping of non-empty strings to strings")
+
+    @property
+    def worker_range(self) -> tuple[int, int]:
+        """``(min, max)`` workers; equal unless the run is elastic."""
+        n = self.num_workers
+        return (n, n) if isinstance(n, int) else n
+
+    @property
+    def max_workers(self) -> int:
+        """The most workers the run takes (its CPUs are reserved for that many)."""
+        return self.worker_range[1]
+
+
+def _worker_count(value: Any) -> int | tuple[int, int]:
+    """``num_workers`` checked: an int >= 1, or ``[min, max]`` with 1 <= min < max (equal ones: an int)."""
+    if isinstance(value, list | tuple):
+        ok = len(value) == 2 and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+        if not ok or not 1 <= value[0] <= value[1]:
+            raise invalid("run", "num_workers", list(value), "expected [min, max] with 1 <= min <= max")
+        return value[0] if value[0] == value[1] else (value[0], value[1])
+    check_int("run", "num_workers", value)
+    return value
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,8 @@
 latest for ``--resume``), opens the run's record (:class:`~recsys.train.recorder.RunRecorder`, the only
 MLflow caller of training), starts Ray (:func:`recsys.runtime.init_ray`), builds a Ray Train
 ``TorchTrainer`` whose workers run :func:`recsys.train.worker.train_loop_per_worker`, fits it, and returns
-the recorder's summary. Ray Train restarts failed workers from the latest checkpoint (``FailureConfig``).
+the recorder's summary. Ray Train restarts failed workers from the latest checkpoint (``FailureConfig``), on
+as many workers as fit when the run is elastic (``run.num_workers: [min, max]``).
 
 Example:
     >>> config = TrainConfig.from_yaml(builtin_train_config("train_demo"))  # doctest: +SKIP
@@ -196,12 +197,12 @@ def _embedded_cpus(config: TrainConfig) -> int:
     """
     import os
 
-    return max(os.cpu_count() or 1, config.run.num_workers * config.run.cpus_per_worker) + 2
+    return max(os.cpu_count() or 1, config.run.max_workers * config.run.cpus_per_worker) + 2
 
 
 def _trainer(settings: WorkerSettings, callbacks: list[Any]) -> Any:
     """The ``TorchTrainer`` of the run: its workers, their resources, failures to recover from, data."""
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from recsys.runtime import model_process_env
@@ -215,15 +216,20 @@ def _trainer(settings: WorkerSettings, callbacks: list[Any]) -> Any:
         # On GPUs, NCCL for the model's CUDA tensors and gloo for the loop's small CPU collectives (the
         # lockstep flags, gathered predictions).
         torch_config=TorchConfig(backend="cpu:gloo,cuda:nccl" if run.use_gpu else "gloo"),
+        # ``[min, max]`` workers: Ray Train's elastic scaling; every (re)start reshards the last checkpoint
+        # to the workers it got (recsys.train.checkpoints).
         scaling_config=ScalingConfig(
             num_workers=run.num_workers,
             use_gpu=run.use_gpu,
             resources_per_worker={"CPU": run.cpus_per_worker},
+            elastic_resize_monitor_interval_s=run.resize_check_s,
         ),
         run_config=RunConfig(
             name=Path(settings.run_dir).name,
             storage_path=str(Path(settings.run_dir).parent),
             failure_config=FailureConfig(max_failures=run.max_failures),
+            # Ray deletes the older ones, keeping the latest (the best epoch's shards are kept apart).
+            checkpoint_config=CheckpointConfig(num_to_keep=run.checkpoints_to_keep or None),
             callbacks=callbacks,
             worker_runtime_env={"env_vars": model_process_env()},
         ),

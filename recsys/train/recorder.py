@@ -22,16 +22,19 @@ reopens the same run.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import shutil
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from ray.train import UserCallback
 
+from features.console import story
 from features.files import atomic_write, staged_dir, staged_file
 from recsys.train.config import TrainConfig
 from recsys.train.reports import (
@@ -48,6 +51,7 @@ from recsys.train.reports import (
     TrainWindow,
     public_metrics,
     read_report,
+    records_folder,
 )
 from recsys.train.summary import TrainingSummary
 
@@ -97,6 +101,7 @@ class RunRecorder:
                 f"{self.tracker.last_error}; the model could not be registered (--no-register: train without)"
             )
         self.run_id: str | None = None
+        self.workers: int | None = None  # of the last (re)start
         self.plan_logged = True
         self.steps: list[int] = []
         self.losses: dict[str, list[float]] = {}
@@ -133,7 +138,7 @@ class RunRecorder:
             self.tracker.log_text(self.spec.to_json(), "config/feature_spec.json")
 
     def record(self, report: Report, checkpoint: Any | None) -> None:
-        """Logs one report of rank 0 (its checkpoint, a ``ray.train.Checkpoint``, holds the files)."""
+        """Logs one report of rank 0 (the files are in the records folder named after its checkpoint)."""
         if self.summary is not None:
             return  # the run is recorded; a worker restarted after its final report reports it again
         for window in getattr(report, "windows", ()):
@@ -141,12 +146,25 @@ class RunRecorder:
         if isinstance(report, StartReport):
             self._start(report)
         elif isinstance(report, EpochReport):
-            self._epoch(report, checkpoint)
+            with self._records(checkpoint) as folder:
+                self._epoch(report, folder)
         elif isinstance(report, FinalReport):
-            with checkpoint.as_directory() as directory:
-                self.summary = self._finish(report, Path(directory))
+            with self._records(checkpoint) as folder:
+                self.summary = self._finish(report, folder)
         elif isinstance(report, DivergedReport):
             raise NonFiniteLossError(report)
+
+    @contextlib.contextmanager
+    def _records(self, checkpoint: Any) -> Iterator[Path]:
+        """The report's records folder (:func:`~recsys.train.reports.records_folder`), removed once logged.
+
+        Read there, not from the checkpoint: Ray Train may have pruned the checkpoint by now.
+        """
+        folder = records_folder(self.run_dir, Path(checkpoint.path).name)
+        yield folder
+        shutil.rmtree(folder, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            folder.parent.rmdir()  # when it was the last
 
     def close(self, status: str) -> None:
         """Ends the MLflow run of a run that failed (``FAILED``) or was interrupted (``KILLED``).
@@ -175,6 +193,8 @@ class RunRecorder:
         # The worker count over time: one point per start and restart (it changes when a run resumes on
         # another number of workers).
         self.tracker.log_metrics({"workers": float(report.world_size)}, step=report.step)
+        story(_start_line(self.workers, report))
+        self.workers = report.world_size
         if report.resumed_from is not None:
             self.tracker.log_metrics({"restarts/from_epoch": float(report.resumed_from)}, step=report.step)
 
@@ -185,7 +205,7 @@ class RunRecorder:
         metrics = {f"train/{k}": v for k, v in {**window.losses, **window.gate_stats}.items()}
         self.tracker.log_metrics({**metrics, "train/examples_per_s": window.examples_per_s}, step=window.step)
 
-    def _epoch(self, report: EpochReport, checkpoint: Any) -> None:
+    def _epoch(self, report: EpochReport, records: Path) -> None:
         from recsys.report import calibration_figure
         from recsys.train.evaluation import finite_metrics
 
@@ -193,8 +213,7 @@ class RunRecorder:
         self.tracker.log_metrics(
             {**finite_metrics(report.metrics), "epoch": float(report.epoch)}, report.step
         )
-        with checkpoint.as_directory() as directory:
-            labels, probs, _ = _predictions(Path(directory) / VALID_PREDICTIONS, self.config)
+        labels, probs, _ = _predictions(records / VALID_PREDICTIONS, self.config)
         if labels:  # binary tasks only: a regression-only model has no calibration to draw
             figure = calibration_figure(labels, probs, f"validation, epoch {report.epoch}")
             self.tracker.log_figure(figure, f"report/calibration_valid_epoch{report.epoch:03d}.png")
@@ -295,6 +314,17 @@ def _summary(report: FinalReport, config: TrainConfig, run_id: str | None, packa
     )
 
 
+def _start_line(previous: int | None, report: StartReport) -> str:
+    """``training on 2 workers``, or ``restarted on 1 worker (was 2), from epoch 2, step 60``."""
+    n = report.world_size
+    line = f"{'training' if previous is None else 'restarted'} on {n} worker{'s' if n > 1 else ''}"
+    if previous is not None and previous != n:
+        line += f" (was {previous})"
+    if report.resumed_from is not None:
+        line += f", from epoch {report.resumed_from + 1}, step {report.step}"
+    return line
+
+
 def _check_main_metric(report: EpochReport, key: str) -> None:
     """Raises a named ValueError when the epoch's main validation metric is missing or not finite."""
     import math
@@ -380,10 +410,14 @@ class RecorderChannel:
     """
 
     def __init__(self, recorder: RunRecorder) -> None:
+        import ray
         from ray.util.queue import Queue
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
         self.recorder = recorder
-        self.queue = Queue(actor_options={"num_cpus": 0})
+        # On the driver's node (as Ray Train's controller is): a lost worker node must not take it along.
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+        self.queue = Queue(actor_options={"num_cpus": 0, "scheduling_strategy": here})
         self.done = threading.Event()
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._drain, name="train-recorder", daemon=True)

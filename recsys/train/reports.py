@@ -3,9 +3,12 @@
 Rank 0's report carries a typed record (a :class:`StartReport`, :class:`StepReport`, :class:`EpochReport` or
 :class:`FinalReport`) as plain data under :data:`RECORD`, beside the few public metrics that Ray Train's
 other callbacks (Ray Tune's) have always seen: ``epoch``, ``step``, ``main_metric`` (the best so far) and
-``valid_main_metric`` (this epoch's). Larger things travel in the report's checkpoint folder: the
-validation predictions of the epoch (:data:`VALID_PREDICTIONS`), and at the end the test predictions
-(:data:`TEST_PREDICTIONS`) and the gathered model package (:data:`PACKAGE_DIR`).
+``valid_main_metric`` (this epoch's). Larger things travel in a folder of the run beside the report's
+checkpoint (:func:`records_folder`, named after it): the validation predictions of the epoch
+(:data:`VALID_PREDICTIONS`), and at the end the test predictions (:data:`TEST_PREDICTIONS`) and the gathered
+model package (:data:`PACKAGE_DIR`). Not inside the checkpoint: Ray Train deletes old checkpoints
+(``run.checkpoints_to_keep``) while the driver's recorder may still be behind; the recorder removes a
+records folder once it has logged it.
 
 Example:
     >>> metrics = report_metrics(StepReport(epoch=0, step=10))
@@ -16,6 +19,7 @@ Example:
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 from recsys.train.state import TrainingState
@@ -24,6 +28,12 @@ RECORD = "record"  # the key of the typed record in a report's metrics
 VALID_PREDICTIONS = "valid_predictions.parquet"
 TEST_PREDICTIONS = "test_predictions.parquet"
 PACKAGE_DIR = "model"
+RECORDS_DIR = "records"
+
+
+def records_folder(run_dir: str | Path, checkpoint_name: str) -> Path:
+    """Where rank 0 leaves the files of the report of checkpoint ``checkpoint_name`` for the recorder."""
+    return Path(run_dir) / RECORDS_DIR / checkpoint_name
 
 
 @dataclass(frozen=True)
@@ -73,7 +83,7 @@ class StepReport:
 
 @dataclass(frozen=True)
 class EpochReport:
-    """An epoch trained and validated; its checkpoint folder holds :data:`VALID_PREDICTIONS`.
+    """An epoch trained and validated; its records folder holds :data:`VALID_PREDICTIONS`.
 
     Attributes:
         epoch: the epoch (from 0).
@@ -92,7 +102,7 @@ class EpochReport:
 
 @dataclass(frozen=True)
 class FinalReport:
-    """The end: test metrics; the checkpoint holds :data:`TEST_PREDICTIONS` and the package.
+    """The end: test metrics; its records folder holds :data:`TEST_PREDICTIONS` and the package.
 
     Attributes:
         state: the run's final state (history of every epoch, best and final epoch).

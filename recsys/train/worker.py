@@ -39,7 +39,13 @@ from features.console import story
 from recsys.data.batch import Batch, batch_from_arrow
 from recsys.data.shard import ParquetShard, lockstep_batches
 from recsys.precision import autocast
-from recsys.train.checkpoints import gather_unsharded, load_checkpoint, restore_best_epoch, save_checkpoint
+from recsys.train.checkpoints import (
+    gather_unsharded,
+    keep_best_epoch,
+    load_checkpoint,
+    restore_best_epoch,
+    save_checkpoint,
+)
 from recsys.train.config import TrainConfig
 from recsys.train.divergence import LossWatch, TrainingDivergedError
 from recsys.train.evaluation import (
@@ -60,6 +66,7 @@ from recsys.train.reports import (
     StartReport,
     StepReport,
     TrainWindow,
+    records_folder,
     report_metrics,
 )
 from recsys.train.sharding import ShardedModel, build_sharded_model, plan_ranks, reinit_tables, set_epoch_lr
@@ -329,7 +336,8 @@ def validate(worker: Worker, state: TrainingState, epoch: int) -> TrainingState:
         story(_epoch_line(worker, epoch, metrics, worker.meter.epoch_rate))
     dist.broadcast_object_list(decided, src=0)
     state = decided[0]
-    report_checkpoint(worker, state, record, f"epoch{epoch:03d}", {VALID_PREDICTIONS: preds})
+    best = epoch if state.best_epoch == epoch else None
+    report_checkpoint(worker, state, record, f"epoch{epoch:03d}", {VALID_PREDICTIONS: preds}, best)
     return state
 
 
@@ -348,23 +356,38 @@ def report_checkpoint(
     record: Report | None,
     name: str,
     predictions: dict[str, Predictions | None] | None = None,
+    best_epoch: int | None = None,
 ) -> None:
-    """Checkpoints this worker's shard and reports it, with rank 0's record and predictions files."""
+    """Checkpoints this worker's shard and reports it, with rank 0's record and predictions files.
+
+    The shards of a new best epoch (``best_epoch``) are also kept apart: Ray Train prunes old checkpoints.
+    """
+    for file, preds in (predictions or {}).items():
+        if preds is not None:  # rank 0 holds the gathered predictions
+            _write_predictions(preds, _records(worker, name) / file)
     with tempfile.TemporaryDirectory() as tmp:
         save_checkpoint(worker.sharded, Path(tmp), state)
-        for file, preds in (predictions or {}).items():
-            if preds is not None:  # rank 0 holds the gathered predictions
-                _write_predictions(preds, Path(tmp) / file)
+        if best_epoch is not None:
+            keep_best_epoch(Path(tmp), Path(worker.settings.run_dir), best_epoch)
         _report(worker, record, Path(tmp), name)
+
+
+def _records(worker: Worker, name: str) -> Path:
+    """Rank 0's records folder of checkpoint ``name`` (a restarted worker writes it again)."""
+    folder = records_folder(worker.settings.run_dir, f"checkpoint_{name}")
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
 
 
 def finish(worker: Worker, state: TrainingState) -> None:
     """Restores the best epoch, calibrates, scores the test split, and reports the final checkpoint.
 
     The final checkpoint holds the last epoch's shards (a resumed run goes on from there, as from the last
-    epoch's checkpoint), and on rank 0 the test predictions (calibrated, with the probabilities before
-    calibration) and the gathered model's package with its calibration.
+    epoch's checkpoint); rank 0 leaves the test predictions (calibrated, with the probabilities before
+    calibration) and the gathered model's package with its calibration in the report's records folder.
     """
+    import shutil
+
     from recsys.package import save_package
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -376,11 +399,13 @@ def finish(worker: Worker, state: TrainingState) -> None:
         model = gather_unsharded(worker.sharded, worker.config)
         record = None
         if worker.rank == 0:
+            records = _records(worker, "final")
             preds = preds.calibrated(calibration)
             metrics = split_metrics(preds, worker.config, worker.truth, "test/")
-            _write_predictions(preds, directory / TEST_PREDICTIONS)
+            _write_predictions(preds, records / TEST_PREDICTIONS)
             extra = {"run_id": worker.settings.mlflow_run_id, "test_metrics": finite_metrics(metrics)}
-            package = directory / PACKAGE_DIR
+            package = records / PACKAGE_DIR
+            shutil.rmtree(package, ignore_errors=True)  # an earlier attempt's (a restarted worker)
             save_package(
                 package, model, worker.config.model, worker.spec, extra=extra, calibration=calibration
             )
