@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_the_demo_tells_its_story_in_at_most_60_lines_and_logs_the_rest(tmp_path):
     out = tmp_path / "demo"
     done = subprocess.run(
-        [sys.executable, "-m", "pipelines.demo", "--out", str(out), "--impressions", "30000"]
+        [sys.executable, "-m", "pipelines.demo", "--out", str(out), "--impressions", "15000"]
         + ["--candidates", "3000", "--num-workers", "1"],
         capture_output=True,
         text=True,

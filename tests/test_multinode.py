@@ -39,8 +39,11 @@ def cluster(tmp_path_factory):
     patch = pytest.MonkeyPatch()
     # A lost node is seen by Ray Train's capacity count only at its next refresh (every 20 s): a restart
     # that still counts it waits this long for the workers it cannot place, then decides again.
-    patch.setenv("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "10")
+    patch.setenv("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "6")
     head = {"num_cpus": 0, "include_dashboard": True, "dashboard_host": "127.0.0.1"}
+    # A node that misses 3 health checks a second apart is dead (Ray's default: 5, 3 s apart): the lost
+    # node's actors are given up on, and its work placed elsewhere, sooner.
+    head["_system_config"] = {"health_check_period_ms": 1000, "health_check_failure_threshold": 3}
     cluster = Cluster(initialize_head=True, head_node_args={**head, "dashboard_port": free_port()})
     nodes = [cluster.add_node(num_cpus=1) for _ in range(2)]
     cluster.wait_for_nodes()
@@ -58,59 +61,45 @@ def data(tmp_path_factory):
     return root
 
 
-def remove_when(cluster, node, ready, before=None, timeout: float = 300) -> threading.Thread:
+def remove_when(cluster, node, ready, timeout: float = 300) -> threading.Event:
     """Removes ``node`` (its raylet and every process of it, killed) once ``ready()`` holds, on a thread.
 
-    ``before()``, if given, runs just before the removal.
+    Returns the event that calls it off (set it once the run is over; the node then stays).
     """
+    stop = threading.Event()
 
     def watch() -> None:
         end = time.monotonic() + timeout
-        while not ready() and time.monotonic() < end:
-            time.sleep(0.1)
-        if before is not None:
-            before()
-        cluster.remove_node(node, allow_graceful=False)
+        while not stop.is_set() and time.monotonic() < end:
+            if ready():
+                cluster.remove_node(node, allow_graceful=False)
+                return
+            time.sleep(0.2)
 
-    thread = threading.Thread(target=watch, daemon=True)
-    thread.start()
-    return thread
-
-
-def mtime(path) -> float:
-    """The path's modification time; 0 once Ray has pruned it."""
-    try:
-        return path.stat().st_mtime
-    except FileNotFoundError:
-        return 0.0
+    threading.Thread(target=watch, daemon=True).start()
+    return stop
 
 
 @pytest.fixture(scope="module")
 def trained(data, cluster):
     """A ``[1, 2]``-worker run that loses a node (and its worker) after a checkpoint of its second epoch."""
     uri = f"sqlite:///{data / 'mlflow.db'}"
-    config = make_config(data, "two-nodes", checkpoint_every_steps=4).replace(
+    training = {"checkpoint_every_steps": 4, "max_steps_per_epoch": 10, "log_every_steps": 2}
+    config = make_config(data, "two-nodes", **training).replace(
         run={"num_workers": [1, 2], "max_failures": 1, "checkpoints_to_keep": 2}
     )
-    run_dir = data / "ray" / "two-nodes"
-    first_epoch = run_dir / "checkpoint_epoch000"
-    epoch_done: list[float] = []
-
-    def within_second_epoch() -> bool:  # a step checkpoint written after the first epoch's
-        if not epoch_done:
-            if first_epoch.exists():
-                epoch_done.append(first_epoch.stat().st_mtime)
-            return False
-        return any(mtime(p) > epoch_done[0] for p in run_dir.glob("checkpoint_step*"))
-
+    # 10 steps an epoch on two workers: step 12's checkpoint, written by both, is within the second epoch.
+    within_second_epoch = (data / "ray" / "two-nodes" / "checkpoint_step00000012" / "rank1.pt").exists
     head, nodes = cluster
-    watcher = remove_when(head, nodes[1], within_second_epoch)
+    stop = remove_when(head, nodes[1], within_second_epoch)
     result = run_training(config, tracking_uri=uri)
-    watcher.join(timeout=1)
+    stop.set()
     return result, uri
 
 
-def test_training_loses_a_node_goes_on_with_one_worker_and_registers_a_model_that_agrees(data, trained):
+def test_training_loses_a_node_goes_on_with_one_worker_and_registers_a_model_that_agrees(
+    data, trained, monkeypatch
+):
     result, uri = trained
     summary = result.summary
     assert summary.alias == "champion" and summary.version == "1"
@@ -147,13 +136,13 @@ def test_training_loses_a_node_goes_on_with_one_worker_and_registers_a_model_tha
     assert len([p for p in result.storage.glob("checkpoint_*") if p.is_dir()]) == 2
     assert [p.name for p in (result.storage / "best").iterdir()] == [f"epoch{summary.final_epoch:03d}"]
     assert not (result.storage / "records").exists()
-    registered_model_agrees(data, result, uri)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)  # not mlflow.set_tracking_uri: it outlives the test
+    registered_model_agrees(data, result)
 
 
-def registered_model_agrees(data, result, uri) -> None:
+def registered_model_agrees(data, result) -> None:
     """The registered champion, loaded through MLflow from raw contract rows, scores the test rows as the
     sharded model did during training (in the precision it was trained in: bf16 where the CPU has it)."""
-    mlflow.set_tracking_uri(uri)
     model = mlflow.pyfunc.load_model("models:/tiny-ranker@champion", model_config={"compute_dtype": "auto"})
     raw = data / "raw"
     rows = (
@@ -175,28 +164,35 @@ def test_scoring_on_two_nodes_loses_one_and_writes_every_row_once(data, trained,
     head, nodes = cluster
     nodes.append(head.add_node(num_cpus=1))  # a second worker node again (the first was lost in training)
     head.wait_for_nodes()
-    out = data / "scores"
+    out, raw = data / "scores", data / "raw"
+    candidates = data / "candidates.parquet"  # the first 6,000 impressions
+    pl.read_parquet(raw / "impressions.parquet").head(6000).write_parquet(candidates)
     config = ScoreConfig(
         model="models:/tiny-ranker@champion",
-        input=str(data / "raw" / "impressions.parquet"),
+        input=str(candidates),
+        users=str(raw / "users.parquet"),
+        items=str(raw / "items.parquet"),
         output=str(out),
         tracking_uri=trained[1],
-        rows_per_partition=300,
+        rows_per_partition=100,  # 60 partitions: the second node's actor starts before they are done
         concurrency=2,
         threads_per_actor=1,
     )
     actors: list = []
 
-    def scoring_actors() -> None:  # those alive when the node goes, and where
+    def both_nodes_scoring() -> bool:  # a part written, and an actor alive on each worker node
+        if not any(out.glob("part-*.parquet")):
+            return False
         alive = list_actors(filters=[("state", "=", "ALIVE")], detail=True, limit=1000)
-        actors.extend(a for a in alive if "ScoreStage" in a.class_name)
+        actors[:] = [a for a in alive if "ScoreStage" in a.class_name]
+        return len({a.node_id for a in actors}) == 2
 
-    watcher = remove_when(head, nodes[-1], lambda: any(out.glob("part-*.parquet")), scoring_actors)
+    stop = remove_when(head, nodes[-1], both_nodes_scoring)
     result = run_scoring(config)
-    watcher.join(timeout=1)
+    stop.set()
     assert result.ok, result.problems
     scores = pl.read_parquet(sorted(out.glob("part-*.parquet")))
-    rows = pl.read_parquet(data / "raw" / "impressions.parquet").height
+    rows = 6000
     assert result.rows_in == result.rows_out == scores.height == rows
     assert scores["impression_id"].n_unique() == rows
     # Scoring ran on both worker nodes when one was lost.

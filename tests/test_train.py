@@ -71,10 +71,20 @@ def free_port():
         return s.getsockname()[1]
 
 
+STEPS = 20  # per epoch
+
+
 def steps_config(root, name, **training):
-    """One worker, a checkpoint every 10 steps (all kept), shuffled rows, tables drawn anew every epoch."""
+    """One worker, 20 steps an epoch, a checkpoint every 10 (all kept), shuffled rows, tables drawn anew
+    every epoch."""
     config = make_config(
-        root, name, checkpoint_every_steps=10, shuffle_rows=3000, embedding_reinit=True, **training
+        root,
+        name,
+        checkpoint_every_steps=10,
+        max_steps_per_epoch=STEPS,
+        shuffle_rows=3000,
+        embedding_reinit=True,
+        **training,
     )
     return config.replace(run={"num_workers": 1, "checkpoints_to_keep": 0})
 
@@ -109,32 +119,24 @@ def test_resume_gives_the_same_model_as_an_uninterrupted_run(data, whole):
 
 
 def test_a_run_started_from_a_checkpoint_within_an_epoch_skips_the_batches_it_trained_on(data, whole):
-    """Starting from step 10 of epoch 0 gives the model of the run that wrote the checkpoint.
+    """Starting from step 30 (within the second epoch) gives the model of the run that wrote the checkpoint.
 
-    The new run trains on epoch 0's batches after the 10th (the shuffled order depends only on the seed and
-    the epoch) and on epoch 1; training on epoch 0 from its start again would give another model. With
+    The new run trains on epoch 1's batches after its 10th (the shuffled order depends only on the seed and
+    the epoch); training on epoch 1 from its start again would give another model. With
     ``embedding_reinit``, epoch 1 starts with tables drawn anew from the seed; a run started within epoch 1
     must not draw them again (its rows trained since would be lost).
     """
     result, uri, expected = whole
-    step10 = result.storage / "checkpoint_step00000010"
-    assert (step10 / "rank0.pt").exists()
-    per_epoch = split_rows(data, "train") // 256  # one worker: every full batch is a step
-    within_second = [
-        path
-        for path in sorted(result.storage.glob("checkpoint_step*"))
-        if per_epoch < int(path.name.removeprefix("checkpoint_step")) < 2 * per_epoch
-    ]
-    assert within_second
-    for name, checkpoint, epoch in (("from-step10", step10, 0), ("within-second", within_second[0], 1)):
-        started = run_training(steps_config(data, name), tracking_uri=uri, start_from=checkpoint)
-        assert_same_predictions(started, expected)
-        run = mlflow.MlflowClient(uri).get_run(started.summary.mlflow_run_id)
-        assert run.data.metrics["restarts/from_epoch"] == epoch
+    within_second = result.storage / f"checkpoint_step{STEPS + 10:08d}"
+    assert (within_second / "rank0.pt").exists()
+    started = run_training(steps_config(data, "within-second"), tracking_uri=uri, start_from=within_second)
+    assert_same_predictions(started, expected)
+    run = mlflow.MlflowClient(uri).get_run(started.summary.mlflow_run_id)
+    assert run.data.metrics["restarts/from_epoch"] == 1
     # The checkpoint of one worker may start a run of two (resharded; tests/test_reshard.py checks that
     # the state comes back exactly).
     config = steps_config(data, "two").replace(run={"num_workers": 2})
-    assert _checked_start(config, step10, resume=False) == step10.resolve()
+    assert _checked_start(config, within_second, resume=False) == within_second.resolve()
 
 
 def test_ray_data_ingest_feeds_the_same_batches_as_reading_parquet_directly(data):
@@ -146,9 +148,9 @@ def test_ray_data_ingest_feeds_the_same_batches_as_reading_parquet_directly(data
     unreachable, store = f"http://127.0.0.1:{free_port()}", f"sqlite:///{data / 'mlflow-ingest.db'}"
     uris = {"parquet": unreachable, "ray_data": store}
     configs = {
-        ingest: make_config(data, f"ingest-{ingest}", epochs=1, shuffle_rows=0, ingest=ingest).replace(
-            run={"num_workers": 1}
-        )
+        ingest: make_config(
+            data, f"ingest-{ingest}", epochs=1, shuffle_rows=0, ingest=ingest, max_steps_per_epoch=12
+        ).replace(run={"num_workers": 1})
         for ingest in uris
     }
     with pytest.raises(TrackingError, match=uris["parquet"]):
@@ -166,7 +168,7 @@ def test_ray_data_ingest_feeds_the_same_batches_as_reading_parquet_directly(data
     for task in ("click", "purchase"):
         np.testing.assert_allclose(b[f"p_{task}"], a[f"p_{task}"], rtol=1e-4, atol=1e-6)
     steps = {k: r.summary.steps for k, r in runs.items()}
-    assert steps["parquet"] == steps["ray_data"] == split_rows(data, "train") // 256
+    assert steps["parquet"] == steps["ray_data"] == 12
 
 
 def test_a_dense_only_regression_model_trains_on_two_workers_with_pcgrad_and_logs_its_balancing(data):
