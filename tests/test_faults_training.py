@@ -186,7 +186,8 @@ def test_mlflow_killed_mid_run_fails_the_training_and_names_the_unregistered_mod
     tmp_path,
     mlflow_server,  # noqa: F811
 ):
-    config = config_of(features, tmp_path / "ray", "outage", epochs=1)  # killed before the final report
+    # Killed at the epoch's report, before the final one.
+    config = config_of(features, tmp_path / "ray", "outage", epochs=1, max_steps_per_epoch=6)
     with pytest.raises(TrackingError, match=r"model not registered: faulty .*package is in .*outage/model"):
         run_training(config, tracking_uri=mlflow_server.uri, callbacks=[KillServer(mlflow_server.pgid)])
     assert (tmp_path / "ray" / "outage" / "model" / "weights.pt").exists()  # the trained model is kept
