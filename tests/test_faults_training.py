@@ -185,7 +185,9 @@ def test_mlflow_killed_mid_run_fails_the_training_and_names_the_unregistered_mod
     features,
     tmp_path,
     mlflow_server,  # noqa: F811
+    monkeypatch,
 ):
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # each call to the dead server fails at once
     # Killed at the epoch's report, before the final one.
     config = config_of(features, tmp_path / "ray", "outage", epochs=1, max_steps_per_epoch=6)
     with pytest.raises(TrackingError, match=r"model not registered: faulty .*package is in .*outage/model"):
