@@ -1,7 +1,9 @@
 """Checkpoints of a sharded model, the best epoch's weights, and the unsharded model gathered for packaging.
 
 Every worker writes its own shard of the model and optimizer state (``rank{r}.pt``) into the folder that
-Ray Train merges into one checkpoint.
+Ray Train merges into one checkpoint. Ray Train prunes old checkpoints (``run.checkpoints_to_keep``); the
+shards of the best epoch so far are kept apart in ``<run>/best/epoch<N>`` (:func:`keep_best_epoch`), where
+:func:`restore_best_epoch` reads them.
 
 A checkpoint file holds plain data only: each ShardedTensor of the state dicts is written as its local
 shards (offsets, sizes and a plain tensor each), so that files load with ``torch.load(weights_only=True)``

@@ -13,7 +13,7 @@
 3. **finish**: the best epoch's weights are restored, the validation split is scored again to fit each
    binary task's calibration (``training.calibration``), the test split is scored (its metrics after the
    calibration, and before it as ``..._raw``), and the tables are gathered into one unsharded model, which
-   rank 0 saves with the calibration as a model package into the final checkpoint.
+   rank 0 saves with the calibration as a model package beside the final checkpoint (its records folder).
 
 Workers never call MLflow: they compute, and report (:mod:`recsys.train.reports`) what the driver's recorder
 logs. Rank 0 draws a progress bar per epoch (``ray.experimental.tqdm_ray``, drawn by the driver) and tells one
