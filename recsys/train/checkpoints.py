@@ -201,19 +201,19 @@ def _fill_shards(value: Any, saved: list[Any], where: str, table_rows: int | Non
                 ]
                 if any(h <= low for low, h in zip(lo, hi, strict=True)):
                     continue
-                target = shard.tensor[
-                    tuple(slice(a - o, b - o) for a, b, o in zip(lo, hi, offsets, strict=True))
-                ]
-                source = piece["tensor"][
-                    tuple(slice(a - o, b - o) for a, b, o in zip(lo, hi, piece["offsets"], strict=True))
-                ]
-                target.copy_(source)
+                target = shard.tensor[_box(lo, hi, offsets)]
+                target.copy_(piece["tensor"][_box(lo, hi, piece["offsets"])])
                 covered += target.numel()
         if covered != shard.tensor.numel():
             raise ValueError(
                 f"{where}: the saved shards cover {covered} of the {shard.tensor.numel()} values at offsets "
                 f"{offsets} (sizes {sizes}); a rank file of the checkpoint is missing or of another model"
             )
+
+
+def _box(lo: list[int], hi: list[int], origin: list[int]) -> tuple[slice, ...]:
+    """The index of the global box ``[lo, hi)`` in a tensor whose first element is at ``origin``."""
+    return tuple(slice(a - o, b - o) for a, b, o in zip(lo, hi, origin, strict=True))
 
 
 def _resized(

@@ -214,15 +214,9 @@ class RunSettings:
             raise invalid(w, "tags", self.tags, "expected a mapping of non-empty strings to strings")
 
     @property
-    def worker_range(self) -> tuple[int, int]:
-        """``(min, max)`` workers; equal unless the run is elastic."""
-        n = self.num_workers
-        return (n, n) if isinstance(n, int) else n
-
-    @property
     def max_workers(self) -> int:
         """The most workers the run takes (its CPUs are reserved for that many)."""
-        return self.worker_range[1]
+        return self.num_workers if isinstance(self.num_workers, int) else self.num_workers[1]
 
 
 def _worker_count(value: Any) -> int | tuple[int, int]:

@@ -374,7 +374,7 @@ def report_checkpoint(
 
 def _records(worker: Worker, name: str) -> Path:
     """Rank 0's records folder of checkpoint ``name`` (a restarted worker writes it again)."""
-    folder = records_folder(worker.settings.run_dir, f"checkpoint_{name}")
+    folder = records_folder(worker.settings.run_dir, _checkpoint_dir(name))
     folder.mkdir(parents=True, exist_ok=True)
     return folder
 
@@ -438,4 +438,9 @@ def _report(worker: Worker, record: Report | None, directory: Path, name: str) -
 
     metrics = report_metrics(record, worker.main_key) if record is not None else {}
     checkpoint = ray.train.Checkpoint.from_directory(directory)
-    ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"checkpoint_{name}")
+    ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=_checkpoint_dir(name))
+
+
+def _checkpoint_dir(name: str) -> str:
+    """The folder of checkpoint ``name`` in the run (``checkpoint_epoch001``), and of its records."""
+    return f"checkpoint_{name}"
