@@ -59,7 +59,7 @@ def _phase(root: Path, index: int, rank: int) -> None:
         with torch.no_grad():  # every worker scores the same rows: the model as a whole answers
             _, (_, predictions, _) = sharded.dmp(tiny_batch())
         if rank == 0:
-            info = {"epoch_step": state.epoch_step, "plan": plan_ranks(sharded.plan)}
+            info = {"place": [state.epoch_step, state.epoch_stages], "plan": plan_ranks(sharded.plan)}
             info["predictions"] = {k: v.tolist() for k, v in predictions.items()}
             (root / f"phase{index}.json").write_text(json.dumps(info))
     finally:
@@ -110,9 +110,9 @@ def test_a_checkpoint_resumes_on_other_worker_counts_and_plans_exactly(tmp_path)
             torch.testing.assert_close(later[key], first[key], rtol=0, atol=0, msg=key)
     info = [json.loads((tmp_path / f"phase{i}.json").read_text()) for i in range(len(PHASES))]
     assert ":[1]" in info[0]["plan"] and ":[1]" not in info[1]["plan"]  # tables moved between workers
-    # The place in the epoch: 4 batches on 2 workers = 8 batches' rows: 8 on 1, 4 on 2, 2 on 3 (rounded
-    # down).
-    assert [i["epoch_step"] for i in info] == [4, 8, 4, 2]
+    # The place in the epoch: 4 batches on 2 workers, a part of the epoch done for the runs after them
+    # (which trained no batch of it themselves).
+    assert [i["place"] for i in info] == [[4, []], [0, [[2, 4]]], [0, [[2, 4]]], [0, [[2, 4]]]]
     assert all(i["predictions"] == info[0]["predictions"] for i in info)
     assert [len(checkpoint_files(tmp_path / f"phase{i}")) for i in range(len(PHASES))] == [2, 1, 2, 3]
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import threading
+from dataclasses import replace
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -172,6 +174,63 @@ def test_shuffled_batches_are_full_mixed_and_repeat_with_the_seed(split):
     assert first[0] != sorted(first[0])  # shuffled within the buffer
     # another seed of the row groups' order starts elsewhere in the data
     assert ParquetShard(split, 0, 1, order_seed=1).groups != ParquetShard(split, 0, 1, order_seed=2).groups
+
+
+def _first(shard, batches, **kwargs):
+    """The ids of a shard's first ``batches`` training batches (64 rows, shuffled in 200, seed 5)."""
+    reader = shard.iter_batches(64, drop_last=True, local_shuffle_buffer_size=200, local_shuffle_seed=5)
+    return [i for b in ids(itertools.islice(reader, batches)) for i in b]
+
+
+@pytest.mark.parametrize("order_seed", [None, 4])
+def test_the_batches_a_worker_read_are_worked_out_again_from_sizes_and_seed(split, order_seed):
+    from recsys.data.shard import first_batches
+
+    sequence = [
+        i for b in ids(ParquetShard(split, 0, 1, order_seed=order_seed).iter_batches(1000)) for i in b
+    ]
+    for rank in range(2):
+        shard = ParquetShard(split, rank, 2, order_seed=order_seed)
+        positions = shard.start + first_batches(shard.num_rows, 5, 64, 200, seed=5)
+        assert [sequence[p] for p in positions] == _first(shard, 5)
+
+
+def test_a_resume_within_an_epoch_on_other_worker_counts_trains_every_row_once(split):
+    """2 workers train 3 batches each, then 3 workers 2 each, then 1 worker reads the rest of the epoch."""
+    from collections import Counter
+
+    from recsys.data.shard import Trained
+
+    seen = Counter()
+    stages: tuple[tuple[int, int], ...] = ()
+    for world, batches in [(2, 3), (3, 2), (1, None)]:
+        trained = Trained(stages, batch_size=64, shuffle_rows=200, seed=5)
+        shards = [ParquetShard(split, r, world, order_seed=4, trained=trained) for r in range(world)]
+        left = 1000 - sum(seen.values())
+        assert [s.num_rows for s in shards] == [
+            left * (r + 1) // world - left * r // world for r in range(world)
+        ]
+        for shard in shards:
+            if batches is None:  # the last run: every row left, the last batch short
+                rows = shard.iter_batches(64, local_shuffle_buffer_size=200, local_shuffle_seed=5)
+                seen.update(i for b in ids(rows) for i in b)
+            else:
+                seen.update(_first(shard, batches))
+        stages = (*stages, (world, batches))
+    assert sorted(seen) == list(range(1000)) and set(seen.values()) == {1}
+
+
+def test_a_checkpoints_place_in_the_epoch_resizes_into_a_part_done():
+    from recsys.train.state import TrainingState
+
+    state = TrainingState(epoch=1, step=90, epoch_step=12)
+    assert state.resized(2, 2) == state  # the same workers: they skip their 12 batches
+    once = state.resized(2, 1)
+    assert (once.epoch_step, once.epoch_stages) == (0, ((2, 12),))
+    twice = replace(once, epoch_step=5).resized(1, 3)
+    assert (twice.epoch_step, twice.epoch_stages) == (0, ((2, 12), (1, 5)))
+    assert TrainingState.from_dict(twice.to_dict()) == twice  # kept through a checkpoint
+    assert twice.after_validation(1, 100, {}, "m").epoch_stages == ()
 
 
 def test_read_ahead_raises_the_producers_error_and_stops_with_its_consumer():

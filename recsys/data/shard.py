@@ -5,7 +5,9 @@ alike from the Parquet metadata (no coordinator), and yields fixed-size Arrow ba
 within a buffer, read ahead on a background thread (:func:`read_ahead`). :func:`lockstep_batches` makes
 every worker take the same number of batches, as the collectives of a sharded model need: training stops
 when any worker runs out of full batches; evaluation goes on while any worker has rows, the others feeding
-a padding batch (:func:`padding_row`) whose predictions are dropped.
+a padding batch (:func:`padding_row`) whose predictions are dropped. A run resumed within an epoch on
+another number of workers leaves out the rows the earlier workers trained on (:class:`Trained`): which
+rows make a worker's batches depends only on the sizes and the seed (:func:`_buffers`).
 
 Reading directly needs no coordinator: Ray Data's split coordinator took ~70% of a core on the 2-core
 machine at 20M rows (193 files), and its read tasks ran in other processes competing for the same cores.
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import atexit
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +57,122 @@ def _group_slice(path: Path, group: int, lo: int, hi: int, read_rows: int) -> It
         pos += chunk.num_rows
         if pos >= hi:
             break
+
+
+def _group_rows(path: Path, group: int, wanted: np.ndarray, read_rows: int) -> Iterator[pa.Table]:
+    """The rows ``wanted`` (sorted positions) of a row group, read in chunks of ``read_rows``."""
+    lo, hi = int(wanted[0]), int(wanted[-1]) + 1
+    if hi - lo == len(wanted):  # a contiguous range: sliced, never copied
+        yield from _group_slice(path, group, lo, hi, read_rows)
+        return
+    pos = lo
+    for chunk in _group_slice(path, group, lo, hi, read_rows):
+        inside = wanted[np.searchsorted(wanted, pos) : np.searchsorted(wanted, pos + chunk.num_rows)]
+        if len(inside):
+            yield chunk.take(pa.array(inside - pos))
+        pos += chunk.num_rows
+
+
+class _Stream:
+    """Tables taken from an iterator in exact numbers of rows."""
+
+    def __init__(self, tables: Iterator[pa.Table]) -> None:
+        self.tables, self.head = tables, None
+
+    def take(self, rows: int) -> list[pa.Table]:
+        """The next ``rows`` rows (fewer at the end of the tables)."""
+        out: list[pa.Table] = []
+        while rows > 0:
+            table = self.head if self.head is not None else next(self.tables, None)
+            if table is None:
+                break
+            self.head = table.slice(rows) if table.num_rows > rows else None
+            out.append(table.slice(0, rows))
+            rows -= out[-1].num_rows
+        return out
+
+
+def _buffers(
+    n_rows: int, batch_size: int, shuffle_rows: int, seed: int
+) -> Iterator[tuple[int, np.ndarray, int]]:
+    """How a worker's ``n_rows`` rows become batches: for each shuffle buffer ``(fresh, order, n_full)``.
+
+    A buffer holds the rows carried over from the previous one, then ``fresh`` rows of the stream, up to
+    ``max(batch_size, shuffle_rows)`` rows; ``order`` is the permutation of its rows (read order without
+    ``shuffle_rows``), whose first ``n_full`` entries make its batches and whose rest (less than a batch) is
+    carried into the next buffer. It depends on the sizes and the seed only, never on the rows' contents
+    or how they were read, so the batches of any worker can be worked out again (:class:`Trained`).
+    """
+    rng = np.random.default_rng(seed)
+    fill = max(batch_size, shuffle_rows)
+    taken = carried = 0
+    while taken < n_rows:
+        fresh = min(fill - carried, n_rows - taken)
+        size = carried + fresh
+        order = rng.permutation(size) if shuffle_rows else np.arange(size)
+        n_full = size // batch_size * batch_size
+        yield fresh, order, n_full
+        taken, carried = taken + fresh, size - n_full
+
+
+def first_batches(n_rows: int, batches: int, batch_size: int, shuffle_rows: int, seed: int) -> np.ndarray:
+    """The stream positions (``0 .. n_rows - 1``) of a worker's first ``batches`` batches, as read."""
+    carried = np.empty(0, np.int64)
+    taken, out = 0, []
+    for fresh, order, n_full in _buffers(n_rows, batch_size, shuffle_rows, seed):
+        shuffled = np.concatenate([carried, np.arange(taken, taken + fresh)])[order]
+        taken += fresh
+        for start in range(0, n_full, batch_size):
+            if len(out) == batches:
+                return np.concatenate(out)
+            out.append(shuffled[start : start + batch_size])
+        carried = shuffled[n_full:]
+    return np.concatenate(out) if out else carried[:0]
+
+
+def _part(rows: np.ndarray, rank: int, world: int) -> np.ndarray:
+    """Rank ``rank``'s contiguous part of ``rows`` cut into ``world`` parts (sizes differing by one)."""
+    n = len(rows)
+    return rows[n * rank // world : n * (rank + 1) // world]
+
+
+@dataclass(frozen=True)
+class Trained:
+    """The rows of an epoch trained on already, by earlier runs on other numbers of workers.
+
+    A run resumed within an epoch on another number of workers must train on exactly the rows the earlier
+    runs had not: each earlier run's workers read their parts of the rows it had left, in batches that
+    depend only on the sizes and the seed (:func:`_buffers`), so the rows behind their first batches are
+    worked out again here, run after run, without reading any data.
+
+    Attributes:
+        stages: per earlier run, in order, ``(workers, batches each worker trained)``.
+        batch_size: rows per batch (each worker's).
+        shuffle_rows: the shuffle buffer's rows.
+        seed: the shuffle's seed.
+
+    Example:
+        >>> trained = Trained(((2, 3),), batch_size=10, shuffle_rows=50, seed=1)
+        >>> len(trained.left(100))  # 2 workers trained 3 batches of 10 rows each
+        40
+    """
+
+    stages: tuple[tuple[int, int], ...]
+    batch_size: int
+    shuffle_rows: int
+    seed: int
+
+    def left(self, total: int) -> np.ndarray:
+        """The positions, among the epoch's ``total`` rows, of the rows not trained on yet (ascending)."""
+        rows = np.arange(total, dtype=np.int64)
+        for workers, batches in self.stages:
+            parts = [_part(rows, rank, workers) for rank in range(workers)]
+            done = [
+                p[first_batches(len(p), batches, self.batch_size, self.shuffle_rows, self.seed)]
+                for p in parts
+            ]
+            rows = np.setdiff1d(rows, np.concatenate(done), assume_unique=True)
+        return rows
 
 
 def padding_row(layout: FeatureLayout, key_columns: list[str]) -> pa.Table:
@@ -159,6 +278,8 @@ class ParquetShard:
         rank: this worker's rank.
         world: the number of workers.
         order_seed: draw the order of the row groups from this seed (None: file order).
+        trained: rows of this epoch trained on already by runs on other numbers of workers: they are left
+            out, and the rows left are cut into ``world`` ranges (a run resumed within an epoch).
 
     Example:
         >>> shard = ParquetShard("features/train", rank=0, world=2, order_seed=7)
@@ -169,7 +290,14 @@ class ParquetShard:
 
     READ_ROWS = 65_536
 
-    def __init__(self, directory: str | Path, rank: int, world: int, order_seed: int | None = None) -> None:
+    def __init__(
+        self,
+        directory: str | Path,
+        rank: int,
+        world: int,
+        order_seed: int | None = None,
+        trained: Trained | None = None,
+    ) -> None:
         import pyarrow.parquet as pq
 
         files = sorted(Path(directory).glob("*.parquet"))
@@ -184,51 +312,47 @@ class ParquetShard:
             self.groups = [self.groups[i] for i in order]
         total = sum(n for _, _, n in self.groups)
         self.start, self.stop = total * rank // world, total * (rank + 1) // world
+        # The positions (in the sequence of rows) this worker reads, when not the whole range start:stop.
+        self.rows: np.ndarray | None = None
+        if trained is not None and trained.stages:
+            self.rows = _part(trained.left(total), rank, world)
 
     @property
     def num_rows(self) -> int:
-        """The rows of this worker's range."""
-        return self.stop - self.start
+        """The rows of this worker's share."""
+        return self.stop - self.start if self.rows is None else len(self.rows)
 
     def _tables(self) -> Iterator[pa.Table]:
         offset = 0
         for path, group, n in self.groups:
-            lo, hi = max(self.start, offset), min(self.stop, offset + n)
-            if lo < hi:
+            wanted = self._wanted(offset, n)
+            if len(wanted):
                 try:
-                    yield from _group_slice(path, group, lo - offset, hi - offset, self.READ_ROWS)
+                    yield from _group_rows(path, group, wanted - offset, self.READ_ROWS)
                 except OSError as error:  # a corrupted page (checksum), a truncated file
                     raise OSError(f"features part {path}, row group {group}: {error}") from error
             offset += n
 
-    def _batches(self, batch_size: int, drop_last: bool, shuffle_rows: int, seed: int) -> Iterator[Rows]:
-        rng = np.random.default_rng(seed)
-        # Rows wait in the buffer until it holds ``shuffle_rows`` (at least one batch); the buffer is then
-        # permuted and cut into batches, and what is left over (less than a batch) starts the next buffer.
-        # A batch is yielded as the buffer and its rows' positions, copied out only by ``Rows.table``.
-        fill = max(batch_size, shuffle_rows)
-        buffer: list[pa.Table] = []
-        buffered = 0
+    def _wanted(self, offset: int, n: int) -> np.ndarray:
+        """The positions of this worker's rows among the sequence's rows ``offset:offset + n``."""
+        if self.rows is None:
+            return np.arange(max(self.start, offset), min(self.stop, offset + n))
+        return self.rows[np.searchsorted(self.rows, offset) : np.searchsorted(self.rows, offset + n)]
 
-        def cut(final: bool) -> Iterator[Rows]:
-            nonlocal buffer, buffered
-            whole = pa.concat_tables(buffer)
-            order = rng.permutation(whole.num_rows) if shuffle_rows else np.arange(whole.num_rows)
-            n_full = whole.num_rows // batch_size * batch_size
+    def _batches(self, batch_size: int, drop_last: bool, shuffle_rows: int, seed: int) -> Iterator[Rows]:
+        # Each buffer takes in rows until it holds ``shuffle_rows`` (at least one batch), is permuted and cut
+        # into batches; what is left over (less than a batch) starts the next buffer (:func:`_buffers`).
+        # A batch is yielded as the buffer and its rows' positions, copied out only by ``Rows.table``.
+        stream = _Stream(self._tables())
+        carried: list[pa.Table] = []
+        for fresh, order, n_full in _buffers(self.num_rows, batch_size, shuffle_rows, seed):
+            whole = pa.concat_tables([*carried, *stream.take(fresh)])
             for start in range(0, n_full, batch_size):
                 yield Rows(whole, order[start : start + batch_size], shuffled=bool(shuffle_rows))
-            rest = Rows(whole, order[n_full:], shuffled=bool(shuffle_rows)).table()
-            buffer, buffered = [rest], rest.num_rows
-            if final and buffered and not drop_last:
-                yield Rows(rest, np.arange(rest.num_rows), shuffled=False)
-
-        for table in self._tables():
-            buffer.append(table)
-            buffered += table.num_rows
-            if buffered >= fill:
-                yield from cut(final=False)
-        if buffered:
-            yield from cut(final=True)
+            carried = [Rows(whole, order[n_full:], shuffled=bool(shuffle_rows)).table()]
+        rest = carried[0] if carried else None
+        if rest is not None and rest.num_rows and not drop_last:
+            yield Rows(rest, np.arange(rest.num_rows), shuffled=False)
 
     def iter_batches(
         self,

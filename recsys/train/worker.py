@@ -9,7 +9,8 @@
    lockstep (every forward pass of a sharded model exchanges embeddings between all workers). After each
    epoch they validate (:mod:`recsys.train.evaluation`) and checkpoint their shards; a run resumed from a
    checkpoint within an epoch skips the batches that epoch already trained on (their order depends only
-   on the seed and the epoch);
+   on the seed, the epoch and the number of workers), and on another number of workers leaves out the rows
+   they held (:class:`~recsys.data.shard.Trained`);
 3. **finish**: the best epoch's weights are restored, the validation split is scored again to fit each
    binary task's calibration (``training.calibration``), the test split is scored (its metrics after the
    calibration, and before it as ``..._raw``), and the tables are gathered into one unsharded model, which
@@ -37,7 +38,7 @@ import torch.distributed as dist
 
 from features.console import story
 from recsys.data.batch import Batch, batch_from_arrow
-from recsys.data.shard import ParquetShard, lockstep_batches
+from recsys.data.shard import ParquetShard, Trained, lockstep_batches
 from recsys.precision import autocast
 from recsys.train.checkpoints import (
     gather_unsharded,
@@ -153,9 +154,10 @@ class Worker:
         """The validation metric that selects the model, e.g. ``valid/click/auc``."""
         return f"valid/{self.config.training.main_metric}"
 
-    def split(self, name: str, order_seed: int | None = None) -> ParquetShard:
-        """This worker's share of a split of the model-ready data."""
-        return ParquetShard(Path(self.config.features) / name, self.rank, self.world, order_seed=order_seed)
+    def split(self, name: str, order_seed: int | None = None, trained: Trained | None = None) -> ParquetShard:
+        """This worker's share of a split of the model-ready data (less the rows ``trained``)."""
+        directory = Path(self.config.features) / name
+        return ParquetShard(directory, self.rank, self.world, order_seed=order_seed, trained=trained)
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
@@ -237,19 +239,20 @@ def run_epochs(worker: Worker, state: TrainingState) -> TrainingState:
 def train_epoch(worker: Worker, state: TrainingState, epoch: int) -> TrainingState:
     """One pass over this worker's share of the training split; returns the state with its steps."""
     t = worker.config.training
-    shard = _train_shard(worker, epoch)
+    shard, skip, max_steps = _train_shard(worker, state, epoch)
     # Reading a loss waits for the device: on a GPU it is checked once per window.
     watch = LossWatch(worker.rank, 1 if worker.sharded.device.type == "cpu" else t.log_every_steps)
     batches = lockstep_batches(
-        shard, t.batch_size, complete=False, max_steps=t.max_steps_per_epoch, shuffle_rows=t.shuffle_rows,
+        shard, t.batch_size, complete=False, max_steps=max_steps, shuffle_rows=t.shuffle_rows,
         seed=t.seed * 1000 + epoch, prepare=_gpu_feed(worker.sharded),
         prepare_threads=max(1, worker.config.run.cpus_per_worker // 2), stop=watch.tripped,
     )  # fmt: skip
     set_epoch_lr(worker.sharded, t, epoch)
-    if t.embedding_reinit and epoch > 0 and state.epoch_step == 0:  # not again when resumed within it
+    resumed = state.epoch_step or state.epoch_stages  # resumed within the epoch: its tables drawn already
+    if t.embedding_reinit and epoch > 0 and not resumed:
         reinit_tables(worker.sharded, seed=t.seed * 1000 + epoch)
-    bar = _progress_bar(worker, epoch, getattr(shard, "num_rows", None))
-    step, skip = state.step, state.epoch_step
+    bar = _progress_bar(worker, epoch, getattr(shard, "num_rows", None), max_steps)
+    step = state.step
     worker.meter.start_epoch()
     for epoch_step, (batch, rows) in enumerate(batches, start=1):
         if bar is not None:
@@ -269,20 +272,33 @@ def train_epoch(worker: Worker, state: TrainingState, epoch: int) -> TrainingSta
     if bar is not None:
         bar.close()
     watch.raise_if_found()
-    return replace(state, epoch=epoch, step=step, epoch_step=0)
+    return replace(state, epoch=epoch, step=step, epoch_step=0, epoch_stages=())
 
 
-def _train_shard(worker: Worker, epoch: int) -> Any:
-    """This worker's training rows of ``epoch``: its Parquet share (row groups in the epoch's order)."""
+def _train_shard(worker: Worker, state: TrainingState, epoch: int) -> tuple[Any, int, int]:
+    """This worker's training rows of ``epoch``, the batches to skip in them, and the cap on batches.
+
+    Parquet ingest: its share of the rows (row groups in the epoch's order) that runs on other numbers of
+    workers have not trained on (``state.epoch_stages``); it skips the batches this number of workers
+    trained on already. Ray Data ingest cannot leave rows out: it skips the share of the epoch trained.
+    """
     t = worker.config.training
+    done = sum(workers * batches for workers, batches in state.epoch_stages)  # batches of the epoch trained
+    max_steps = t.max_steps_per_epoch
+    if max_steps and state.epoch_stages:  # the cap is the first workers' batches: the rest of them here
+        max_steps = max(1, (max_steps * state.epoch_stages[0][0] - done) // worker.world)  # 0 is no cap
     if t.ingest == "ray_data":
         import ray.train
 
-        return ray.train.get_dataset_shard("train")
-    return worker.split("train", order_seed=t.seed * 1000 + epoch if t.shuffle_rows else None)
+        skip = state.epoch_step + done // worker.world
+        return ray.train.get_dataset_shard("train"), skip, t.max_steps_per_epoch
+    seed = t.seed * 1000 + epoch
+    trained = Trained(state.epoch_stages, t.batch_size, t.shuffle_rows, seed)
+    shard = worker.split("train", order_seed=seed if t.shuffle_rows else None, trained=trained)
+    return shard, state.epoch_step, max_steps
 
 
-def _progress_bar(worker: Worker, epoch: int, rows: int | None) -> Any:
+def _progress_bar(worker: Worker, epoch: int, rows: int | None, max_steps: int) -> Any:
     """Rank 0's bar of the epoch's batches (drawn by the driver); None on other ranks."""
     if worker.rank != 0:
         return None
@@ -290,8 +306,8 @@ def _progress_bar(worker: Worker, epoch: int, rows: int | None) -> Any:
 
     t = worker.config.training
     total = rows // t.batch_size if rows is not None else None
-    if total is not None and t.max_steps_per_epoch:
-        total = min(total, t.max_steps_per_epoch)
+    if total is not None and max_steps:
+        total = min(total, max_steps)
     return tqdm(desc=f"epoch {epoch + 1}/{t.epochs}", total=total, unit="batch")
 
 
