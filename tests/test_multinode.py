@@ -116,11 +116,9 @@ def test_training_loses_a_node_goes_on_with_one_worker_and_registers_a_model_tha
     # The worker count over time: two, then one after the node was lost (and the checkpoint resharded).
     workers = sorted(client.get_metric_history(run.info.run_id, "workers"), key=lambda m: m.step)
     assert [m.value for m in workers] == [2.0, 1.0] and workers[1].step > 0
-    # The one worker trained the second epoch's rows the two had not: the rest of the cap (14 batches of
-    # 256 on each of two workers), or the full batches of the rows left, whichever is fewer.
-    restart = int(workers[1].step)
-    done = 2 * (restart - 14)  # batches of the second epoch the two workers trained
-    assert summary.steps == restart + min(28 - done, (split_rows(data, "train") - done * 256) // 256)
+    # The one worker went on with the two workers' global batches (2 x 256 rows a step): the run took
+    # the steps of an uninterrupted one, 14 an epoch (the cap; each half of the rows holds 15).
+    assert split_rows(data, "train") // 2 // 256 >= 14 and summary.steps == 2 * 14
     losses = [m.value for m in client.get_metric_history(run.info.run_id, "train/loss")]
     assert len(losses) >= 4 and np.mean(losses[-2:]) < np.mean(losses[:2])
     aucs = client.get_metric_history(run.info.run_id, "valid/click/auc")

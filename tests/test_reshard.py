@@ -50,7 +50,7 @@ def _phase(root: Path, index: int, rank: int) -> None:
                 loss.backward()
                 sharded.optimizer.step()
                 sharded.optimizer.zero_grad()
-            state = TrainingState(epoch=1, step=steps, epoch_step=epoch_step)
+            state = TrainingState(epoch=1, step=steps, epoch_step=epoch_step, data_shards=world)
         else:
             state = load_checkpoint(sharded, root / f"phase{index - 1}")
         (root / f"phase{index}").mkdir(exist_ok=True)
@@ -59,7 +59,7 @@ def _phase(root: Path, index: int, rank: int) -> None:
         with torch.no_grad():  # every worker scores the same rows: the model as a whole answers
             _, (_, predictions, _) = sharded.dmp(tiny_batch())
         if rank == 0:
-            info = {"place": [state.epoch_step, state.epoch_stages], "plan": plan_ranks(sharded.plan)}
+            info = {"place": [state.epoch_step, state.data_shards], "plan": plan_ranks(sharded.plan)}
             info["predictions"] = {k: v.tolist() for k, v in predictions.items()}
             (root / f"phase{index}.json").write_text(json.dumps(info))
     finally:
@@ -110,9 +110,8 @@ def test_a_checkpoint_resumes_on_other_worker_counts_and_plans_exactly(tmp_path)
             torch.testing.assert_close(later[key], first[key], rtol=0, atol=0, msg=key)
     info = [json.loads((tmp_path / f"phase{i}.json").read_text()) for i in range(len(PHASES))]
     assert ":[1]" in info[0]["plan"] and ":[1]" not in info[1]["plan"]  # tables moved between workers
-    # The place in the epoch: 4 batches on 2 workers, a part of the epoch done for the runs after them
-    # (which trained no batch of it themselves).
-    assert [i["place"] for i in info] == [[4, []], [0, [[2, 4]]], [0, [[2, 4]]], [0, [[2, 4]]]]
+    # The place in the epoch: 4 global batches of the 2 workers the run started with, on any number.
+    assert [i["place"] for i in info] == [[4, 2]] * 4
     assert all(i["predictions"] == info[0]["predictions"] for i in info)
     assert [len(checkpoint_files(tmp_path / f"phase{i}")) for i in range(len(PHASES))] == [2, 1, 2, 3]
 
@@ -129,3 +128,80 @@ def test_row_wise_state_of_column_shards_becomes_the_tables_mean_and_back():
     torch.testing.assert_close(four["tensor"], torch.tensor([2.0, 3.0, 4.0]).repeat(4))
     with pytest.raises(ValueError, match="saved with size \\[7\\], the model has \\[3\\]"):
         _resized(two_shards, [7], [rows], rows, "t")
+
+
+GLOBAL_BATCH = {  # 6 rows, written out by hand: the global batch of 2 workers of 3 rows each
+    "item": [3, 0, 5, 1, 2, 4],
+    "user": [1, 2, 0, 3, 1, 2],
+    "hist": [[1, 2], [], [5, 4, 3], [0], [2], []],
+    "price_z": [0.5, -1.0, 2.0, 0.1, -0.3, 1.1],
+    "clicks_7d": [0.0, 1.5, 3.0, 0.2, 0.9, 0.0],
+    "click": [1.0, 0.0, 1.0, 0.0, 1.0, 0.0],
+    "purchase": [0.0, 0.0, 1.0, 0.0, 1.0, 0.0],
+    "dwell": [0.3, 0.0, 1.2, 0.0, 0.7, 0.0],
+}
+STEP_WORLDS = ((2, "table_wise"), (1, "column_wise"), (3, "column_wise"))
+
+
+def _global_step(rank: int, root: str, index: int) -> None:
+    """Loads the untrained checkpoint of 2 workers and trains one step of the global batch on ``world``."""
+    from recsys.data.shard import ParquetShard
+    from recsys.train.checkpoints import load_checkpoint, save_checkpoint
+    from recsys.train.config import TrainConfig
+    from recsys.train.sharding import shard_model
+    from recsys.train.state import TrainingState
+    from recsys.train.worker import train_step
+    from tests.test_model_model import LAYOUT
+
+    world, sharding = STEP_WORLDS[index]
+    root_path = Path(root)
+    dist.init_process_group(
+        "gloo", init_method=f"file://{root}/step-store{index}", rank=rank, world_size=world
+    )
+    try:
+        training = {"sharding": sharding, "embedding_optimizer": "rowwise_adagrad", "embedding_lr": 0.1,
+                    "batch_size": 3, "precision": "fp32"}  # fmt: skip
+        config = TrainConfig.from_dict({"features": root, "model": MODEL, "training": training})
+        sharded = shard_model(config, LAYOUT, torch.device("cpu"))
+        if index == 0:
+            sharded.dense_optimizer.init_state()  # Adam's state, as loading a checkpoint creates it
+            (root_path / "init").mkdir(exist_ok=True)
+            save_checkpoint(sharded, root_path / "init", TrainingState(data_shards=2))
+            dist.barrier()
+        state = load_checkpoint(sharded, root_path / "init")
+        shard = ParquetShard(root_path / "data", rank, world, shards=state.data_shards)
+        (part,) = list(shard.iter_rows(3, drop_last=True))  # this worker's part of the one global batch
+        rows = part.table()
+        train_step(sharded, rows)
+        (root_path / f"rows{index}-{rank}.json").write_text(json.dumps(rows.column("item").to_pylist()))
+        (root_path / f"step{index}").mkdir(exist_ok=True)
+        save_checkpoint(sharded, root_path / f"step{index}", state)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_a_step_of_the_global_batch_trains_the_same_model_on_any_number_of_workers(tmp_path):
+    """2 workers of 3 rows each, 1 worker of 6 rows, 3 workers of 2 rows: the same tables, Adagrad state,
+    dense layers and Adam state after the step."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (tmp_path / "data").mkdir()
+    columns = {
+        k: pa.array(v, pa.large_list(pa.int64()) if k == "hist" else None) for k, v in GLOBAL_BATCH.items()
+    }
+    pq.write_table(pa.table(columns), tmp_path / "data" / "part-0.parquet")
+    for index, (world, _) in enumerate(STEP_WORLDS):
+        mp.start_processes(_global_step, args=(str(tmp_path), index), nprocs=world, start_method="spawn")
+    for index, (world, _) in enumerate(STEP_WORLDS):  # the workers' parts make the global batch, in order
+        parts = [json.loads((tmp_path / f"rows{index}-{r}.json").read_text()) for r in range(world)]
+        assert [i for p in parts for i in p] == GLOBAL_BATCH["item"] and all(parts)
+    init, *steps = (_assembled(tmp_path / name) for name in ("init", "step0", "step1", "step2"))
+    moved = [k for k in init if not torch.equal(steps[0][k], init[k])]
+    assert any("embedding_bags" in k for k in moved) and any("momentum1" in k for k in moved)
+    assert any(k.startswith("model/") and "embedding" not in k for k in moved)  # the dense layers too
+    for other in steps[1:]:
+        assert other.keys() == steps[0].keys()
+        for key in steps[0]:
+            torch.testing.assert_close(other[key], steps[0][key], rtol=1e-5, atol=1e-7, msg=key)

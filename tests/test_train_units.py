@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import itertools
 import os
 import threading
-from dataclasses import replace
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -176,61 +174,22 @@ def test_shuffled_batches_are_full_mixed_and_repeat_with_the_seed(split):
     assert ParquetShard(split, 0, 1, order_seed=1).groups != ParquetShard(split, 0, 1, order_seed=2).groups
 
 
-def _first(shard, batches, **kwargs):
-    """The ids of a shard's first ``batches`` training batches (64 rows, shuffled in 200, seed 5)."""
-    reader = shard.iter_batches(64, drop_last=True, local_shuffle_buffer_size=200, local_shuffle_seed=5)
-    return [i for b in ids(itertools.islice(reader, batches)) for i in b]
-
-
 @pytest.mark.parametrize("order_seed", [None, 4])
-def test_the_batches_a_worker_read_are_worked_out_again_from_sizes_and_seed(split, order_seed):
-    from recsys.data.shard import first_batches
-
-    sequence = [
-        i for b in ids(ParquetShard(split, 0, 1, order_seed=order_seed).iter_batches(1000)) for i in b
-    ]
-    for rank in range(2):
-        shard = ParquetShard(split, rank, 2, order_seed=order_seed)
-        positions = shard.start + first_batches(shard.num_rows, 5, 64, 200, seed=5)
-        assert [sequence[p] for p in positions] == _first(shard, 5)
-
-
-def test_a_resume_within_an_epoch_on_other_worker_counts_trains_every_row_once(split):
-    """2 workers train 3 batches each, then 3 workers 2 each, then 1 worker reads the rest of the epoch."""
-    from collections import Counter
-
-    from recsys.data.shard import Trained
-
-    seen = Counter()
-    stages: tuple[tuple[int, int], ...] = ()
-    for world, batches in [(2, 3), (3, 2), (1, None)]:
-        trained = Trained(stages, batch_size=64, shuffle_rows=200, seed=5)
-        shards = [ParquetShard(split, r, world, order_seed=4, trained=trained) for r in range(world)]
-        left = 1000 - sum(seen.values())
-        assert [s.num_rows for s in shards] == [
-            left * (r + 1) // world - left * r // world for r in range(world)
-        ]
-        for shard in shards:
-            if batches is None:  # the last run: every row left, the last batch short
-                rows = shard.iter_batches(64, local_shuffle_buffer_size=200, local_shuffle_seed=5)
-                seen.update(i for b in ids(rows) for i in b)
-            else:
-                seen.update(_first(shard, batches))
-        stages = (*stages, (world, batches))
-    assert sorted(seen) == list(range(1000)) and set(seen.values()) == {1}
-
-
-def test_a_checkpoints_place_in_the_epoch_resizes_into_a_part_done():
-    from recsys.train.state import TrainingState
-
-    state = TrainingState(epoch=1, step=90, epoch_step=12)
-    assert state.resized(2, 2) == state  # the same workers: they skip their 12 batches
-    once = state.resized(2, 1)
-    assert (once.epoch_step, once.epoch_stages) == (0, ((2, 12),))
-    twice = replace(once, epoch_step=5).resized(1, 3)
-    assert (twice.epoch_step, twice.epoch_stages) == (0, ((2, 12), (1, 5)))
-    assert TrainingState.from_dict(twice.to_dict()) == twice  # kept through a checkpoint
-    assert twice.after_validation(1, 100, {}, "m").epoch_stages == ()
+def test_the_global_batches_are_the_same_on_any_number_of_workers(split, order_seed):
+    """The rows cut into 2 shards: on 1, 2, 3 or 4 workers each step's parts, put together, are the same."""
+    steps = {}
+    for world in (2, 1, 3, 4):
+        shards = [ParquetShard(split, r, world, order_seed=order_seed, shards=2) for r in range(world)]
+        parts = [ids(s.iter_batches(64, drop_last=True, local_shuffle_buffer_size=200, local_shuffle_seed=5))
+                 for s in shards]  # fmt: skip
+        assert len({len(p) for p in parts}) == 1 and {s.num_batches(64) for s in shards} == {len(parts[0])}
+        sizes = {128 * (r + 1) // world - 128 * r // world for r in range(world)}  # differing by one
+        assert {len(part) for p in parts for part in p} == sizes
+        steps[world] = [[i for part in step for i in part] for step in zip(*parts, strict=True)]
+    assert steps[1] == steps[2] == steps[3] == steps[4]
+    assert len(steps[2]) == 500 // 64 and all(len(s) == 128 and len(set(s)) == 128 for s in steps[2])
+    with pytest.raises(ValueError, match="training only"):
+        next(iter(ParquetShard(split, 0, 1, shards=2).iter_batches(64)))
 
 
 def test_read_ahead_raises_the_producers_error_and_stops_with_its_consumer():
@@ -276,6 +235,9 @@ def test_lockstep_batches_prepare_each_batch_on_the_read_ahead_thread(split, wor
     assert threads and all(t.startswith("batch-prepare") for t in threads)  # built off the training thread
     assert [ids for (_, ids), _ in batches(prepare=prepare, prepare_threads=3)] == ids(t for t, _ in plain)
     assert len(batches(prepare=prepare, max_steps=3)) == 3
+    # A worker's part of a global batch (43 of 2 x 64 rows on 3 workers) is trained as it is: not padded.
+    part = list(lockstep_batches(ParquetShard(split, 1, 3, shards=2), 64, complete=False, shuffle_rows=200))
+    assert part and all(t.num_rows == n == 43 for t, n in part)
     with pytest.raises(ValueError, match="prepare: only in training mode"):
         next(lockstep_batches(ParquetShard(split, 0, 1), 64, complete=True, prepare=prepare))
 

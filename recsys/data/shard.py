@@ -5,9 +5,13 @@ alike from the Parquet metadata (no coordinator), and yields fixed-size Arrow ba
 within a buffer, read ahead on a background thread (:func:`read_ahead`). :func:`lockstep_batches` makes
 every worker take the same number of batches, as the collectives of a sharded model need: training stops
 when any worker runs out of full batches; evaluation goes on while any worker has rows, the others feeding
-a padding batch (:func:`padding_row`) whose predictions are dropped. A run resumed within an epoch on
-another number of workers leaves out the rows the earlier workers trained on (:class:`Trained`): which
-rows make a worker's batches depends only on the sizes and the seed (:func:`_buffers`).
+a padding batch (:func:`padding_row`) whose predictions are dropped.
+
+Training batches do not depend on the number of workers: the rows are cut into ``shards`` ranges (the
+number of workers the run started with), each read in batches of ``batch_size``; a step's global batch is
+the shards' batches put together, and each of the workers takes its contiguous part of it. On as many
+workers as shards each reads its own range; a run resumed on fewer or more workers trains on the very same
+global batches.
 
 Reading directly needs no coordinator: Ray Data's split coordinator took ~70% of a core on the 2-core
 machine at 20M rows (193 files), and its read tasks ran in other processes competing for the same cores.
@@ -17,7 +21,6 @@ from __future__ import annotations
 
 import atexit
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -59,20 +62,6 @@ def _group_slice(path: Path, group: int, lo: int, hi: int, read_rows: int) -> It
             break
 
 
-def _group_rows(path: Path, group: int, wanted: np.ndarray, read_rows: int) -> Iterator[pa.Table]:
-    """The rows ``wanted`` (sorted positions) of a row group, read in chunks of ``read_rows``."""
-    lo, hi = int(wanted[0]), int(wanted[-1]) + 1
-    if hi - lo == len(wanted):  # a contiguous range: sliced, never copied
-        yield from _group_slice(path, group, lo, hi, read_rows)
-        return
-    pos = lo
-    for chunk in _group_slice(path, group, lo, hi, read_rows):
-        inside = wanted[np.searchsorted(wanted, pos) : np.searchsorted(wanted, pos + chunk.num_rows)]
-        if len(inside):
-            yield chunk.take(pa.array(inside - pos))
-        pos += chunk.num_rows
-
-
 class _Stream:
     """Tables taken from an iterator in exact numbers of rows."""
 
@@ -101,7 +90,7 @@ def _buffers(
     ``max(batch_size, shuffle_rows)`` rows; ``order`` is the permutation of its rows (read order without
     ``shuffle_rows``), whose first ``n_full`` entries make its batches and whose rest (less than a batch) is
     carried into the next buffer. It depends on the sizes and the seed only, never on the rows' contents
-    or how they were read, so the batches of any worker can be worked out again (:class:`Trained`).
+    or how they were read.
     """
     rng = np.random.default_rng(seed)
     fill = max(batch_size, shuffle_rows)
@@ -113,66 +102,6 @@ def _buffers(
         n_full = size // batch_size * batch_size
         yield fresh, order, n_full
         taken, carried = taken + fresh, size - n_full
-
-
-def first_batches(n_rows: int, batches: int, batch_size: int, shuffle_rows: int, seed: int) -> np.ndarray:
-    """The stream positions (``0 .. n_rows - 1``) of a worker's first ``batches`` batches, as read."""
-    carried = np.empty(0, np.int64)
-    taken, out = 0, []
-    for fresh, order, n_full in _buffers(n_rows, batch_size, shuffle_rows, seed):
-        shuffled = np.concatenate([carried, np.arange(taken, taken + fresh)])[order]
-        taken += fresh
-        for start in range(0, n_full, batch_size):
-            if len(out) == batches:
-                return np.concatenate(out)
-            out.append(shuffled[start : start + batch_size])
-        carried = shuffled[n_full:]
-    return np.concatenate(out) if out else carried[:0]
-
-
-def _part(rows: np.ndarray, rank: int, world: int) -> np.ndarray:
-    """Rank ``rank``'s contiguous part of ``rows`` cut into ``world`` parts (sizes differing by one)."""
-    n = len(rows)
-    return rows[n * rank // world : n * (rank + 1) // world]
-
-
-@dataclass(frozen=True)
-class Trained:
-    """The rows of an epoch trained on already, by earlier runs on other numbers of workers.
-
-    A run resumed within an epoch on another number of workers must train on exactly the rows the earlier
-    runs had not: each earlier run's workers read their parts of the rows it had left, in batches that
-    depend only on the sizes and the seed (:func:`_buffers`), so the rows behind their first batches are
-    worked out again here, run after run, without reading any data.
-
-    Attributes:
-        stages: per earlier run, in order, ``(workers, batches each worker trained)``.
-        batch_size: rows per batch (each worker's).
-        shuffle_rows: the shuffle buffer's rows.
-        seed: the shuffle's seed.
-
-    Example:
-        >>> trained = Trained(((2, 3),), batch_size=10, shuffle_rows=50, seed=1)
-        >>> len(trained.left(100))  # 2 workers trained 3 batches of 10 rows each
-        40
-    """
-
-    stages: tuple[tuple[int, int], ...]
-    batch_size: int
-    shuffle_rows: int
-    seed: int
-
-    def left(self, total: int) -> np.ndarray:
-        """The positions, among the epoch's ``total`` rows, of the rows not trained on yet (ascending)."""
-        rows = np.arange(total, dtype=np.int64)
-        for workers, batches in self.stages:
-            parts = [_part(rows, rank, workers) for rank in range(workers)]
-            done = [
-                p[first_batches(len(p), batches, self.batch_size, self.shuffle_rows, self.seed)]
-                for p in parts
-            ]
-            rows = np.setdiff1d(rows, np.concatenate(done), assume_unique=True)
-        return rows
 
 
 def padding_row(layout: FeatureLayout, key_columns: list[str]) -> pa.Table:
@@ -252,7 +181,7 @@ def lockstep_batches(
         if not go_on:
             return
         if n_real:
-            if n_real < batch_size:  # evaluation only: training drops the last, shorter batch
+            if complete and n_real < batch_size:  # evaluation's last batch (training's parts are whole)
                 table = pad(table, batch_size)
         else:
             # This worker is out of rows: it feeds padding so that the others can finish.
@@ -265,21 +194,25 @@ class ParquetShard:
     """One worker's share of a split's rows, read straight from its Parquet files.
 
     The split's row groups, in sorted file order (or, with ``order_seed``, in an order drawn from it), make
-    one sequence of rows; it is cut into ``world`` contiguous ranges of sizes differing by at most one, and
-    rank ``r`` reads range ``r``, row group by row group in slices of at most 65,536 rows (memory flat in the
-    split's size). Every worker works out the same order from the Parquet metadata alone, so the ranges
-    cover every row once, with no coordinator. It offers the part of Ray Data's
-    ``DataIterator.iter_batches`` that training and evaluation use: batches of a fixed size, optionally
-    shuffled within a buffer of rows, read ahead on a background thread (Parquet decoding and Arrow's
-    ``take`` release the GIL, so reading overlaps the training step).
+    one sequence of rows; it is cut into ``shards`` contiguous ranges of sizes differing by at most one,
+    each read row group by row group in slices of at most 65,536 rows (memory flat in the split's size).
+    Every worker works out the same ranges from the Parquet metadata alone, with no coordinator. With as
+    many shards as workers (the default), rank ``r`` reads range ``r``. Otherwise (a run resumed on another
+    number of workers) each batch is a part of a global batch made of one batch of every range: rank
+    ``r`` of ``world`` takes rows ``[G * r // world, G * (r + 1) // world)`` of it (``G = shards *
+    batch_size``), reading the ranges that part overlaps, so the global batches, and the model trained on
+    them, are those of the ``shards`` workers the run started with.
+
+    It offers the part of Ray Data's ``DataIterator.iter_batches`` that training and evaluation use:
+    batches of a fixed size, optionally shuffled within a buffer of rows, read ahead on a background thread
+    (Parquet decoding and Arrow's ``take`` release the GIL, so reading overlaps the training step).
 
     Args:
         directory: the split's folder of Parquet files.
         rank: this worker's rank.
         world: the number of workers.
         order_seed: draw the order of the row groups from this seed (None: file order).
-        trained: rows of this epoch trained on already by runs on other numbers of workers: they are left
-            out, and the rows left are cut into ``world`` ranges (a run resumed within an epoch).
+        shards: the ranges the rows are cut into, whose batches make the global batch (None: ``world``).
 
     Example:
         >>> shard = ParquetShard("features/train", rank=0, world=2, order_seed=7)
@@ -296,7 +229,7 @@ class ParquetShard:
         rank: int,
         world: int,
         order_seed: int | None = None,
-        trained: Trained | None = None,
+        shards: int | None = None,
     ) -> None:
         import pyarrow.parquet as pq
 
@@ -311,48 +244,75 @@ class ParquetShard:
             order = np.random.default_rng(order_seed).permutation(len(self.groups))
             self.groups = [self.groups[i] for i in order]
         total = sum(n for _, _, n in self.groups)
+        self.rank, self.world, self.shards = rank, world, shards or world
+        self.ranges = [(total * v // self.shards, total * (v + 1) // self.shards) for v in range(self.shards)]
         self.start, self.stop = total * rank // world, total * (rank + 1) // world
-        # The positions (in the sequence of rows) this worker reads, when not the whole range start:stop.
-        self.rows: np.ndarray | None = None
-        if trained is not None and trained.stages:
-            self.rows = _part(trained.left(total), rank, world)
 
     @property
     def num_rows(self) -> int:
-        """The rows of this worker's share."""
-        return self.stop - self.start if self.rows is None else len(self.rows)
+        """The rows of this worker's range (as many shards as workers)."""
+        return self.stop - self.start
 
-    def _tables(self) -> Iterator[pa.Table]:
+    def num_batches(self, batch_size: int) -> int:
+        """The full training batches this worker's share holds (``batch_size``: each shard's)."""
+        if self.shards == self.world:
+            return self.num_rows // batch_size
+        return min(
+            (self.ranges[v][1] - self.ranges[v][0]) // batch_size for v, _, _ in self.parts(batch_size)
+        )
+
+    def parts(self, batch_size: int) -> list[tuple[int, int, int]]:
+        """``(shard, lo, hi)``: the rows ``lo:hi`` of each shard's batch that make this worker's part.
+
+        Worker ``r`` takes rows ``[G * r // world, G * (r + 1) // world)`` of the global batch's ``G``
+        (parts differing by one row at most where ``world`` does not divide ``G``).
+        """
+        size = batch_size * self.shards  # the global batch
+        first, last = size * self.rank // self.world, size * (self.rank + 1) // self.world
+        found = []
+        for v in range(self.shards):
+            lo, hi = (
+                max(first, v * batch_size) - v * batch_size,
+                min(last, (v + 1) * batch_size) - v * batch_size,
+            )
+            if lo < hi:
+                found.append((v, lo, hi))
+        return found
+
+    def _tables(self, start: int, stop: int) -> Iterator[pa.Table]:
         offset = 0
         for path, group, n in self.groups:
-            wanted = self._wanted(offset, n)
-            if len(wanted):
+            lo, hi = max(start, offset), min(stop, offset + n)
+            if lo < hi:
                 try:
-                    yield from _group_rows(path, group, wanted - offset, self.READ_ROWS)
+                    yield from _group_slice(path, group, lo - offset, hi - offset, self.READ_ROWS)
                 except OSError as error:  # a corrupted page (checksum), a truncated file
                     raise OSError(f"features part {path}, row group {group}: {error}") from error
             offset += n
 
-    def _wanted(self, offset: int, n: int) -> np.ndarray:
-        """The positions of this worker's rows among the sequence's rows ``offset:offset + n``."""
-        if self.rows is None:
-            return np.arange(max(self.start, offset), min(self.stop, offset + n))
-        return self.rows[np.searchsorted(self.rows, offset) : np.searchsorted(self.rows, offset + n)]
-
-    def _batches(self, batch_size: int, drop_last: bool, shuffle_rows: int, seed: int) -> Iterator[Rows]:
+    def _batches(
+        self, start: int, stop: int, batch_size: int, drop_last: bool, shuffle_rows: int, seed: int
+    ) -> Iterator[Rows]:
         # Each buffer takes in rows until it holds ``shuffle_rows`` (at least one batch), is permuted and cut
         # into batches; what is left over (less than a batch) starts the next buffer (:func:`_buffers`).
         # A batch is yielded as the buffer and its rows' positions, copied out only by ``Rows.table``.
-        stream = _Stream(self._tables())
+        stream = _Stream(self._tables(start, stop))
         carried: list[pa.Table] = []
-        for fresh, order, n_full in _buffers(self.num_rows, batch_size, shuffle_rows, seed):
+        for fresh, order, n_full in _buffers(stop - start, batch_size, shuffle_rows, seed):
             whole = pa.concat_tables([*carried, *stream.take(fresh)])
-            for start in range(0, n_full, batch_size):
-                yield Rows(whole, order[start : start + batch_size], shuffled=bool(shuffle_rows))
+            for first in range(0, n_full, batch_size):
+                yield Rows(whole, order[first : first + batch_size], shuffled=bool(shuffle_rows))
             carried = [Rows(whole, order[n_full:], shuffled=bool(shuffle_rows)).table()]
         rest = carried[0] if carried else None
         if rest is not None and rest.num_rows and not drop_last:
             yield Rows(rest, np.arange(rest.num_rows), shuffled=False)
+
+    def _parts_of_global_batches(self, batch_size: int, shuffle_rows: int, seed: int) -> Iterator[Rows]:
+        """This worker's part of each global batch, while every shard it reads has a full batch."""
+        parts = self.parts(batch_size)
+        streams = [self._batches(*self.ranges[v], batch_size, True, shuffle_rows, seed) for v, _, _ in parts]
+        for batches in zip(*streams, strict=False):  # stops at the first shard out of batches
+            yield Rows.joined([b.sliced(lo, hi) for b, (_, lo, hi) in zip(batches, parts, strict=True)])
 
     def iter_batches(
         self,
@@ -383,31 +343,56 @@ class ParquetShard:
         shuffle_rows: int | None = None,
         seed: int | None = None,
     ) -> Iterator[Rows]:
-        """The batches of :meth:`iter_batches` (no read-ahead), each not yet copied out of its buffer."""
-        return self._batches(batch_size, drop_last, shuffle_rows or 0, seed or 0)
+        """The batches of :meth:`iter_batches` (no read-ahead), each not yet copied out of its buffer.
+
+        With fewer or more shards than workers: this worker's parts of the global batches of full
+        ``batch_size`` batches of every shard (training only: ``drop_last``).
+        """
+        if self.shards == self.world:
+            return self._batches(self.start, self.stop, batch_size, drop_last, shuffle_rows or 0, seed or 0)
+        if not drop_last:
+            raise ValueError("ParquetShard: parts of global batches are for training only (drop_last=True)")
+        return self._parts_of_global_batches(batch_size, shuffle_rows or 0, seed or 0)
 
 
 class Rows:
     """A batch not yet copied out of its buffer: the buffer and the batch's row positions in it.
 
     Copying the rows out (:meth:`table`: Arrow's ``take``, or a slice made contiguous) is left to whoever
-    builds the batch, so that several threads can do it (:func:`parallel_map`).
+    builds the batch, so that several threads can do it (:func:`parallel_map`). A batch made of parts of
+    several buffers (:meth:`joined`) copies each part out and puts them together.
     """
 
     def __init__(self, buffer: pa.Table, positions: np.ndarray, shuffled: bool) -> None:
         self.buffer, self.positions, self.shuffled = buffer, positions, shuffled
+        self.others: list[Rows] = []  # the parts after this one (a joined batch)
+
+    @classmethod
+    def joined(cls, parts: list[Rows]) -> Rows:
+        """One batch of ``parts``' rows, in order."""
+        first = cls(parts[0].buffer, parts[0].positions, parts[0].shuffled)
+        first.others = parts[1:]
+        return first
+
+    def sliced(self, lo: int, hi: int) -> Rows:
+        """The batch's rows ``lo:hi``."""
+        return Rows(self.buffer, self.positions[lo:hi], self.shuffled)
 
     @property
     def num_rows(self) -> int:
         """The batch's rows."""
-        return len(self.positions)
+        return len(self.positions) + sum(part.num_rows for part in self.others)
 
     def table(self) -> pa.Table:
         """The batch's rows as one contiguous Arrow table."""
         if self.shuffled:
-            return self.buffer.take(pa.array(self.positions))
-        start = int(self.positions[0]) if len(self.positions) else 0
-        return self.buffer.slice(start, len(self.positions)).combine_chunks()
+            own = self.buffer.take(pa.array(self.positions))
+        else:
+            start = int(self.positions[0]) if len(self.positions) else 0
+            own = self.buffer.slice(start, len(self.positions)).combine_chunks()
+        if not self.others:
+            return own
+        return pa.concat_tables([own, *(part.table() for part in self.others)]).combine_chunks()
 
 
 def parallel_map(fn: Callable[[Any], Any], items: Iterator[Any], workers: int) -> Iterator[Any]:

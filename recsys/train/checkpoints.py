@@ -16,9 +16,8 @@ run resumes on another number of workers (2 -> 1, 1 -> 3) or plan (table-wise <-
 (``[rows * shards]``), converted when the number of column shards changes (the mean over the shards: exact
 for row-wise Adagrad, whose state is the mean of the squared gradients over a shard's columns; a table
 split into more shards gives each the table's value). Dense parameters and their optimizer state are the
-same on every worker (DDP) and are read from one file. The place in the data is kept as the batches each
-worker trained; on another number of workers they become a part of the epoch done
-(:meth:`~recsys.train.state.TrainingState.resized`), whose rows the new workers leave out.
+same on every worker (DDP) and are read from one file. The place in the data is the number of the epoch's
+global batches trained, which are the same on any number of workers (``TrainingState.data_shards``).
 """
 
 from __future__ import annotations
@@ -63,7 +62,7 @@ def save_checkpoint(sharded: ShardedModel, directory: Path, state: TrainingState
 def load_checkpoint(sharded: ShardedModel, directory: Path) -> TrainingState:
     """Restores this worker's shares of the model and optimizer state from every rank's file.
 
-    Returns the run's state at the checkpoint, its place in the epoch resized to this number of workers.
+    Returns the run's state at the checkpoint.
 
     Raises:
         ValueError: a file is not a checkpoint of this format, or holds code or objects beyond plain
@@ -87,7 +86,9 @@ def load_checkpoint(sharded: ShardedModel, directory: Path) -> TrainingState:
     _fill(optimizer, [payloads[i]["optimizer"] for i in order], f"{where}: optimizer", rows)
     sharded.optimizer.load_state_dict(optimizer)
     state = TrainingState.from_dict(payloads[own]["state"])
-    return state.resized(int(payloads[0].get("world_size", len(payloads))), dist.get_world_size())
+    if not state.data_shards:  # a checkpoint of before data shards: its workers' batches
+        state = replace(state, data_shards=int(payloads[0].get("world_size", len(payloads))))
+    return state
 
 
 def checkpoint_files(directory: Path) -> list[Path]:

@@ -43,7 +43,8 @@ class TrainingSettings:
 
     Attributes:
         epochs: passes over the training split.
-        batch_size: rows per step on each worker.
+        batch_size: rows per step on each worker; a step trains ``batch_size`` times the run's starting
+            number of workers, also when restarted on another number (``TrainingState.data_shards``).
         dense_lr: Adam learning rate of the dense parameters (experts, gates, towers).
         embedding_optimizer: the fused sparse optimizer of the embedding tables: ``rowwise_adagrad``,
             ``adam`` or ``sgd`` (TorchRec's fused optimizers update only the rows a batch touches).

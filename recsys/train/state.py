@@ -25,10 +25,10 @@ class TrainingState:
     Attributes:
         epoch: the next epoch to train (the epochs before it are done).
         step: training steps taken so far (on each worker).
-        epoch_step: batches of ``epoch`` trained on already (a checkpoint taken within an epoch), by this
-            number of workers.
-        epoch_stages: the parts of ``epoch`` trained before on other numbers of workers, in order: per part,
-            ``(workers, batches each)`` (a run resumed within an epoch on another number of workers).
+        epoch_step: batches of ``epoch`` trained on already (a checkpoint taken within an epoch).
+        data_shards: the run's number of workers when it started (the most, elastic; 0: not started):
+            the training rows are cut into as many shards, whose batches make each step's global batch on
+            any number of workers (:class:`~recsys.data.shard.ParquetShard`).
         best: the best main validation metric so far (None before the first validation).
         best_epoch: the epoch that reached it.
         bad_epochs: epochs in a row without improvement (early stopping counts them).
@@ -39,7 +39,7 @@ class TrainingState:
     epoch: int = 0
     step: int = 0
     epoch_step: int = 0
-    epoch_stages: tuple[tuple[int, int], ...] = ()
+    data_shards: int = 0
     best: float | None = None
     best_epoch: int | None = None
     bad_epochs: int = 0
@@ -55,7 +55,6 @@ class TrainingState:
             epoch=epoch + 1,
             step=step,
             epoch_step=0,
-            epoch_stages=(),
             best=value if improved else self.best,
             best_epoch=epoch if improved else self.best_epoch,
             bad_epochs=0 if improved else self.bad_epochs + 1,
@@ -77,27 +76,14 @@ class TrainingState:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data (for checkpoints and reports); :meth:`from_dict` reads it back."""
-        plain = {**asdict(self), "history": [dict(h) for h in self.history]}
-        return {**plain, "epoch_stages": [list(s) for s in self.epoch_stages]}
+        return {**asdict(self), "history": [dict(h) for h in self.history]}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainingState:
         """Reads :meth:`to_dict`'s data (missing fields take their defaults)."""
         known = {f.name for f in fields(cls)}
         values = {k: v for k, v in data.items() if k in known}
-        history = tuple(dict(h) for h in values.get("history", ()))
-        stages = tuple((int(w), int(b)) for w, b in values.get("epoch_stages", ()))
-        return cls(**{**values, "history": history, "epoch_stages": stages})
-
-    def resized(self, saved_world: int, world: int) -> TrainingState:
-        """The state of a checkpoint written by ``saved_world`` workers, resumed on ``world`` workers.
-
-        Within an epoch on another number of workers, the batches trained so far become a part of the
-        epoch done (:attr:`epoch_stages`), and the new workers start on the rows left.
-        """
-        if not self.epoch_step or saved_world == world:
-            return self
-        return replace(self, epoch_step=0, epoch_stages=(*self.epoch_stages, (saved_world, self.epoch_step)))
+        return cls(**{**values, "history": tuple(dict(h) for h in values.get("history", ()))})
 
 
 @dataclass(frozen=True)

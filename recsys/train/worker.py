@@ -9,8 +9,8 @@
    lockstep (every forward pass of a sharded model exchanges embeddings between all workers). After each
    epoch they validate (:mod:`recsys.train.evaluation`) and checkpoint their shards; a run resumed from a
    checkpoint within an epoch skips the batches that epoch already trained on (their order depends only
-   on the seed, the epoch and the number of workers), and on another number of workers leaves out the rows
-   they held (:class:`~recsys.data.shard.Trained`);
+   on the seed and the epoch). The global batches do not depend on the number of workers: a run resumed
+   on fewer or more workers than it started with trains on the same ones (each worker on its part);
 3. **finish**: the best epoch's weights are restored, the validation split is scored again to fit each
    binary task's calibration (``training.calibration``), the test split is scored (its metrics after the
    calibration, and before it as ``..._raw``), and the tables are gathered into one unsharded model, which
@@ -38,7 +38,7 @@ import torch.distributed as dist
 
 from features.console import story
 from recsys.data.batch import Batch, batch_from_arrow
-from recsys.data.shard import ParquetShard, Trained, lockstep_batches
+from recsys.data.shard import ParquetShard, lockstep_batches
 from recsys.precision import autocast
 from recsys.train.checkpoints import (
     gather_unsharded,
@@ -154,10 +154,10 @@ class Worker:
         """The validation metric that selects the model, e.g. ``valid/click/auc``."""
         return f"valid/{self.config.training.main_metric}"
 
-    def split(self, name: str, order_seed: int | None = None, trained: Trained | None = None) -> ParquetShard:
-        """This worker's share of a split of the model-ready data (less the rows ``trained``)."""
+    def split(self, name: str, order_seed: int | None = None, shards: int | None = None) -> ParquetShard:
+        """This worker's share of a split of the model-ready data (see :class:`ParquetShard`)."""
         directory = Path(self.config.features) / name
-        return ParquetShard(directory, self.rank, self.world, order_seed=order_seed, trained=trained)
+        return ParquetShard(directory, self.rank, self.world, order_seed=order_seed, shards=shards)
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
@@ -209,7 +209,7 @@ def restore(worker: Worker) -> TrainingState:
     """
     import ray.train
 
-    state, restored = TrainingState(), True
+    state, restored = TrainingState(data_shards=worker.config.run.max_workers), True
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
@@ -223,6 +223,10 @@ def restore(worker: Worker) -> TrainingState:
         worker.world, str(plan), plan_ranks(plan), state.step, state.epoch if restored else None
     )
     ray.train.report(report_metrics(start) if worker.rank == 0 else {})
+    t = worker.config.training
+    if worker.rank == 0 and state.data_shards != worker.world and t.ingest == "parquet":
+        rows, was = t.batch_size * state.data_shards, state.data_shards
+        story(f"each step trains the global batch of {was} workers ({rows:,} rows) on {worker.world}")
     return state
 
 
@@ -239,31 +243,32 @@ def run_epochs(worker: Worker, state: TrainingState) -> TrainingState:
 def train_epoch(worker: Worker, state: TrainingState, epoch: int) -> TrainingState:
     """One pass over this worker's share of the training split; returns the state with its steps."""
     t = worker.config.training
-    shard, skip, max_steps = _train_shard(worker, state, epoch)
+    shard = _train_shard(worker, state, epoch)
     # Reading a loss waits for the device: on a GPU it is checked once per window.
     watch = LossWatch(worker.rank, 1 if worker.sharded.device.type == "cpu" else t.log_every_steps)
     batches = lockstep_batches(
-        shard, t.batch_size, complete=False, max_steps=max_steps, shuffle_rows=t.shuffle_rows,
+        shard, t.batch_size, complete=False, max_steps=t.max_steps_per_epoch, shuffle_rows=t.shuffle_rows,
         seed=t.seed * 1000 + epoch, prepare=_gpu_feed(worker.sharded),
         prepare_threads=max(1, worker.config.run.cpus_per_worker // 2), stop=watch.tripped,
     )  # fmt: skip
     set_epoch_lr(worker.sharded, t, epoch)
-    resumed = state.epoch_step or state.epoch_stages  # resumed within the epoch: its tables drawn already
-    if t.embedding_reinit and epoch > 0 and not resumed:
+    if t.embedding_reinit and epoch > 0 and state.epoch_step == 0:  # not again when resumed within it
         reinit_tables(worker.sharded, seed=t.seed * 1000 + epoch)
-    bar = _progress_bar(worker, epoch, getattr(shard, "num_rows", None), max_steps)
-    step = state.step
+    bar = _progress_bar(worker, epoch, shard)
+    step, skip = state.step, state.epoch_step
+    scale = _loss_scale(worker, shard, state)
+    global_rows = t.batch_size * (state.data_shards or worker.world)
     worker.meter.start_epoch()
-    for epoch_step, (batch, rows) in enumerate(batches, start=1):
+    for epoch_step, (batch, _) in enumerate(batches, start=1):
         if bar is not None:
             bar.update(1)
         if epoch_step <= skip:  # trained on before the checkpoint this run started from
             worker.meter.restart()
             continue
-        losses, stats = train_step(worker.sharded, batch)
+        losses, stats = train_step(worker.sharded, batch, scale)
         step += 1
         watch.check(epoch, step, losses)
-        worker.meter.add(step, rows * worker.world, losses, stats)
+        worker.meter.add(step, global_rows, losses, stats)
         if t.checkpoint_every_steps and step % t.checkpoint_every_steps == 0 and not watch.any_worker():
             within = replace(state, epoch=epoch, step=step, epoch_step=epoch_step)
             record = StepReport(epoch, step, worker.meter.take())
@@ -272,42 +277,45 @@ def train_epoch(worker: Worker, state: TrainingState, epoch: int) -> TrainingSta
     if bar is not None:
         bar.close()
     watch.raise_if_found()
-    return replace(state, epoch=epoch, step=step, epoch_step=0, epoch_stages=())
+    return replace(state, epoch=epoch, step=step, epoch_step=0)
 
 
-def _train_shard(worker: Worker, state: TrainingState, epoch: int) -> tuple[Any, int, int]:
-    """This worker's training rows of ``epoch``, the batches to skip in them, and the cap on batches.
-
-    Parquet ingest: its share of the rows (row groups in the epoch's order) that runs on other numbers of
-    workers have not trained on (``state.epoch_stages``); it skips the batches this number of workers
-    trained on already. Ray Data ingest cannot leave rows out: it skips the share of the epoch trained.
-    """
+def _train_shard(worker: Worker, state: TrainingState, epoch: int) -> Any:
+    """This worker's training rows of ``epoch``: its part of every global batch, or its Ray Data shard."""
     t = worker.config.training
-    done = sum(workers * batches for workers, batches in state.epoch_stages)  # batches of the epoch trained
-    max_steps = t.max_steps_per_epoch
-    if max_steps and state.epoch_stages:  # the cap is the first workers' batches: the rest of them here
-        max_steps = max(1, (max_steps * state.epoch_stages[0][0] - done) // worker.world)  # 0 is no cap
     if t.ingest == "ray_data":
         import ray.train
 
-        skip = state.epoch_step + done // worker.world
-        return ray.train.get_dataset_shard("train"), skip, t.max_steps_per_epoch
-    seed = t.seed * 1000 + epoch
-    trained = Trained(state.epoch_stages, t.batch_size, t.shuffle_rows, seed)
-    shard = worker.split("train", order_seed=seed if t.shuffle_rows else None, trained=trained)
-    return shard, state.epoch_step, max_steps
+        return ray.train.get_dataset_shard("train")
+    order_seed = t.seed * 1000 + epoch if t.shuffle_rows else None
+    return worker.split("train", order_seed=order_seed, shards=state.data_shards)
 
 
-def _progress_bar(worker: Worker, epoch: int, rows: int | None, max_steps: int) -> Any:
+def _loss_scale(worker: Worker, shard: Any, state: TrainingState) -> float:
+    """The factor on this worker's loss that makes its part of a global batch count as the others'.
+
+    Each worker's loss is the mean over its ``n`` rows; the dense gradients are averaged over the ``W``
+    workers (DDP) and so are the tables' (TorchRec divides the gradients its all-to-all sends back by
+    ``W``): with equal parts, both get the global batch's mean. Where ``W`` does not divide the global
+    batch's ``G`` rows (3 workers), parts differ by a row, and ``n * W / G`` weighs each row alike.
+    """
+    batch, shards = worker.config.training.batch_size, state.data_shards or worker.world
+    if not isinstance(shard, ParquetShard) or shards == worker.world:
+        return 1.0
+    rows = sum(hi - lo for _, lo, hi in shard.parts(batch))
+    return rows * worker.world / (batch * shards)
+
+
+def _progress_bar(worker: Worker, epoch: int, shard: Any) -> Any:
     """Rank 0's bar of the epoch's batches (drawn by the driver); None on other ranks."""
     if worker.rank != 0:
         return None
     from ray.experimental.tqdm_ray import tqdm
 
     t = worker.config.training
-    total = rows // t.batch_size if rows is not None else None
-    if total is not None and max_steps:
-        total = min(total, max_steps)
+    total = shard.num_batches(t.batch_size) if isinstance(shard, ParquetShard) else None
+    if total is not None and t.max_steps_per_epoch:
+        total = min(total, t.max_steps_per_epoch)
     return tqdm(desc=f"epoch {epoch + 1}/{t.epochs}", total=total, unit="batch")
 
 
@@ -320,9 +328,12 @@ def _gpu_feed(sharded: ShardedModel) -> Callable[[pa.Table], Batch] | None:
 
 
 def train_step(
-    sharded: ShardedModel, data: pa.Table | Batch
+    sharded: ShardedModel, data: pa.Table | Batch, loss_scale: float = 1.0
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """One optimizer step on a batch (Arrow rows, or a built batch).
+
+    ``loss_scale`` weighs this worker's part of a global batch that does not split evenly
+    (:func:`_loss_scale`).
 
     Returns:
         The loss parts and the gates' statistics, as tensors on the device: reading them would wait for
@@ -335,7 +346,7 @@ def train_step(
     sharded.optimizer.zero_grad()
     if sharded.train_module.loss.balancer.needs_task_gradients:  # GradNorm, PCGrad
         stats = {**stats, **sharded.train_module.before_backward()}
-    loss.backward()
+    (loss * loss_scale if loss_scale != 1.0 else loss).backward()
     sharded.optimizer.step()
     return {k: v.detach() for k, v in parts.items()}, stats
 
