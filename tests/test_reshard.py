@@ -34,7 +34,7 @@ MODEL = {
 def _phase(root: Path, index: int, rank: int) -> None:
     from recsys.train.checkpoints import load_checkpoint, save_checkpoint
     from recsys.train.config import TrainConfig
-    from recsys.train.sharding import plan_ranks, shard_model
+    from recsys.train.sharding import plan_ranks, reinit_tables, shard_model
     from recsys.train.state import TrainingState
     from tests.test_model_model import LAYOUT, tiny_batch
 
@@ -62,6 +62,9 @@ def _phase(root: Path, index: int, rank: int) -> None:
             info = {"place": [state.epoch_step, state.data_shards], "plan": plan_ranks(sharded.plan)}
             info["predictions"] = {k: v.tolist() for k, v in predictions.items()}
             (root / f"phase{index}.json").write_text(json.dumps(info))
+        reinit_tables(sharded, seed=7)  # embedding_reinit's draw: the same tables whatever the plan
+        (root / f"reinit{index}").mkdir(exist_ok=True)
+        save_checkpoint(sharded, root / f"reinit{index}", state)
     finally:
         dist.destroy_process_group()
 
@@ -114,6 +117,11 @@ def test_a_checkpoint_resumes_on_other_worker_counts_and_plans_exactly(tmp_path)
     assert [i["place"] for i in info] == [[4, 2]] * 4
     assert all(i["predictions"] == info[0]["predictions"] for i in info)
     assert [len(checkpoint_files(tmp_path / f"phase{i}")) for i in range(len(PHASES))] == [2, 1, 2, 3]
+    drawn = [_assembled(tmp_path / f"reinit{i}") for i in range(len(PHASES))]
+    tables = [k for k in drawn[0] if k.startswith("model/") and "embedding_bags" in k]
+    assert len(tables) == 2 and all(not torch.equal(drawn[0][k], first[k]) for k in tables)
+    for later in drawn[1:]:
+        assert all(torch.equal(later[k], drawn[0][k]) for k in tables)
 
 
 def test_row_wise_state_of_column_shards_becomes_the_tables_mean_and_back():

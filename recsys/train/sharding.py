@@ -89,25 +89,23 @@ def reinit_tables(sharded: ShardedModel, seed: int) -> None:
     second epoch on (Zhang et al. 2022, "Towards understanding the overfitting phenomenon of deep
     click-through rate models").
 
-    Each worker draws its own shards (with ``seed`` and its rank); a replicated table (data-parallel
-    sharding) is drawn alike on every worker. The values are written into the tables' storage in place:
-    the shards of TorchRec's state dict are views of the fused kernels' weights.
+    A table's values depend on ``seed`` and its name only, never on the sharding plan or the number of
+    workers (:func:`_drawn`): each worker fills its shards with their part of the whole table, so a run
+    resumed on other workers draws the tables the uninterrupted run drew. The values are written into the
+    tables' storage in place: the shards of TorchRec's state dict are views of the fused kernels' weights.
     """
     from torch.distributed._shard.sharded_tensor import ShardedTensor
 
-    rank = dist.get_rank()
     with torch.no_grad():
         for key, value in sorted(sharded.dmp.state_dict().items()):
             if isinstance(value, ShardedTensor):
-                parts, salt = [shard.tensor for shard in value.local_shards()], rank + 1
+                parts = [(s.tensor, s.metadata.shard_offsets) for s in value.local_shards()]
             elif key.endswith(".weight") and (".embedding_bags." in key or ".embeddings." in key):
-                parts, salt = [value], 0
+                parts = [(value, [0, 0])]  # a replicated table (data-parallel sharding): drawn whole
             else:
                 continue
-            bound = (1.0 / value.size(0)) ** 0.5  # TorchRec's default: U(-1/sqrt(rows), 1/sqrt(rows))
-            for i, part in enumerate(parts):
-                generator = torch.Generator(part.device).manual_seed(seed * 1009 + salt * 101 + i)
-                part.uniform_(-bound, bound, generator=generator)
+            for part, offsets in parts:
+                part.copy_(_drawn(key, tuple(value.size()), offsets, tuple(part.size()), seed))
         for state in sharded.dmp.fused_optimizer.state.values():
             for value in state.values():
                 parts = (
@@ -117,6 +115,34 @@ def reinit_tables(sharded: ShardedModel, seed: int) -> None:
                 )
                 for part in parts:
                     part.zero_()
+
+
+_DRAW_ROWS = 65_536  # a table is drawn in blocks of rows, each from its own generator
+
+
+def _drawn(
+    key: str, size: tuple[int, int], offsets: list[int], part: tuple[int, int], seed: int
+) -> torch.Tensor:
+    """Rows and columns ``offsets : offsets + part`` of the table ``key`` of ``size`` drawn whole.
+
+    TorchRec's initialisation, ``U(-1/sqrt(rows), 1/sqrt(rows))``, drawn in blocks of :data:`_DRAW_ROWS`
+    rows from generators seeded by ``seed``, the table's name and the block: a worker draws only the
+    blocks its part overlaps (at their full width), whatever the plan cut the table into.
+    """
+    import zlib
+
+    rows, dim = size
+    (r0, c0), (nr, nc) = offsets, part
+    bound = (1.0 / rows) ** 0.5
+    out = torch.empty(nr, nc)
+    salt = zlib.crc32(key.encode())
+    for block in range(r0 // _DRAW_ROWS, (r0 + nr - 1) // _DRAW_ROWS + 1):
+        lo, hi = block * _DRAW_ROWS, min(rows, (block + 1) * _DRAW_ROWS)
+        generator = torch.Generator().manual_seed(seed * 1_000_003 + salt * 1009 + block)
+        values = torch.empty(hi - lo, dim).uniform_(-bound, bound, generator=generator)
+        a, b = max(lo, r0), min(hi, r0 + nr)
+        out[a - r0 : b - r0] = values[a - lo : b - lo, c0 : c0 + nc]
+    return out
 
 
 def _dense_optimizer(params: Any, t: TrainingSettings) -> torch.optim.Optimizer:
