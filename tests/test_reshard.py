@@ -148,7 +148,7 @@ GLOBAL_BATCH = {  # 6 rows, written out by hand: the global batch of 2 workers o
     "purchase": [0.0, 0.0, 1.0, 0.0, 1.0, 0.0],
     "dwell": [0.3, 0.0, 1.2, 0.0, 0.7, 0.0],
 }
-STEP_WORLDS = ((2, "table_wise"), (1, "column_wise"), (3, "column_wise"))
+STEP_WORLDS = ((2, "table_wise"), (1, "column_wise"), (4, "column_wise"))  # 4: parts of 1, 2, 1, 2 rows
 
 
 def _global_step(rank: int, root: str, index: int) -> None:
@@ -158,7 +158,7 @@ def _global_step(rank: int, root: str, index: int) -> None:
     from recsys.train.config import TrainConfig
     from recsys.train.sharding import shard_model
     from recsys.train.state import TrainingState
-    from recsys.train.worker import train_step
+    from recsys.train.worker import _loss_scale, train_step
     from tests.test_model_model import LAYOUT
 
     world, sharding = STEP_WORLDS[index]
@@ -180,7 +180,7 @@ def _global_step(rank: int, root: str, index: int) -> None:
         shard = ParquetShard(root_path / "data", rank, world, shards=state.data_shards)
         (part,) = list(shard.iter_rows(3, drop_last=True))  # this worker's part of the one global batch
         rows = part.table()
-        train_step(sharded, rows)
+        train_step(sharded, rows, _loss_scale(shard, 3))  # parts of 1 and 2 rows weighed alike
         (root_path / f"rows{index}-{rank}.json").write_text(json.dumps(rows.column("item").to_pylist()))
         (root_path / f"step{index}").mkdir(exist_ok=True)
         save_checkpoint(sharded, root_path / f"step{index}", state)
@@ -190,7 +190,7 @@ def _global_step(rank: int, root: str, index: int) -> None:
 
 @pytest.mark.slow
 def test_a_step_of_the_global_batch_trains_the_same_model_on_any_number_of_workers(tmp_path):
-    """2 workers of 3 rows each, 1 worker of 6 rows, 3 workers of 2 rows: the same tables, Adagrad state,
+    """2 workers of 3 rows each, 1 worker of 6 rows, 4 workers of 1-2 rows: the same tables, Adagrad state,
     dense layers and Adam state after the step."""
     import pyarrow as pa
     import pyarrow.parquet as pq

@@ -255,8 +255,6 @@ class ParquetShard:
 
     def num_batches(self, batch_size: int) -> int:
         """The full training batches this worker's share holds (``batch_size``: each shard's)."""
-        if self.shards == self.world:
-            return self.num_rows // batch_size
         return min(
             (self.ranges[v][1] - self.ranges[v][0]) // batch_size for v, _, _ in self.parts(batch_size)
         )

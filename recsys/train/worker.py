@@ -256,10 +256,9 @@ def train_epoch(worker: Worker, state: TrainingState, epoch: int) -> TrainingSta
         reinit_tables(worker.sharded, seed=t.seed * 1000 + epoch)
     bar = _progress_bar(worker, epoch, shard)
     step, skip = state.step, state.epoch_step
-    scale = _loss_scale(worker, shard, state)
-    global_rows = t.batch_size * (state.data_shards or worker.world)
+    scale = _loss_scale(shard, t.batch_size)
     worker.meter.start_epoch()
-    for epoch_step, (batch, _) in enumerate(batches, start=1):
+    for epoch_step, (batch, rows) in enumerate(batches, start=1):
         if bar is not None:
             bar.update(1)
         if epoch_step <= skip:  # trained on before the checkpoint this run started from
@@ -268,7 +267,7 @@ def train_epoch(worker: Worker, state: TrainingState, epoch: int) -> TrainingSta
         losses, stats = train_step(worker.sharded, batch, scale)
         step += 1
         watch.check(epoch, step, losses)
-        worker.meter.add(step, global_rows, losses, stats)
+        worker.meter.add(step, rows * worker.world, losses, stats)
         if t.checkpoint_every_steps and step % t.checkpoint_every_steps == 0 and not watch.any_worker():
             within = replace(state, epoch=epoch, step=step, epoch_step=epoch_step)
             record = StepReport(epoch, step, worker.meter.take())
@@ -291,19 +290,19 @@ def _train_shard(worker: Worker, state: TrainingState, epoch: int) -> Any:
     return worker.split("train", order_seed=order_seed, shards=state.data_shards)
 
 
-def _loss_scale(worker: Worker, shard: Any, state: TrainingState) -> float:
+def _loss_scale(shard: Any, batch_size: int) -> float:
     """The factor on this worker's loss that makes its part of a global batch count as the others'.
 
     Each worker's loss is the mean over its ``n`` rows; the dense gradients are averaged over the ``W``
     workers (DDP) and so are the tables' (TorchRec divides the gradients its all-to-all sends back by
     ``W``): with equal parts, both get the global batch's mean. Where ``W`` does not divide the global
-    batch's ``G`` rows (3 workers), parts differ by a row, and ``n * W / G`` weighs each row alike.
+    batch's ``G`` rows (3 workers), parts differ by a row, and ``n * W / G`` weighs each row alike (1 with
+    as many workers as shards, and for a Ray Data shard).
     """
-    batch, shards = worker.config.training.batch_size, state.data_shards or worker.world
-    if not isinstance(shard, ParquetShard) or shards == worker.world:
+    if not isinstance(shard, ParquetShard):
         return 1.0
-    rows = sum(hi - lo for _, lo, hi in shard.parts(batch))
-    return rows * worker.world / (batch * shards)
+    rows = sum(hi - lo for _, lo, hi in shard.parts(batch_size))
+    return rows * shard.world / (batch_size * shard.shards)
 
 
 def _progress_bar(worker: Worker, epoch: int, shard: Any) -> Any:
